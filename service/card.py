@@ -1,0 +1,121 @@
+"""The model card: the one description of an ONNX model's tensors the server relies on.
+
+A card lives beside each ``model.onnx`` as ``card.json``. Any ONNX model whose card has
+the required fields can be served, whichever exporter produced it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
+OutputActivation = Literal["identity", "softmax", "sigmoid"]
+CARD_FILE = "card.json"
+MODEL_FILE = "model.onnx"
+
+
+class CardInputs(BaseModel):
+    sequence: str = "x"
+    lengths: str | None = None
+
+
+class CardOutputs(BaseModel):
+    sequence: str = "y"
+
+
+class StateSpec(BaseModel):
+    """One recurrent state tensor: fed as ``input``, returned as ``output``."""
+
+    input: str
+    output: str
+    shape: list[int | None] = Field(description="null marks the batch axis")
+    batch_axis: int = 1
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _batch_axis_is_the_null(self) -> StateSpec:
+        nulls = [i for i, d in enumerate(self.shape) if d is None]
+        if nulls != [self.batch_axis]:
+            raise ValueError(
+                f"state {self.input!r}: shape {self.shape} must have exactly one null, "
+                f"at batch_axis {self.batch_axis}"
+            )
+        return self
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The shape of one sequence's state (the batch axis removed)."""
+        return tuple(d for d in self.shape if d is not None)  # type: ignore[misc]
+
+    @property
+    def row_size(self) -> int:
+        n = 1
+        for d in self.row_shape:
+            n *= d
+        return n
+
+
+class Generation(BaseModel):
+    """How the model's output is fed back as its next input (one-to-many)."""
+
+    mode: Literal["symbol", "value"]
+    start_symbol: str | None = None
+    end_symbol: str | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: int
+    cell: Cell
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    input_size: int = Field(ge=1)
+    output_size: int = Field(ge=1)
+    output_activation: OutputActivation
+    inputs: CardInputs
+    outputs: CardOutputs
+    states: list[StateSpec] = Field(min_length=1)
+    parity_max_abs_diff: float
+
+    task: str | None = None
+    vocabulary: list[str] | None = None
+    labels: list[str] | None = None
+    generation: Generation | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    library_versions: dict[str, str] = Field(default_factory=dict)
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _vocabulary_fits(self) -> ModelCard:
+        if self.vocabulary is not None:
+            if len(set(self.vocabulary)) != len(self.vocabulary):
+                raise ValueError("vocabulary has duplicate symbols")
+            if len(self.vocabulary) != self.input_size:
+                raise ValueError(
+                    f"vocabulary has {len(self.vocabulary)} symbols but input_size is "
+                    f"{self.input_size}"
+                )
+        if self.generation is not None:
+            if self.generation.mode == "symbol" and (
+                self.vocabulary is None or self.output_size != self.input_size
+            ):
+                raise ValueError("symbol generation needs a vocabulary shared by input and output")
+            if self.generation.mode == "value" and self.output_size != self.input_size:
+                raise ValueError("value generation needs output_size == input_size")
+        return self
+
+    @property
+    def state_bytes(self) -> int:
+        return 4 * sum(s.row_size for s in self.states)
+
+    @classmethod
+    def read(cls, path: Path) -> ModelCard:
+        return cls.model_validate_json(path.read_bytes())
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")

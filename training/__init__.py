@@ -1,0 +1,1 @@
+"""Training and ONNX export of SimpleRNN (tanh/relu), LSTM and GRU models."""
