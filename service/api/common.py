@@ -1,0 +1,97 @@
+"""What every API surface shares: fast JSON responses, the engine, API-key owners, timestamps."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import Request, WebSocket
+from starlette.responses import JSONResponse
+
+from service.api.schemas import ErrorResponse
+from service.config import Settings
+from service.engine import Engine
+from service.errors import Unauthorized
+from service.sessions import SessionRecord
+
+_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def dumps(content: Any) -> bytes:
+    return orjson.dumps(content, option=_ORJSON_OPTIONS)
+
+
+class ORJSONResponse(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for the error statuses a route may answer."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def session_info(record: SessionRecord, ttl_s: float) -> dict[str, Any]:
+    return {
+        "session_id": record.session_id,
+        "model": record.model,
+        "version": record.version,
+        "step_count": record.step_count,
+        "created_at": iso(record.created_at),
+        "last_used": iso(record.last_used),
+        "expires_at": iso(record.expires_at(ttl_s)),
+    }
+
+
+def _presented_key(headers) -> str | None:
+    authorization = headers.get("authorization")
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return headers.get("x-api-key")
+
+
+def owner_for_key(settings: Settings, key: str | None) -> str | None:
+    """The owner tag of a request: None without keys configured, else the key's digest.
+
+    Raises Unauthorized for a missing or unknown key. Every configured key is compared in
+    constant time, so timing reveals nothing about which keys exist.
+    """
+    if not settings.api_keys:
+        return None
+    if not key:
+        raise Unauthorized("an API key is required (Authorization: Bearer <key> or X-API-Key)")
+    presented = key.encode()
+    matched = False
+    for candidate in settings.api_keys:
+        matched |= hmac.compare_digest(presented, candidate.encode())
+    if not matched:
+        raise Unauthorized("the API key is not valid")
+    return hashlib.sha256(presented).hexdigest()[:32]
+
+
+def owner(request: Request) -> str | None:
+    """FastAPI dependency: the caller's owner tag (see owner_for_key)."""
+    return owner_for_key(request.app.state.settings, _presented_key(request.headers))
+
+
+def websocket_owner(websocket: WebSocket) -> str | None:
+    key = _presented_key(websocket.headers) or websocket.query_params.get("api_key")
+    return owner_for_key(websocket.app.state.settings, key)
+
+
+def rows(y: np.ndarray) -> list:
+    return y.tolist()

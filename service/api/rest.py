@@ -1,0 +1,262 @@
+"""The v1 REST surface: models, batch predict, sessions, generation, repository reload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Body, Depends, Request, Response
+
+from service.api.common import (
+    ORJSONResponse,
+    engine_of,
+    error_responses,
+    owner,
+    session_info,
+)
+from service.api.schemas import (
+    CreateSessionRequest,
+    GenerateRequest,
+    GenerateResponse,
+    ModelInfo,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+    ReloadResponse,
+    SessionInfo,
+    StateExport,
+    StepRequest,
+    StepResponse,
+)
+from service.card import ModelCard
+from service.engine import Engine
+from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
+from service.repository import ModelVersion
+
+router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(owner)])
+
+_MODEL_ERRORS = error_responses(401, 404, 503)
+_INPUT_ERRORS = error_responses(401, 404, 409, 413, 422, 429, 503)
+
+
+def _parser(engine: Engine):
+    settings = engine.settings
+
+    def parse(card: ModelCard, steps: Any) -> np.ndarray:
+        return sequence_array(card, steps, settings)
+
+    return parse
+
+
+def model_info(engine: Engine, name: str) -> dict[str, Any]:
+    versions = engine.repository.versions_of(name)
+    return {
+        "name": name,
+        "default_version": versions[-1].version,
+        "versions": [
+            {
+                "version": v.version,
+                "ready": v.ready,
+                "error": v.error,
+                "card": v.card.model_dump(exclude_none=True) if v.card else None,
+            }
+            for v in versions
+        ],
+    }
+
+
+@router.get("/models", response_model=ModelList, responses=error_responses(401))
+async def list_models(request: Request) -> ORJSONResponse:
+    engine = engine_of(request)
+    return ORJSONResponse({"models": [model_info(engine, n) for n in engine.repository.names()]})
+
+
+@router.get("/models/{name}", response_model=ModelInfo, responses=_MODEL_ERRORS)
+async def get_model(name: str, request: Request) -> ORJSONResponse:
+    return ORJSONResponse(model_info(engine_of(request), name))
+
+
+async def _predict(entry: ModelVersion, body: PredictRequest, engine: Engine) -> ORJSONResponse:
+    card = entry.card
+    assert card is not None and entry.runner is not None
+    sequences = [
+        sequence_array(card, seq, engine.settings, where=f"sequence {i}: ")
+        for i, seq in enumerate(body.inputs)
+    ]
+    states = None
+    if body.initial_states is not None:
+        states = [state_from_payload(card, s, entry.runner.state_size) for s in body.initial_states]
+    results = await engine.predict(entry, sequences, states)
+    outputs, symbols = [], []
+    for y, _ in results:
+        chosen = y if body.return_sequences else y[-1]
+        outputs.append(chosen.tolist())
+        named = top_symbols(card, y if body.return_sequences else y[-1:])
+        if named is not None:
+            symbols.append(named if body.return_sequences else named[0])
+    content: dict[str, Any] = {"model": entry.name, "version": entry.version, "outputs": outputs}
+    if symbols:
+        content["symbols"] = symbols
+    if body.return_states:
+        content["states"] = [state_to_payload(card, state) for _, state in results]
+    return ORJSONResponse(content)
+
+
+@router.post("/models/{name}/predict", response_model=PredictResponse, responses=_INPUT_ERRORS)
+async def predict(name: str, body: PredictRequest, request: Request) -> ORJSONResponse:
+    engine = engine_of(request)
+    return await _predict(engine.model(name), body, engine)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/predict",
+    response_model=PredictResponse,
+    responses=_INPUT_ERRORS,
+)
+async def predict_version(
+    name: str, version: int, body: PredictRequest, request: Request
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    return await _predict(engine.model(name, version), body, engine)
+
+
+async def _create_session(
+    entry: ModelVersion, body: CreateSessionRequest | None, engine: Engine, who: str | None
+) -> ORJSONResponse:
+    state = None
+    if body is not None and body.state is not None:
+        assert entry.card is not None and entry.runner is not None
+        state = state_from_payload(entry.card, body.state, entry.runner.state_size)
+    record = await engine.create_session(entry, who, state)
+    return ORJSONResponse(session_info(record, engine.store.ttl_s), status_code=201)
+
+
+@router.post(
+    "/models/{name}/sessions",
+    status_code=201,
+    response_model=SessionInfo,
+    responses=error_responses(401, 404, 422, 429, 503),
+)
+async def create_session(
+    name: str,
+    request: Request,
+    body: CreateSessionRequest | None = Body(None),
+    who: str | None = Depends(owner),
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    return await _create_session(engine.model(name), body, engine, who)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/sessions",
+    status_code=201,
+    response_model=SessionInfo,
+    responses=error_responses(401, 404, 422, 429, 503),
+)
+async def create_session_version(
+    name: str,
+    version: int,
+    request: Request,
+    body: CreateSessionRequest | None = Body(None),
+    who: str | None = Depends(owner),
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    return await _create_session(engine.model(name, version), body, engine, who)
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfo, responses=_MODEL_ERRORS)
+async def get_session(
+    session_id: str, request: Request, who: str | None = Depends(owner)
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    record = await engine.session(session_id, who)
+    return ORJSONResponse(session_info(record, engine.store.ttl_s))
+
+
+@router.get("/sessions/{session_id}/state", response_model=StateExport, responses=_MODEL_ERRORS)
+async def export_state(
+    session_id: str, request: Request, who: str | None = Depends(owner)
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    record = await engine.session(session_id, who)
+    card = engine.session_model(record).card
+    assert card is not None
+    return ORJSONResponse(
+        {
+            "session_id": record.session_id,
+            "model": record.model,
+            "version": record.version,
+            "step_count": record.step_count,
+            "state": state_to_payload(card, record.state),
+        }
+    )
+
+
+@router.post("/sessions/{session_id}/steps", response_model=StepResponse, responses=_INPUT_ERRORS)
+async def step(
+    session_id: str, body: StepRequest, request: Request, who: str | None = Depends(owner)
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    result = await engine.step(session_id, who, body.inputs, body.seq, parse=_parser(engine))
+    return ORJSONResponse(step_content(engine, result.record, result.outputs, result.replayed))
+
+
+def step_content(engine: Engine, record, outputs: np.ndarray, replayed: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"outputs": outputs.tolist(), "step_count": record.step_count}
+    card = engine.session_model(record).card
+    named = top_symbols(card, outputs) if card is not None else None
+    if named is not None:
+        content["symbols"] = named
+    if replayed:
+        content["replayed"] = True
+    return content
+
+
+@router.post(
+    "/sessions/{session_id}/generate", response_model=GenerateResponse, responses=_INPUT_ERRORS
+)
+async def generate(
+    session_id: str, body: GenerateRequest, request: Request, who: str | None = Depends(owner)
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    result = await engine.generate(
+        session_id,
+        who,
+        body.steps,
+        temperature=body.temperature,
+        seed=body.seed,
+        prime=body.prime,
+        parse=_parser(engine),
+    )
+    content: dict[str, Any] = {
+        "generated": result.generated,
+        "step_count": result.record.step_count,
+    }
+    if result.generated and all(isinstance(g, str) and len(g) == 1 for g in result.generated):
+        content["text"] = "".join(result.generated)
+    return ORJSONResponse(content)
+
+
+@router.post("/sessions/{session_id}/reset", response_model=SessionInfo, responses=_MODEL_ERRORS)
+async def reset(
+    session_id: str, request: Request, who: str | None = Depends(owner)
+) -> ORJSONResponse:
+    engine = engine_of(request)
+    record = await engine.reset(session_id, who)
+    return ORJSONResponse(session_info(record, engine.store.ttl_s))
+
+
+@router.delete("/sessions/{session_id}", status_code=204, responses=_MODEL_ERRORS)
+async def delete_session(
+    session_id: str, request: Request, who: str | None = Depends(owner)
+) -> Response:
+    await engine_of(request).delete(session_id, who)
+    return Response(status_code=204)
+
+
+@router.post("/repository/reload", response_model=ReloadResponse, responses=error_responses(401))
+async def reload(request: Request) -> ORJSONResponse:
+    report = await engine_of(request).reload()
+    return ORJSONResponse(
+        {"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed}
+    )

@@ -1,0 +1,177 @@
+"""WebSocket streaming: one session per connection, answers in order, JSON or binary frames.
+
+A bad message gets an error frame and leaves the stream open and the state untouched.
+Close codes: 4401 unauthorized, 4404 session or model not found/expired, 1003 a malformed
+binary frame, 1008 a rate limit or message size breach, 1011 an internal error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from service.api.common import dumps, session_info, websocket_owner
+from service.api.rest import step_content
+from service.engine import Engine
+from service.errors import InvalidInput, PayloadTooLarge, RateLimited, ServeError
+from service.frames import FrameError, decode_request, encode_response
+from service.inputs import sequence_array
+
+router = APIRouter(tags=["stream"])
+log = logging.getLogger("service.stream")
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_NOT_FOUND = 4404
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+_CLOSE_CODES = {401: CLOSE_UNAUTHORIZED, 404: CLOSE_NOT_FOUND, 503: CLOSE_INTERNAL}
+
+
+@router.websocket("/v1/models/{name}/stream")
+async def stream_new(websocket: WebSocket, name: str) -> None:
+    await _open(websocket, name=name, version=None)
+
+
+@router.websocket("/v1/models/{name}/versions/{version}/stream")
+async def stream_new_version(websocket: WebSocket, name: str, version: int) -> None:
+    await _open(websocket, name=name, version=version)
+
+
+@router.websocket("/v1/sessions/{session_id}/stream")
+async def stream_resume(websocket: WebSocket, session_id: str) -> None:
+    await _open(websocket, session_id=session_id)
+
+
+async def _open(
+    websocket: WebSocket,
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    session_id: str | None = None,
+) -> None:
+    engine: Engine = websocket.app.state.engine
+    await websocket.accept()
+    try:
+        who = websocket_owner(websocket)
+        if session_id is None:
+            record = await engine.create_session(engine.model(name, version), who)
+        else:
+            record = await engine.session(session_id, who)
+    except ServeError as exc:
+        await websocket.send_text(dumps(exc.body()).decode())
+        await websocket.close(_CLOSE_CODES.get(exc.status, CLOSE_POLICY))
+        return
+    await websocket.send_text(dumps(session_info(record, engine.store.ttl_s)).decode())
+    await _serve(websocket, engine, record.session_id, who)
+
+
+async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str | None) -> None:
+    settings = engine.settings
+    metrics = engine.metrics
+    limiter = _RateLimiter(settings.ws_max_messages_per_s)
+    entry = None
+
+    def parse(card, steps: Any) -> np.ndarray:
+        return sequence_array(card, steps, settings)
+
+    while True:
+        try:
+            message = await websocket.receive()
+        except WebSocketDisconnect:
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        binary = message.get("bytes")
+        text = message.get("text")
+        kind = "binary" if binary is not None else "json"
+        model = entry.name if entry is not None else ""
+        try:
+            size = len(binary) if binary is not None else len(text or "")
+            if size > settings.ws_max_message_bytes:
+                raise PayloadTooLarge(
+                    f"message of {size} bytes exceeds the limit of {settings.ws_max_message_bytes}"
+                )
+            limiter.take()
+            if binary is not None:
+                try:
+                    x, seq = decode_request(binary)
+                except FrameError as exc:
+                    await websocket.send_text(
+                        dumps({"error": {"code": "bad_frame", "message": str(exc)}}).decode()
+                    )
+                    await websocket.close(CLOSE_UNSUPPORTED)
+                    return
+                result = await engine.step(session_id, who, x, seq, parse=parse)
+                await websocket.send_bytes(
+                    encode_response(result.outputs, result.record.step_count, result.replayed)
+                )
+            else:
+                inputs, seq = _json_message(text)
+                result = await engine.step(session_id, who, inputs, seq, parse=parse)
+                content = step_content(engine, result.record, result.outputs, result.replayed)
+                await websocket.send_text(dumps(content).decode())
+            if entry is None:
+                entry = engine.session_model(result.record)
+            metrics.ws_messages.labels(entry.name, kind, "ok").inc()
+        except WebSocketDisconnect:
+            return
+        except ServeError as exc:
+            metrics.ws_messages.labels(model, kind, exc.code).inc()
+            try:
+                await websocket.send_text(dumps(exc.body()).decode())
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if exc.code in ("session_not_found", "session_expired"):
+                await websocket.close(CLOSE_NOT_FOUND)
+                return
+        except Exception:  # noqa: BLE001 - keep the stream honest about failures
+            log.exception("stream failed")
+            try:
+                await websocket.send_text(
+                    dumps({"error": {"code": "internal_error", "message": "internal error"}}).decode()
+                )
+                await websocket.close(CLOSE_INTERNAL)
+            except Exception:  # noqa: BLE001
+                pass
+            return
+
+
+def _json_message(text: str | None) -> tuple[Any, int | None]:
+    try:
+        message = orjson.loads(text or "")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the message is not valid JSON: {exc}") from exc
+    if not isinstance(message, dict) or "inputs" not in message:
+        raise InvalidInput('a message must be an object {"inputs": [step, ...], "seq"?: n}')
+    unknown = set(message) - {"inputs", "seq"}
+    if unknown:
+        raise InvalidInput(f"unknown fields {sorted(unknown)}")
+    seq = message.get("seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
+        raise InvalidInput("seq must be a positive integer")
+    return message["inputs"], seq
+
+
+class _RateLimiter:
+    """A token bucket of one second's worth of messages; rate 0 means unlimited."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+
+    def take(self) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            raise RateLimited(f"more than {self.rate:g} messages per second on this stream")
+        self.tokens -= 1

@@ -1,0 +1,114 @@
+"""The app factory: everything is built from one Settings object, nothing at import time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.api import health, rest, stream, v2
+from service.api.common import ORJSONResponse
+from service.api.middleware import RequestContext
+from service.config import Settings
+from service.engine import Engine
+from service.errors import ServeError
+from service.sessions import SessionStore
+
+log = logging.getLogger("service.app")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def create_app(settings: Settings | None = None, *, store: SessionStore | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    engine = Engine(settings, store=store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        log.info(
+            "ready",
+            extra={"models": [f"{v.name}/{v.version}" for v in engine.repository.versions() if v.ready]},
+        )
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(
+        title="rnnserve",
+        version=__version__,
+        description="Stateful serving of RNN, LSTM and GRU models: batch predict, sessions "
+        "whose hidden state is carried across requests, WebSocket streaming, and the Open "
+        "Inference Protocol (v2) with sequences.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.include_router(health.router)
+    app.include_router(rest.router)
+    app.include_router(stream.router)
+    app.include_router(v2.router)
+    _install_error_handlers(app)
+    app.add_middleware(
+        RequestContext, metrics=engine.metrics, max_body_bytes=settings.max_body_bytes
+    )
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> ORJSONResponse:
+        if exc.status >= 500 and exc.status != 503:
+            log.error("request failed: %s", exc.message)
+        return ORJSONResponse(exc.body(), status_code=exc.status, headers=_headers(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+        problems = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in exc.errors()[:5]
+        ]
+        return ORJSONResponse(
+            {"error": {"code": "invalid_input", "message": "; ".join(problems)}},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return ORJSONResponse(
+            {"error": {"code": code, "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+        log.exception("unhandled error")
+        return ORJSONResponse(
+            {"error": {"code": "internal_error", "message": "internal error"}}, status_code=500
+        )
+
+
+def _headers(exc: ServeError) -> dict[str, str] | None:
+    if exc.status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if exc.status in (429, 503):
+        return {"Retry-After": "1"}
+    return None

@@ -1,0 +1,228 @@
+"""Dynamic batching of step requests across sessions.
+
+``StepBatch`` collates jobs (one sequence chunk + its flat state each) into one
+onnxruntime call with the states stacked on each state's batch axis, and splits the
+results back; it knows nothing about asyncio. ``StepBatcher`` is the asyncio component
+that gathers jobs: it dispatches at once when the runtime is idle and lets jobs
+accumulate while a call is in flight, so one lone stream pays no waiting tax and many
+streams share calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import InferenceFailed, Overloaded
+from service.runtime import Runner
+
+
+@dataclass(slots=True)
+class StepJob:
+    x: np.ndarray
+    """[steps, input_size] float32, steps >= 1."""
+    state: np.ndarray
+    """Flat float32 state of the sequence before these steps."""
+    future: asyncio.Future | None = None
+    enqueued: float = 0.0
+    result: tuple[np.ndarray, np.ndarray] | None = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class BatchStats:
+    size: int
+    queue_wait_s: list[float] = field(default_factory=list)
+
+
+class StepBatch:
+    """Runs jobs as few onnxruntime calls as the model allows and splits results back."""
+
+    def __init__(self, runner: Runner, jobs: list[StepJob]) -> None:
+        self.runner = runner
+        self.jobs = jobs
+
+    def groups(self) -> list[list[StepJob]]:
+        """One call for everything when the model takes ``lengths``; else one per length."""
+        if self.runner.has_lengths or len(self.jobs) == 1:
+            return [self.jobs]
+        by_length: dict[int, list[StepJob]] = {}
+        for job in self.jobs:
+            by_length.setdefault(job.x.shape[0], []).append(job)
+        return list(by_length.values())
+
+    def run(self) -> None:
+        """Fill each job's ``result`` (y [steps, out], new flat state) or ``error``."""
+        for group in self.groups():
+            try:
+                self._run_group(group)
+            except Exception as exc:  # noqa: BLE001 - isolate the failing row below
+                if len(group) == 1:
+                    group[0].error = exc
+                    continue
+                for job in group:
+                    try:
+                        self._run_group([job])
+                    except Exception as solo_exc:  # noqa: BLE001
+                        job.error = solo_exc
+
+    def _run_group(self, group: list[StepJob]) -> None:
+        runner = self.runner
+        if len(group) == 1:
+            job = group[0]
+            x = job.x[np.newaxis]
+            lengths = np.array([job.x.shape[0]], np.int32) if runner.has_lengths else None
+        else:
+            steps = [job.x.shape[0] for job in group]
+            longest = max(steps)
+            x = np.zeros((len(group), longest, group[0].x.shape[1]), np.float32)
+            for row, job in enumerate(group):
+                x[row, : steps[row]] = job.x
+            lengths = np.asarray(steps, np.int32) if runner.has_lengths else None
+        y, states = runner.run(x, runner.stack_states([job.state for job in group]), lengths)
+        flat = runner.split_states(states)
+        for row, job in enumerate(group):
+            job.result = (y[row, : job.x.shape[0]], flat[row])
+
+
+class StepBatcher:
+    """Gathers step jobs for one model version and runs them in batches off the event loop."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        executor: Executor,
+        *,
+        max_size: int,
+        max_delay_s: float = 0.0,
+        max_inflight: int = 1,
+        max_queue: int = 4096,
+        observe: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.max_size = max_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._executor = executor
+        self._observe = observe
+        self._queue: deque[StepJob] = deque()
+        self._slots = max_inflight
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``x`` from ``state``; returns (y [steps, output_size], new flat state)."""
+        (result,) = await self.submit_many([(x, state)])
+        return result
+
+    async def submit_many(
+        self, items: list[tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Run several independent sequences; they may share calls with other requests."""
+        if self._closed:
+            raise InferenceFailed("this model version was unloaded")
+        if len(self._queue) + len(items) > self.max_queue and self._queue:
+            raise Overloaded(f"{len(self._queue)} sequences are already queued for this model")
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._dispatch_loop())
+        now = time.perf_counter()
+        jobs = [StepJob(x, state, loop.create_future(), now) for x, state in items]
+        self._queue.extend(jobs)
+        self._wakeup.set()
+        try:
+            await asyncio.gather(*(job.future for job in jobs))
+        except asyncio.CancelledError:
+            for job in jobs:
+                job.future.cancel()
+            raise
+        return [job.future.result() for job in jobs]
+
+    async def _dispatch_loop(self) -> None:
+        assert self._wakeup is not None
+        slots = asyncio.Semaphore(self._slots)
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await slots.acquire()
+            if self.max_delay_s > 0 and len(self._queue) < self.max_size:
+                await self._fill_window()
+            jobs = self._take()
+            if not jobs:
+                slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(jobs, slots))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _fill_window(self) -> None:
+        deadline = self._queue[0].enqueued + self.max_delay_s
+        while len(self._queue) < self.max_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[StepJob]:
+        jobs: list[StepJob] = []
+        while self._queue and len(jobs) < self.max_size:
+            job = self._queue.popleft()
+            if not job.future.done():  # skip callers that gave up
+                jobs.append(job)
+        return jobs
+
+    async def _execute(self, jobs: list[StepJob], slots: asyncio.Semaphore) -> None:
+        started = time.perf_counter()
+        try:
+            batch = StepBatch(self.runner, jobs)
+            await asyncio.get_running_loop().run_in_executor(self._executor, batch.run)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
+            for job in jobs:
+                job.error = job.error or exc
+        finally:
+            slots.release()
+        for job in jobs:
+            if job.future.done():
+                continue
+            if job.error is not None:
+                job.future.set_exception(
+                    InferenceFailed(f"inference failed: {type(job.error).__name__}: {job.error}")
+                )
+            else:
+                job.future.set_result(job.result)
+        if self._observe is not None:
+            self._observe(BatchStats(len(jobs), [started - job.enqueued for job in jobs]))
+
+    async def close(self) -> None:
+        """Finish what is in flight, fail what is queued, stop the loop."""
+        self._closed = True
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(InferenceFailed("this model version was unloaded"))
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,71 @@
+"""All server settings, read once from the environment (prefix ``RNNSERVE_``) or passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="ignore")
+
+    model_repo: Path = Path("models")
+    """Folder of models: ``<name>/<version>/model.onnx`` + ``card.json``."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    reload_interval_s: float = 0.0
+    """Poll the model repository for new/removed versions this often; 0 turns polling off."""
+
+    session_store: str = "memory"
+    """``memory`` (one process) or ``redis://host:port/db`` (shared by replicas)."""
+    session_ttl_s: float = Field(default=1800.0, gt=0)
+    """Idle time after which a session expires (reset by every use)."""
+    max_sessions: int = Field(default=1_000_000, ge=1)
+    """Total live sessions; creating one more is refused with 429 ``too_many_sessions``."""
+    max_sessions_per_key: int = Field(default=100_000, ge=1)
+    """Live sessions one API key may own (only enforced when API keys are set)."""
+
+    max_steps_per_request: int = Field(default=10_000, ge=1)
+    max_batch_sequences: int = Field(default=1024, ge=1)
+    """Sequences in one predict request."""
+    max_total_steps_per_predict: int = Field(default=200_000, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_generate_steps: int = Field(default=10_000, ge=1)
+
+    ort_threads: int = Field(default=1, ge=0)
+    """onnxruntime intra-op threads per session (0 lets onnxruntime choose)."""
+    ort_inter_threads: int = Field(default=1, ge=0)
+    ort_graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    ort_execution_mode: Literal["sequential", "parallel"] = "sequential"
+
+    batch_max_size: int = Field(default=256, ge=1)
+    """Rows (sequences) in one onnxruntime call; 1 turns batching off."""
+    batch_max_delay_ms: float = Field(default=0.0, ge=0)
+    """0: adaptive (dispatch at once when the runtime is idle, gather while it is busy).
+    >0: also wait up to this long after the first request for the batch to fill."""
+    batch_max_inflight: int = Field(default=1, ge=1)
+    """onnxruntime calls that may run at once per model version."""
+    max_queue: int = Field(default=4096, ge=1)
+    """Queued step rows per model version before requests are refused with 429 ``overloaded``."""
+
+    ws_max_message_bytes: int = Field(default=1024 * 1024, ge=64)
+    ws_max_messages_per_s: float = Field(default=0.0, ge=0)
+    """Per-connection message rate limit; 0 means unlimited."""
+    ws_send_queue: int = Field(default=64, ge=1)
+    """Answers buffered for a slow WebSocket client before the connection is closed."""
+
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated keys; when set, every route but health and metrics needs one."""
+
+    log_level: str = "info"
+    log_json: bool = True
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value

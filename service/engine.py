@@ -1,0 +1,399 @@
+"""The protocol-neutral data plane: models, predict, sessions, generation.
+
+REST, WebSocket and the Open Inference Protocol only translate to and from these calls.
+A step crosses: the API layer -> Engine (ordering, exactly-once, commit) -> StepBatcher
+(shared onnxruntime calls) -> the session store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batching import BatchStats, StepBatcher
+from service.config import Settings
+from service.errors import (
+    InvalidInput,
+    NotSupported,
+    PayloadTooLarge,
+    SequenceMismatch,
+    SessionConflict,
+    SessionNotFound,
+)
+from service.metrics import Metrics
+from service.repository import ModelRepository, ModelVersion, ReloadReport
+from service.sessions import SessionRecord, SessionStore, make_store
+
+log = logging.getLogger("service.engine")
+_COMMIT_ATTEMPTS = 3
+
+
+@dataclass(slots=True)
+class StepResult:
+    outputs: np.ndarray
+    record: SessionRecord
+    replayed: bool = False
+
+
+@dataclass(slots=True)
+class GenerateResult:
+    generated: list
+    """Symbols (symbol mode) or output vectors (value mode), one per generated step."""
+    outputs: np.ndarray
+    record: SessionRecord
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: SessionStore | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(settings)
+        self.store = store if store is not None else make_store(settings)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(2, settings.batch_max_inflight), thread_name_prefix="ort"
+        )
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._reload_lock = asyncio.Lock()
+        self.started_at = time.time()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.reload()
+        self.metrics.bind_sessions(self.store)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._sweep_forever()))
+        if self.settings.reload_interval_s > 0:
+            self._tasks.append(loop.create_task(self._poll_repository()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for entry in self.repository.versions():
+            await self._release(entry)
+        await self.store.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.repository.loaded_once
+
+    async def reload(self) -> ReloadReport:
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            report, removed = await loop.run_in_executor(self.executor, self.repository.sync)
+            for name in report.failed:
+                self.metrics.model_load_failures.labels(model=name.split("/")[0]).inc()
+            for entry in removed:
+                await self._release(entry)
+            return report
+
+    async def _release(self, entry: ModelVersion) -> None:
+        batcher = entry.extras.pop("batcher", None)
+        if batcher is not None:
+            await batcher.close()
+
+    async def _sweep_forever(self) -> None:
+        interval = min(max(self.settings.session_ttl_s / 10, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                expired = await self.store.sweep(time.time())
+                if expired:
+                    self.metrics.session_expiries.inc(expired)
+            except Exception:  # noqa: BLE001 - a store outage must not kill the sweeper
+                log.warning("session sweep failed", exc_info=True)
+
+    async def _poll_repository(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001
+                log.exception("repository poll failed")
+
+    # -- models ----------------------------------------------------------------------
+
+    def model(self, name: str, version: int | None = None) -> ModelVersion:
+        return self.repository.get(name, version)
+
+    def batcher(self, entry: ModelVersion) -> StepBatcher:
+        batcher = entry.extras.get("batcher")
+        if batcher is None:
+            s = self.settings
+            assert entry.runner is not None
+            batcher = StepBatcher(
+                entry.runner,
+                self.executor,
+                max_size=s.batch_max_size,
+                max_delay_s=s.batch_max_delay_ms / 1000.0,
+                max_inflight=s.batch_max_inflight,
+                max_queue=s.max_queue,
+                observe=self._observe_batch(entry.name),
+            )
+            entry.extras["batcher"] = batcher
+        return batcher
+
+    def _observe_batch(self, model: str):
+        size = self.metrics.batch_size.labels(model=model)
+        wait = self.metrics.queue_wait.labels(model=model)
+
+        def observe(stats: BatchStats) -> None:
+            size.observe(stats.size)
+            for seconds in stats.queue_wait_s:
+                wait.observe(seconds)
+
+        return observe
+
+    # -- batch predict -----------------------------------------------------------
+
+    async def predict(
+        self,
+        entry: ModelVersion,
+        sequences: list[np.ndarray],
+        initial_states: list[np.ndarray] | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each sequence run from its initial state (zeros by default), as if alone."""
+        s = self.settings
+        if not sequences:
+            raise InvalidInput("inputs is empty: send at least one sequence")
+        if len(sequences) > s.max_batch_sequences:
+            raise PayloadTooLarge(
+                f"{len(sequences)} sequences exceed the limit of {s.max_batch_sequences}",
+                limit=s.max_batch_sequences,
+            )
+        total = sum(x.shape[0] for x in sequences)
+        if total > s.max_total_steps_per_predict:
+            raise PayloadTooLarge(
+                f"{total} steps in all exceed the limit of {s.max_total_steps_per_predict}",
+                limit=s.max_total_steps_per_predict,
+            )
+        assert entry.runner is not None
+        if initial_states is None:
+            zero = entry.runner.zero_state()
+            initial_states = [zero] * len(sequences)
+        elif len(initial_states) != len(sequences):
+            raise InvalidInput(
+                f"{len(initial_states)} initial states for {len(sequences)} sequences"
+            )
+        return await self.batcher(entry).submit_many(list(zip(sequences, initial_states)))
+
+    # -- sessions ----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _session_lock(self, session_id: str) -> AsyncIterator[None]:
+        """Requests to one session run one at a time, in arrival order (asyncio.Lock is FIFO)."""
+        lock, users = self._locks.get(session_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users <= 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+    async def _owned(self, session_id: str, owner: str | None) -> SessionRecord:
+        record = await self.store.get(session_id)
+        if record.owner != owner:
+            # Another key's session: answer exactly as if it did not exist.
+            raise SessionNotFound(f"no session {session_id}")
+        return record
+
+    async def create_session(
+        self, entry: ModelVersion, owner: str | None, state: np.ndarray | None = None
+    ) -> SessionRecord:
+        assert entry.runner is not None
+        now = time.time()
+        record = SessionRecord(
+            session_id=secrets.token_urlsafe(16),
+            model=entry.name,
+            version=entry.version,
+            state=entry.runner.zero_state() if state is None else state,
+            created_at=now,
+            last_used=now,
+            owner=owner,
+        )
+        await self.store.create(record)
+        self.metrics.sessions_created.labels(model=entry.name).inc()
+        return record
+
+    async def session(self, session_id: str, owner: str | None) -> SessionRecord:
+        record = await self._owned(session_id, owner)
+        now = time.time()
+        await self.store.touch(session_id, now)
+        record.last_used = now
+        return record
+
+    def session_model(self, record: SessionRecord) -> ModelVersion:
+        """The version the session was created on (sessions never switch versions)."""
+        return self.repository.get(record.model, record.version)
+
+    async def step(
+        self,
+        session_id: str,
+        owner: str | None,
+        inputs: object,
+        seq: int | None = None,
+        parse=None,
+    ) -> StepResult:
+        """Advance the session by exactly the given steps, or replay a retried ``seq``.
+
+        ``parse(card, inputs) -> np.ndarray`` validates the inputs against the session's
+        model before anything changes; by default ``inputs`` must already be an array.
+        """
+        async with self._session_lock(session_id):
+            for _ in range(_COMMIT_ATTEMPTS):
+                record = await self._owned(session_id, owner)
+                entry = self.session_model(record)
+                x = parse(entry.card, inputs) if parse is not None else inputs
+                replay = self._check_seq(record, seq, x.shape[0])
+                if replay is not None:
+                    return StepResult(replay, record, replayed=True)
+                y, state = await self.batcher(entry).submit(x, record.state)
+                record.state = state
+                record.step_count += x.shape[0]
+                if seq is not None:
+                    record.last_seq = seq
+                    record.last_outputs = y.tobytes()
+                    record.last_outputs_shape = y.shape
+                try:
+                    await self.store.commit(record)
+                except SessionConflict:
+                    continue  # another replica moved first: re-read and re-check seq
+                self.metrics.steps.labels(model=entry.name).inc(x.shape[0])
+                return StepResult(y, record)
+        raise SessionConflict("the session kept changing under this request; retry it")
+
+    @staticmethod
+    def _check_seq(record: SessionRecord, seq: int | None, steps: int) -> np.ndarray | None:
+        if seq is None:
+            return None
+        if seq == record.step_count and record.last_seq == seq and record.last_outputs:
+            return np.frombuffer(record.last_outputs, np.float32).reshape(record.last_outputs_shape)
+        if seq != record.step_count + steps:
+            raise SequenceMismatch(
+                f"seq {seq} does not follow the session's step_count {record.step_count} "
+                f"plus {steps} steps, nor repeat the last applied request",
+                step_count=record.step_count,
+            )
+        return None
+
+    async def reset(self, session_id: str, owner: str | None) -> SessionRecord:
+        async with self._session_lock(session_id):
+            for _ in range(_COMMIT_ATTEMPTS):
+                record = await self._owned(session_id, owner)
+                entry = self.session_model(record)
+                assert entry.runner is not None
+                record.state = entry.runner.zero_state()
+                record.step_count = 0
+                record.last_seq, record.last_outputs, record.last_outputs_shape = None, None, ()
+                try:
+                    await self.store.commit(record)
+                except SessionConflict:
+                    continue
+                return record
+        raise SessionConflict("the session kept changing under this request; retry it")
+
+    async def delete(self, session_id: str, owner: str | None) -> None:
+        async with self._session_lock(session_id):
+            await self._owned(session_id, owner)
+            await self.store.delete(session_id)
+
+    async def generate(
+        self,
+        session_id: str,
+        owner: str | None,
+        steps: int,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        prime: object = None,
+        parse=None,
+    ) -> GenerateResult:
+        """Run the model on its own outputs for ``steps`` steps, advancing the session.
+
+        The state ends having consumed the prime and every generated step, so a later
+        request continues right after the last generated value.
+        """
+        if not 1 <= steps <= self.settings.max_generate_steps:
+            raise InvalidInput(f"steps must be between 1 and {self.settings.max_generate_steps}")
+        if temperature < 0 or not np.isfinite(temperature):
+            raise InvalidInput("temperature must be a finite number >= 0")
+        rng = np.random.default_rng(seed)
+        async with self._session_lock(session_id):
+            record = await self._owned(session_id, owner)
+            entry = self.session_model(record)
+            card = entry.card
+            assert card is not None and entry.runner is not None
+            if card.generation is None:
+                raise NotSupported(
+                    f"model {card.name!r} cannot feed its output back (its card has no generation)"
+                )
+            if prime is not None:
+                x = parse(card, prime) if parse is not None else prime
+            elif card.generation.mode == "symbol" and card.generation.start_symbol is not None:
+                x = _one_hot(card.vocabulary.index(card.generation.start_symbol), card.input_size)
+            else:
+                raise InvalidInput("this model needs a prime sequence to start generating from")
+            batcher = self.batcher(entry)
+            state, fed = record.state, x.shape[0]
+            y, state = await batcher.submit(x, state)
+            last = y[-1]
+            generated: list = []
+            outputs: list[np.ndarray] = []
+            for _ in range(steps):
+                if card.generation.mode == "symbol":
+                    index = _sample(last, temperature, rng)
+                    generated.append(card.vocabulary[index])
+                    x = _one_hot(index, card.input_size)
+                else:
+                    generated.append(last.tolist())
+                    x = last.reshape(1, -1).astype(np.float32)
+                y, state = await batcher.submit(x, state)
+                fed += 1
+                outputs.append(y[-1])
+                last = y[-1]
+                if card.generation.mode == "symbol" and generated[-1] == card.generation.end_symbol:
+                    break
+            record.state = state
+            record.step_count += fed
+            record.last_seq, record.last_outputs, record.last_outputs_shape = None, None, ()
+            await self.store.commit(record)
+            self.metrics.steps.labels(model=entry.name).inc(fed)
+            return GenerateResult(generated, np.asarray(outputs, np.float32), record)
+
+
+def _one_hot(index: int, size: int) -> np.ndarray:
+    x = np.zeros((1, size), np.float32)
+    x[0, index] = 1.0
+    return x
+
+
+def _sample(probabilities: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    p = np.asarray(probabilities, np.float64)
+    if temperature == 0:
+        return int(np.argmax(p))
+    logits = np.log(np.clip(p, 1e-12, None)) / temperature
+    logits -= logits.max()
+    weights = np.exp(logits)
+    return int(rng.choice(len(weights), p=weights / weights.sum()))

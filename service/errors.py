@@ -1,0 +1,89 @@
+"""One exception hierarchy; each error carries its HTTP status and a stable machine code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServeError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            error.update(self.details)
+        return {"error": error}
+
+
+class InvalidInput(ServeError):
+    status, code = 422, "invalid_input"
+
+
+class SequenceTooLong(ServeError):
+    status, code = 413, "sequence_too_long"
+
+
+class PayloadTooLarge(ServeError):
+    status, code = 413, "payload_too_large"
+
+
+class Unauthorized(ServeError):
+    status, code = 401, "unauthorized"
+
+
+class ModelNotFound(ServeError):
+    status, code = 404, "model_not_found"
+
+
+class ModelNotReady(ServeError):
+    status, code = 503, "model_not_ready"
+
+
+class NotSupported(ServeError):
+    status, code = 400, "not_supported"
+
+
+class SessionNotFound(ServeError):
+    status, code = 404, "session_not_found"
+
+
+class SessionExpired(ServeError):
+    status, code = 404, "session_expired"
+
+
+class SessionConflict(ServeError):
+    """Another request (maybe on another replica) advanced the session first."""
+
+    status, code = 409, "session_conflict"
+
+
+class SequenceMismatch(ServeError):
+    """A ``seq`` that is neither the next count nor a retry of the last applied request."""
+
+    status, code = 409, "seq_mismatch"
+
+
+class TooManySessions(ServeError):
+    status, code = 429, "too_many_sessions"
+
+
+class Overloaded(ServeError):
+    status, code = 429, "overloaded"
+
+
+class RateLimited(ServeError):
+    status, code = 429, "rate_limited"
+
+
+class StoreUnavailable(ServeError):
+    status, code = 503, "store_unavailable"
+
+
+class InferenceFailed(ServeError):
+    status, code = 500, "inference_failed"

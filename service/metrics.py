@@ -1,0 +1,88 @@
+"""Prometheus metrics, one registry per app (no process-global state).
+
+Run one server process per container or pod and scale with replicas: every process then
+exports its own correct numbers and Prometheus sums them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _SessionCollector:
+    """Reports the live session count read by ``Metrics.refresh`` just before a scrape."""
+
+    def __init__(self) -> None:
+        self.store = None
+        self.last = 0
+
+    def collect(self):
+        family = GaugeMetricFamily("rnnserve_sessions_active", "Live sessions in the store")
+        family.add_metric([], self.last)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rnnserve_requests", "Requests answered", ["route", "model", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "rnnserve_request_latency_seconds",
+            "Request latency",
+            ["route", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ws_messages = Counter(
+            "rnnserve_ws_messages", "WebSocket messages answered", ["model", "format", "outcome"], registry=r
+        )
+        self.steps = Counter("rnnserve_session_steps", "Session steps applied", ["model"], registry=r)
+        self.batch_size = Histogram(
+            "rnnserve_batch_size", "Sequences per onnxruntime call", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "rnnserve_batch_queue_wait_seconds",
+            "Time a sequence waited in the batcher before its call started",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sessions_created = Counter(
+            "rnnserve_sessions_created", "Sessions created", ["model"], registry=r
+        )
+        self.session_expiries = Counter(
+            "rnnserve_session_expiries", "Sessions dropped after their idle TTL", registry=r
+        )
+        self.session_refusals = Counter(
+            "rnnserve_session_refusals", "Session creations refused at a limit", registry=r
+        )
+        self.model_load_failures = Counter(
+            "rnnserve_model_load_failures", "Model versions that failed to load", ["model"], registry=r
+        )
+        self.models_ready = Gauge("rnnserve_models_ready", "Model versions ready", registry=r)
+        self._sessions = _SessionCollector()
+        r.register(self._sessions)
+
+    def bind_sessions(self, store) -> None:
+        self._sessions.store = store
+
+    async def refresh(self) -> None:
+        """Update values that need an await (e.g. a Redis count) before a scrape."""
+        store = self._sessions.store
+        if store is not None:
+            try:
+                self._sessions.last = await asyncio.wait_for(store.count(), 1.0)
+            except Exception:  # noqa: BLE001 - a scrape must not fail on a store outage
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,147 @@
+"""Running an ONNX recurrent model with explicit state: one onnxruntime call at a time.
+
+States travel as one flat float32 vector per sequence (every state tensor of the card,
+batch axis removed, concatenated in card order): cheap to store, copy and serialise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.card import ModelCard
+from service.config import Settings
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_EXEC_MODES = {
+    "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+    "parallel": ort.ExecutionMode.ORT_PARALLEL,
+}
+
+
+class CardMismatch(ValueError):
+    """The ONNX graph does not have the tensors its card describes."""
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.ort_threads
+    options.inter_op_num_threads = settings.ort_inter_threads
+    options.graph_optimization_level = _OPT_LEVELS[settings.ort_graph_optimization]
+    options.execution_mode = _EXEC_MODES[settings.ort_execution_mode]
+    options.log_severity_level = 3
+    return options
+
+
+class Runner:
+    """An onnxruntime session bound to its card. ``run`` is thread-safe and releases the GIL."""
+
+    def __init__(self, model_path: Path, card: ModelCard, settings: Settings) -> None:
+        self.card = card
+        self.session = ort.InferenceSession(
+            str(model_path), session_options(settings), providers=["CPUExecutionProvider"]
+        )
+        self._sequence_input = card.inputs.sequence
+        self._lengths_input = card.inputs.lengths
+        self._state_inputs = [s.input for s in card.states]
+        self._output_names = [card.outputs.sequence, *(s.output for s in card.states)]
+        self._row_shapes = [s.row_shape for s in card.states]
+        self._axes = [s.batch_axis for s in card.states]
+        self._offsets = np.cumsum([0, *(s.row_size for s in card.states)]).tolist()
+        self.state_size = self._offsets[-1]
+        self._check_graph()
+        self._dry_run()
+
+    @property
+    def has_lengths(self) -> bool:
+        return self._lengths_input is not None
+
+    def zero_state(self) -> np.ndarray:
+        return np.zeros(self.state_size, np.float32)
+
+    def state_views(self, flat: np.ndarray) -> list[np.ndarray]:
+        """Each state tensor of one sequence (batch axis removed), as views into ``flat``."""
+        return [
+            flat[a:b].reshape(shape)
+            for a, b, shape in zip(self._offsets, self._offsets[1:], self._row_shapes)
+        ]
+
+    def stack_states(self, flats: list[np.ndarray]) -> list[np.ndarray]:
+        """Stack per-sequence flat states into the batched tensors the graph takes."""
+        batched = []
+        for k, (a, b, shape, axis) in enumerate(
+            zip(self._offsets, self._offsets[1:], self._row_shapes, self._axes)
+        ):
+            rows = np.empty((len(flats), b - a), np.float32)
+            for i, flat in enumerate(flats):
+                rows[i] = flat[a:b]
+            tensor = rows.reshape((len(flats), *shape))
+            batched.append(np.ascontiguousarray(np.moveaxis(tensor, 0, axis)))
+        return batched
+
+    def split_states(self, batched: list[np.ndarray]) -> np.ndarray:
+        """The inverse of ``stack_states``: a [batch, state_size] array, one flat state per row."""
+        batch = batched[0].shape[self._axes[0]]
+        out = np.empty((batch, self.state_size), np.float32)
+        for a, b, tensor, axis in zip(self._offsets, self._offsets[1:], batched, self._axes):
+            out[:, a:b] = np.moveaxis(tensor, axis, 0).reshape(batch, b - a)
+        return out
+
+    def run(
+        self, x: np.ndarray, states: list[np.ndarray], lengths: np.ndarray | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One onnxruntime call. ``lengths`` must be given (all >= 1) iff the model has it."""
+        feed = {self._sequence_input: x}
+        for name, tensor in zip(self._state_inputs, states):
+            feed[name] = tensor
+        if self._lengths_input is not None:
+            feed[self._lengths_input] = lengths
+        y, *new_states = self.session.run(self._output_names, feed)
+        return y, new_states
+
+    def _check_graph(self) -> None:
+        card = self.card
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+
+        def need(table: dict, name: str, rank: int, kind: str) -> None:
+            if name not in table:
+                raise CardMismatch(f"card names {kind} {name!r} but the graph has {sorted(table)}")
+            shape = table[name].shape
+            if shape is not None and len(shape) != rank:
+                raise CardMismatch(f"{kind} {name!r} has rank {len(shape)}, card implies {rank}")
+
+        need(inputs, card.inputs.sequence, 3, "input")
+        need(outputs, card.outputs.sequence, 3, "output")
+        for spec in card.states:
+            need(inputs, spec.input, len(spec.shape), "state input")
+            need(outputs, spec.output, len(spec.shape), "state output")
+        if card.inputs.lengths is not None:
+            need(inputs, card.inputs.lengths, 1, "input")
+        extra = set(inputs) - {card.inputs.sequence, card.inputs.lengths, *self._state_inputs}
+        if extra:
+            raise CardMismatch(f"graph inputs {sorted(extra)} are not described by the card")
+        x_shape = inputs[card.inputs.sequence].shape
+        if isinstance(x_shape[2], int) and x_shape[2] != card.input_size:
+            raise CardMismatch(f"graph input size {x_shape[2]} != card input_size {card.input_size}")
+
+    def _dry_run(self) -> None:
+        card = self.card
+        x = np.zeros((1, 1, card.input_size), np.float32)
+        lengths = np.ones(1, np.int32) if self.has_lengths else None
+        y, states = self.run(x, self.stack_states([self.zero_state()]), lengths)
+        if y.shape != (1, 1, card.output_size):
+            raise CardMismatch(f"dry run gave y {y.shape}, card implies (1, 1, {card.output_size})")
+        for spec, tensor in zip(card.states, states):
+            expected = tuple(1 if d is None else d for d in spec.shape)
+            if tensor.shape != expected:
+                raise CardMismatch(f"dry run gave {spec.output} {tensor.shape}, card says {expected}")
+            if tensor.dtype != np.float32:
+                raise CardMismatch(f"state {spec.output} is {tensor.dtype}, expected float32")

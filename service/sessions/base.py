@@ -1,0 +1,89 @@
+"""The session-store interface: serialisable session records, get / create / commit / delete.
+
+A record holds no live objects, so the same interface is backed by process memory or Redis.
+Every commit is a compare-and-set on ``revision``, so two writers (two requests, or two
+replicas) can never both apply a step on top of the same state.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    session_id: str
+    model: str
+    version: int
+    state: np.ndarray
+    """Flat float32 state: every state tensor of the card, batch axis removed, in card order."""
+    created_at: float
+    last_used: float
+    step_count: int = 0
+    revision: int = 0
+    """Bumped by every commit; the compare-and-set token."""
+    owner: str | None = None
+    """Digest of the API key that created the session (None without keys)."""
+    last_seq: int | None = None
+    """``step_count`` right after the last request that carried a ``seq``."""
+    last_outputs: bytes | None = None
+    last_outputs_shape: tuple[int, ...] = field(default_factory=tuple)
+
+    def expires_at(self, ttl_s: float) -> float:
+        return self.last_used + ttl_s
+
+    def clone(self) -> SessionRecord:
+        twin = copy.copy(self)
+        twin.state = self.state.copy()
+        return twin
+
+
+class SessionStore(abc.ABC):
+    """Stores sessions with an idle TTL. Implementations raise the errors of service.errors."""
+
+    def __init__(self, ttl_s: float, max_sessions: int, max_sessions_per_owner: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self.max_sessions_per_owner = max_sessions_per_owner
+
+    @abc.abstractmethod
+    async def create(self, record: SessionRecord) -> None:
+        """Insert a new session; TooManySessions when a limit would be exceeded."""
+
+    @abc.abstractmethod
+    async def get(self, session_id: str) -> SessionRecord:
+        """A private copy of the record; SessionNotFound or SessionExpired otherwise."""
+
+    @abc.abstractmethod
+    async def commit(self, record: SessionRecord) -> None:
+        """Write ``record`` if the stored revision is still ``record.revision``, bumping it.
+
+        SessionConflict when another writer got there first; SessionNotFound/SessionExpired
+        when the session is gone. Refreshes the TTL.
+        """
+
+    @abc.abstractmethod
+    async def touch(self, session_id: str, now: float) -> None:
+        """Mark the session used (refresh its TTL) without changing it."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str) -> bool:
+        """Remove the session; False when it did not exist."""
+
+    @abc.abstractmethod
+    async def count(self) -> int:
+        """Live sessions."""
+
+    async def sweep(self, now: float) -> int:
+        """Drop expired sessions; returns how many. Stores with native expiry need not."""
+        return 0
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+
+    async def close(self) -> None:
+        pass
