@@ -1,0 +1,243 @@
+"""Shared fixtures: tiny exported models, in-process apps, real server processes, and an
+independent onnxruntime reference that uses none of the service's code."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODELS = REPO_ROOT / "models"
+BIN = Path(sys.executable).parent
+
+
+def _build_repo(root: Path) -> Path:
+    import torch
+
+    from training.export import export_model
+    from training.model import RecurrentModel
+
+    torch.manual_seed(1234)
+    export_model(RecurrentModel("lstm", 3, 16, 2, num_layers=2), root, "tiny-lstm")
+    export_model(
+        RecurrentModel("gru", 7, 12, 7, output_activation="softmax"),
+        root,
+        "tiny-gru",
+        vocabulary=list("BTPSXVE"),
+        generation={"mode": "symbol", "start_symbol": "B", "end_symbol": "E"},
+    )
+    export_model(
+        RecurrentModel("rnn_tanh", 1, 8, 1, num_layers=2), root, "tiny-rnn", generation={"mode": "value"}
+    )
+    export_model(RecurrentModel("rnn_relu", 2, 8, 3, output_activation="sigmoid"), root, "tiny-relu")
+    _strip_lengths(root / "tiny-lstm" / "1", root / "nolengths-lstm" / "1", "nolengths-lstm")
+    return root
+
+
+def _strip_lengths(source: Path, target: Path, name: str) -> None:
+    """A copy of a model without the lengths input: what another exporter might give us."""
+    import json
+
+    target.mkdir(parents=True)
+    proto = onnx.load(source / "model.onnx")
+    kept = [i for i in proto.graph.input if i.name != "lengths"]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    for node in proto.graph.node:
+        for k, value in enumerate(node.input):
+            if value == "lengths":
+                node.input[k] = ""
+    onnx.save(proto, target / "model.onnx")
+    card = json.loads((source / "card.json").read_text())
+    card.update(name=name, version=1)
+    card["inputs"].pop("lengths")
+    card.pop("sha256", None)
+    (target / "card.json").write_text(json.dumps(card))
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_repo(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture
+def repo_copy(model_repo: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the tiny model repository."""
+    target = tmp_path / "repo"
+    shutil.copytree(model_repo, target)
+    return target
+
+
+class Reference:
+    """Runs an exported model straight through onnxruntime, one sequence at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        import json
+
+        self.card = json.loads((folder / "card.json").read_text())
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.names = {i.name for i in self.session.get_inputs()}
+
+    def zero_states(self) -> dict[str, np.ndarray]:
+        return {
+            s["input"]: np.zeros([1 if d is None else d for d in s["shape"]], np.float32)
+            for s in self.card["states"]
+        }
+
+    def run(self, x: np.ndarray, states: dict[str, np.ndarray] | None = None):
+        """y [T, out] and the final states for one sequence x [T, in]."""
+        feed = dict(states or self.zero_states())
+        feed["x"] = np.asarray(x, np.float32)[None]
+        if "lengths" in self.names:
+            feed["lengths"] = np.array([len(x)], np.int32)
+        outputs = self.session.run(None, feed)
+        out_names = [o.name for o in self.session.get_outputs()]
+        result = dict(zip(out_names, outputs))
+        finals = {s["input"]: result[s["output"]] for s in self.card["states"]}
+        return result["y"][0], finals
+
+
+@pytest.fixture(scope="session")
+def reference(model_repo: Path) -> Callable[[str], Reference]:
+    cache: dict[str, Reference] = {}
+
+    def get(name: str, version: int = 1) -> Reference:
+        key = f"{name}/{version}"
+        if key not in cache:
+            cache[key] = Reference(model_repo / name / str(version))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def make_client():
+    """``async with make_client(**settings) as client``: a real app behind httpx, lifespan run."""
+    from service.app import create_app
+    from service.config import Settings
+
+    @contextlib.asynccontextmanager
+    async def factory(**overrides) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(Settings(**overrides))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                client.app = app  # type: ignore[attr-defined]
+                yield client
+
+    return factory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}"
+        self.log = log
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_server(repo: Path, log_dir: Path, env: dict[str, str] | None = None, timeout: float = 30.0) -> ServerProcess:
+    """A real ``rnn-serve`` process on a free port, returned once /readyz answers 200."""
+    port = free_port()
+    log = log_dir / f"server-{port}.log"
+    full_env = {**os.environ, "RNNSERVE_LOG_LEVEL": "warning", **(env or {})}
+    proc = subprocess.Popen(
+        [str(BIN / "rnn-serve"), "--model-repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
+        env=full_env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    server = ServerProcess(proc, port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rnn-serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"rnn-serve not ready in {timeout} s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def factory(repo: Path, **env: str) -> ServerProcess:
+        server = start_server(repo, tmp_path, {k.upper(): str(v) for k, v in env.items()})
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory, model_repo: Path) -> ServerProcess:
+    """One real server on the tiny models, in-memory sessions."""
+    return server_factory(model_repo)
+
+
+REDIS_URL_BASE = "redis://127.0.0.1:6379"
+
+
+def redis_available() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def redis_db() -> Callable[[int], str]:
+    """``redis_db(n)`` -> a URL for db n, flushed before and after. Never skips on CI."""
+    import redis
+
+    used: list[int] = []
+
+    def get(db: int) -> str:
+        if not redis_available():
+            if os.environ.get("CI"):
+                pytest.fail("Redis is not reachable at 127.0.0.1:6379 on CI")
+            pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+        redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+        used.append(db)
+        return f"{REDIS_URL_BASE}/{db}"
+
+    yield get
+    for db in used:
+        redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
