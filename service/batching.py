@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import InferenceFailed, Overloaded
+from service.errors import InferenceFailed, ModelNotReady, Overloaded
 from service.runtime import Runner
 
 
@@ -124,15 +124,29 @@ class StepBatcher:
 
     async def submit(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run ``x`` from ``state``; returns (y [steps, output_size], new flat state)."""
-        (result,) = await self.submit_many([(x, state)])
-        return result
+        job = self._enqueue([(x, state)])[0]
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.future.cancel()
+            raise
 
     async def submit_many(
         self, items: list[tuple[np.ndarray, np.ndarray]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Run several independent sequences; they may share calls with other requests."""
+        jobs = self._enqueue(items)
+        try:
+            await asyncio.gather(*(job.future for job in jobs))
+        except asyncio.CancelledError:
+            for job in jobs:
+                job.future.cancel()
+            raise
+        return [job.future.result() for job in jobs]
+
+    def _enqueue(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[StepJob]:
         if self._closed:
-            raise InferenceFailed("this model version was unloaded")
+            raise ModelNotReady("this model version was unloaded; retry to use the current one")
         if len(self._queue) + len(items) > self.max_queue and self._queue:
             raise Overloaded(f"{len(self._queue)} sequences are already queued for this model")
         loop = asyncio.get_running_loop()
@@ -143,13 +157,7 @@ class StepBatcher:
         jobs = [StepJob(x, state, loop.create_future(), now) for x, state in items]
         self._queue.extend(jobs)
         self._wakeup.set()
-        try:
-            await asyncio.gather(*(job.future for job in jobs))
-        except asyncio.CancelledError:
-            for job in jobs:
-                job.future.cancel()
-            raise
-        return [job.future.result() for job in jobs]
+        return jobs
 
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
@@ -219,7 +227,7 @@ class StepBatcher:
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
-                job.future.set_exception(InferenceFailed("this model version was unloaded"))
+                job.future.set_exception(ModelNotReady("this model version was unloaded"))
         if self._task is not None:
             self._task.cancel()
             try:

@@ -27,6 +27,7 @@ from service.errors import (
     SequenceMismatch,
     SessionConflict,
     SessionNotFound,
+    TooManySessions,
 )
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion, ReloadReport
@@ -234,7 +235,11 @@ class Engine:
             last_used=now,
             owner=owner,
         )
-        await self.store.create(record)
+        try:
+            await self.store.create(record)
+        except TooManySessions:
+            self.metrics.session_refusals.inc()
+            raise
         self.metrics.sessions_created.labels(model=entry.name).inc()
         return record
 

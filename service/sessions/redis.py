@@ -26,6 +26,7 @@ import numpy as np
 from redis import exceptions as rx
 from redis.asyncio import ConnectionPool, Redis
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from service.errors import (
@@ -44,7 +45,13 @@ _REVISION = struct.Struct("<Q")
 _LAST_USED = struct.Struct("<d")  # at byte 16, overwritten in place by touch
 _HAS_OWNER, _HAS_SEQ, _HAS_OUTPUTS = 1, 2, 4
 
-_UNAVAILABLE = (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, OSError, asyncio.TimeoutError)
+_UNAVAILABLE = (
+    rx.ConnectionError,
+    rx.TimeoutError,
+    rx.ReadOnlyError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 # Codes returned by the scripts.
 _OK, _CONFLICT, _NOT_FOUND, _EXPIRED, _EXISTS, _FULL, _OWNER_FULL = 1, 0, -1, -2, -3, -4, -5
@@ -85,7 +92,7 @@ end
 
 # KEYS: session, marker, live, [owner zset]
 # ARGV: id, blob, ttl_ms, marker_ttl_ms, max_sessions, max_per_owner
-_CREATE = _LUA_COMMON + """
+_CREATE = """
 local now = now_ms()
 local pruned = redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-3, pruned} end
@@ -103,7 +110,7 @@ return {1, pruned}
 # KEYS: session, marker, live
 # ARGV: id, blob (already carrying revision + 1), ttl_ms, marker_ttl_ms, expected revision
 # (8 bytes), key prefix
-_COMMIT = _LUA_COMMON + """
+_COMMIT = """
 local head = redis.call('GETRANGE', KEYS[1], 0, 15)
 if head == '' then return {gone(KEYS[2])} end
 if string.sub(head, 1, 8) ~= ARGV[5] then return {0, string.sub(head, 9, 16)} end
@@ -115,7 +122,7 @@ return {1}
 
 # KEYS: session, marker, live
 # ARGV: id, last_used (8 bytes), ttl_ms, marker_ttl_ms, key prefix
-_TOUCH = _LUA_COMMON + """
+_TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {gone(KEYS[2])} end
 redis.call('SETRANGE', KEYS[1], 16, ARGV[2])
 local okey = stored_owner_key(KEYS[1], ARGV[5])
@@ -124,7 +131,7 @@ return {1}
 """
 
 # KEYS: session, marker, live; ARGV: id, key prefix
-_DELETE = _LUA_COMMON + """
+_DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local okey = stored_owner_key(KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[1], KEYS[2])
@@ -134,11 +141,13 @@ return 1
 """
 
 # KEYS: live
-_COUNT = _LUA_COMMON + "return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')"
-_SWEEP = _LUA_COMMON + "return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())"
+_COUNT = "return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')"
+_SWEEP = "return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())"
 
 
-def encode(record: SessionRecord, *, revision: int | None = None, last_used: float | None = None) -> bytes:
+def encode(
+    record: SessionRecord, *, revision: int | None = None, last_used: float | None = None
+) -> bytes:
     """The stored form of ``record`` (optionally with another revision / last_used)."""
     owner = b"" if record.owner is None else record.owner.encode()
     model = record.model.encode()
@@ -226,19 +235,22 @@ class RedisSessionStore(SessionStore):
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._marker_ttl_ms = max(self._ttl_ms * 10, 86_400_000)
         self.expired_total = 0
-        # No client-side retries: a re-sent commit could apply twice. The pool checks and
-        # reconnects pooled connections before use, so a restarted Redis heals by itself.
+        # No client-side retries: a re-sent commit could apply twice. Instead the pool checks
+        # idle connections before use and reconnects dead ones, so a restarted Redis heals by
+        # itself; maintenance notifications are off because with them on (redis-py 8 default
+        # on RESP3) the pool skips that check and hands out connections closed by the server.
         self._pool = ConnectionPool.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         self._redis = Redis(connection_pool=self._pool)
         self._scripts = {
-            name: self._redis.register_script(source)
-            for name, source in (
+            name: self._redis.register_script(_LUA_COMMON + body)
+            for name, body in (
                 ("create", _CREATE),
                 ("commit", _COMMIT),
                 ("touch", _TOUCH),
@@ -329,7 +341,9 @@ class RedisSessionStore(SessionStore):
             raise self._gone(session_id, code)
 
     async def delete(self, session_id: str) -> bool:
-        deleted = await self._run("delete", self._session_keys(session_id), [session_id, self._prefix])
+        deleted = await self._run(
+            "delete", self._session_keys(session_id), [session_id, self._prefix]
+        )
         return bool(deleted)
 
     async def count(self) -> int:
