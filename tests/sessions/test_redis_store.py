@@ -1,0 +1,298 @@
+"""RedisSessionStore specifics: key expiry, stored size, replicas racing, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.config import Settings
+from service.errors import SessionConflict, StoreUnavailable
+from service.sessions import make_store
+from service.sessions.base import SessionRecord
+from service.sessions.redis import RedisSessionStore, decode, encode
+
+REDIS_DB, REPLICA_DB = 12, 13
+LSTM_FLOATS = 2 * 2 * 128  # (h, c) x 2 layers x 128 units
+
+
+def record(
+    session_id: str | None = None, floats: int = LSTM_FLOATS, **changes: object
+) -> SessionRecord:
+    now = time.time()
+    rec = SessionRecord(
+        session_id=session_id or uuid.uuid4().hex,
+        model="lstm-demo",
+        version=1,
+        state=np.random.default_rng(0).standard_normal(floats).astype(np.float32),
+        created_at=now,
+        last_used=now,
+    )
+    for name, value in changes.items():
+        setattr(rec, name, value)
+    return rec
+
+
+@pytest.fixture
+def raw(db_url: Callable[[int], str]) -> redis.Redis:
+    client = redis.Redis.from_url(db_url(REDIS_DB))
+    yield client
+    client.close()
+
+
+@given(
+    state=st.lists(st.floats(width=32, allow_nan=False), max_size=64),
+    owner=st.none() | st.text(max_size=70),
+    model=st.text(min_size=1, max_size=40),
+    last_seq=st.none() | st.integers(0, 2**40),
+    outputs=st.none() | st.binary(max_size=64),
+    shape=st.lists(st.integers(0, 2**31), max_size=4).map(tuple),
+    version=st.integers(-(2**40), 2**40),
+    step_count=st.integers(0, 2**50),
+)
+@settings(max_examples=200, deadline=None)
+def test_encoding_roundtrip(
+    state, owner, model, last_seq, outputs, shape, version, step_count
+) -> None:
+    rec = SessionRecord(
+        session_id="s",
+        model=model,
+        version=version,
+        state=np.array(state, dtype=np.float32),
+        created_at=1.25,
+        last_used=2.5,
+        step_count=step_count,
+        revision=step_count // 3,
+        owner=owner,
+        last_seq=last_seq,
+        last_outputs=outputs,
+        last_outputs_shape=shape,
+    )
+    back = decode("s", encode(rec))
+    assert back.state.tobytes() == rec.state.tobytes()
+    assert back.state.flags.writeable
+    back.state = rec.state
+    assert back == rec
+
+
+async def test_key_expiry_is_set_and_refreshed(
+    redis_store, raw: redis.Redis, key_prefix: str
+) -> None:
+    store = redis_store(ttl_s=60)
+    rec = record("s", owner="alice")
+    await store.create(rec)
+    key, marker = f"{key_prefix}s:s", f"{key_prefix}t:s"
+    assert 59_000 < raw.pttl(key) <= 60_000
+    assert raw.pttl(marker) >= 86_000_000
+    assert 59_000 < raw.pttl(f"{key_prefix}o:alice") <= 60_000
+
+    raw.pexpire(key, 5_000)
+    await store.commit(rec)
+    assert 59_000 < raw.pttl(key) <= 60_000
+
+    raw.pexpire(key, 5_000)
+    await store.touch("s", time.time() + 3)
+    assert 59_000 < raw.pttl(key) <= 60_000
+    got = await store.get("s")
+    assert got.last_used == pytest.approx(time.time() + 3, abs=1)
+    assert got.revision == 1
+
+
+async def test_stored_size_per_session(redis_store, raw: redis.Redis, key_prefix: str) -> None:
+    """A 2-layer 128-unit LSTM state is 512 float32 = 2 KiB; the session should cost about that."""
+    store = redis_store()
+    sessions = 200
+    for _ in range(sessions):
+        await store.create(
+            record(
+                owner="ab" * 32,  # a sha256 hex digest, like the API-key owner
+                last_seq=3,
+                last_outputs=np.zeros((1, 1, 8), np.float32).tobytes(),
+                last_outputs_shape=(1, 1, 8),
+            )
+        )
+    sample = raw.zrange(f"{key_prefix}live", 0, 0)[0].decode()
+    session = raw.memory_usage(f"{key_prefix}s:{sample}", samples=0)
+    marker = raw.memory_usage(f"{key_prefix}t:{sample}", samples=0)
+    sets = sum(raw.memory_usage(f"{key_prefix}{k}", samples=0) for k in ("live", "o:" + "ab" * 32))
+    total = session + marker + sets / sessions
+    print(
+        f"\nbytes per session: session key {session}, marker {marker}, "
+        f"count sets {sets / sessions:.0f}, total {total:.0f} (state {LSTM_FLOATS * 4})"
+    )
+    assert LSTM_FLOATS * 4 < session < 3 * 1024
+    assert total < 3.5 * 1024
+
+
+async def test_replicas_racing_on_one_revision(redis_store) -> None:
+    """Two stores (two replicas) commit on the same revision: exactly one wins each round."""
+    one, two = redis_store(REPLICA_DB), redis_store(REPLICA_DB)
+    await one.create(record("s"))
+    for round_ in range(50):
+        a, b = await asyncio.gather(one.get("s"), two.get("s"))
+        assert a.revision == b.revision == round_
+        a.step_count, b.step_count = 2 * round_ + 1, 2 * round_ + 2
+        results = await asyncio.gather(one.commit(a), two.commit(b), return_exceptions=True)
+        wins = [r for r in results if r is None]
+        losses = [r for r in results if isinstance(r, SessionConflict)]
+        assert len(wins) == 1 and len(losses) == 1, results
+        winner = a if results[0] is None else b
+        assert losses[0].details["step_count"] == winner.step_count
+        assert (await two.get("s")).step_count == winner.step_count
+    assert (await one.get("s")).revision == 50
+
+
+async def test_limits_hold_across_replicas(redis_store) -> None:
+    stores = [redis_store(REPLICA_DB, max_sessions=10, max_sessions_per_owner=4) for _ in range(3)]
+    creates = [stores[n % 3].create(record(owner=f"key{n % 2}")) for n in range(30)]
+    results = await asyncio.gather(*creates, return_exceptions=True)
+    assert sum(r is None for r in results) == 8  # two owners x 4
+    assert await stores[0].count() == 8
+
+
+async def test_outage_raises_store_unavailable_quickly() -> None:
+    store = RedisSessionStore(
+        "redis://127.0.0.1:1/0", ttl_s=60, max_sessions=10, max_sessions_per_owner=10
+    )
+    try:
+        for call in (
+            store.ping,
+            lambda: store.get("s"),
+            lambda: store.create(record("s")),
+            lambda: store.commit(record("s")),
+            lambda: store.touch("s", time.time()),
+            lambda: store.delete("s"),
+            store.count,
+            lambda: store.sweep(time.time()),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="session store unavailable"):
+                await call()
+            assert time.monotonic() - started < 3
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts and never answers: a hung Redis."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def test_hung_redis_times_out(silent_server: int) -> None:
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{silent_server}/0",
+        ttl_s=60,
+        max_sessions=10,
+        max_sessions_per_owner=10,
+        timeout_s=0.3,
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get("s")
+        assert time.monotonic() - started < 2
+    finally:
+        await store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_redis(port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    client.close()
+    return server
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+async def test_recovers_when_redis_comes_back() -> None:
+    port = _free_port()
+    server = _start_redis(port)
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{port}/0", ttl_s=60, max_sessions=10, max_sessions_per_owner=10
+    )
+    try:
+        await store.create(record("s"))
+        await asyncio.gather(*(store.get("s") for _ in range(4)))  # several pooled connections
+        server.terminate()
+        server.wait()
+        with pytest.raises(StoreUnavailable):
+            await store.get("s")
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        server = _start_redis(port)  # empty again: no persistence
+        await store.ping()
+        await store.create(record("t"))
+        assert (await asyncio.gather(*(store.get("t") for _ in range(4))))[0].session_id == "t"
+    finally:
+        await store.close()
+        server.terminate()
+        server.wait()
+
+
+def test_constructed_outside_a_loop(db_url: Callable[[int], str], key_prefix: str) -> None:
+    store = RedisSessionStore(
+        db_url(REDIS_DB), ttl_s=60, max_sessions=10, max_sessions_per_owner=10, prefix=key_prefix
+    )
+
+    async def use() -> int:
+        await store.create(record("s"))
+        await store.get("s")
+        try:
+            return await store.count()
+        finally:
+            await store.close()
+
+    assert asyncio.run(use()) == 1
+
+
+async def test_make_store_builds_redis(db_url: Callable[[int], str]) -> None:
+    store = make_store(Settings(session_store=db_url(REDIS_DB), session_ttl_s=5, max_sessions=7))
+    try:
+        assert isinstance(store, RedisSessionStore)
+        assert (store.ttl_s, store.max_sessions) == (5, 7)
+        await store.ping()
+    finally:
+        await store.close()
