@@ -243,6 +243,35 @@ class Engine:
         self.metrics.sessions_created.labels(model=entry.name).inc()
         return record
 
+    async def start_session(
+        self, entry: ModelVersion, owner: str | None, session_id: str
+    ) -> SessionRecord:
+        """A fresh zero-state session under a chosen id, replacing a live one of that id.
+
+        The per-session lock lets a step still in flight on the old session finish first.
+        """
+        assert entry.runner is not None
+        async with self._session_lock(session_id):
+            for _ in range(_COMMIT_ATTEMPTS):
+                await self.store.delete(session_id)
+                now = time.time()
+                record = SessionRecord(
+                    session_id=session_id,
+                    model=entry.name,
+                    version=entry.version,
+                    state=entry.runner.zero_state(),
+                    created_at=now,
+                    last_used=now,
+                    owner=owner,
+                )
+                try:
+                    await self.store.create(record)
+                except SessionConflict:
+                    continue  # another replica created it between our delete and create
+                self.metrics.sessions_created.labels(model=entry.name).inc()
+                return record
+        raise SessionConflict("the session kept being re-created by other requests; retry it")
+
     async def session(self, session_id: str, owner: str | None) -> SessionRecord:
         record = await self._owned(session_id, owner)
         now = time.time()
@@ -361,6 +390,7 @@ class Engine:
             else:
                 raise InvalidInput("this model needs a prime sequence to start generating from")
             batcher = self.batcher(entry)
+            stop = _EndSymbol(card, x)
             state, fed = record.state, x.shape[0]
             y, state = await batcher.submit(x, state)
             last = y[-1]
@@ -378,7 +408,7 @@ class Engine:
                 fed += 1
                 outputs.append(y[-1])
                 last = y[-1]
-                if card.generation.mode == "symbol" and generated[-1] == card.generation.end_symbol:
+                if card.generation.mode == "symbol" and stop.reached(generated[-1]):
                     break
             record.state = state
             record.step_count += fed
@@ -386,6 +416,30 @@ class Engine:
             await self.store.commit(record)
             self.metrics.steps.labels(model=entry.name).inc(fed)
             return GenerateResult(generated, np.asarray(outputs, np.float32), record)
+
+
+class _EndSymbol:
+    """When symbol generation stops: at the first end symbol, or, with the card's
+    ``"generation_stop": "balanced"``, at the end symbol that closes every start symbol so
+    far (nested grammars such as embedded Reber, ``B T B...E T E``), counting the prime's."""
+
+    def __init__(self, card, prime: np.ndarray) -> None:
+        generation = card.generation
+        self.end = generation.end_symbol
+        self.start = generation.start_symbol
+        self.balanced = (card.model_extra or {}).get("generation_stop") == "balanced"
+        self.open = 0
+        if self.balanced and self.start is not None and card.vocabulary is not None:
+            start_row = _one_hot(card.vocabulary.index(self.start), card.input_size)[0]
+            self.open = int(np.all(prime == start_row, axis=1).sum())
+
+    def reached(self, symbol: str) -> bool:
+        if symbol == self.start:
+            self.open += 1
+        if symbol != self.end:
+            return False
+        self.open -= 1
+        return not self.balanced or self.open <= 0
 
 
 def _one_hot(index: int, size: int) -> np.ndarray:

@@ -32,6 +32,8 @@ class MemorySessionStore(SessionStore):
 
     async def create(self, record: SessionRecord) -> None:
         await self.sweep(self._clock())
+        if record.session_id in self._records:
+            raise SessionConflict(f"session {record.session_id} already exists")
         if len(self._records) >= self.max_sessions:
             raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions")
         if record.owner is not None and self._per_owner[record.owner] >= self.max_sessions_per_owner:
