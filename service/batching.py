@@ -222,15 +222,16 @@ class StepBatcher:
     async def close(self) -> None:
         """Finish what is in flight, fail what is queued, stop the loop."""
         self._closed = True
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        while self._queue:
-            job = self._queue.popleft()
-            if not job.future.done():
-                job.future.set_exception(ModelNotReady("this model version was unloaded"))
+        # Stop the loop first, so a slot freed by a finishing call cannot start queued work.
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(ModelNotReady("this model version was unloaded"))

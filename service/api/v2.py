@@ -65,7 +65,6 @@ SERVER_NAME = "rnnserve"
 EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration"]
 PLATFORM = "onnxruntime_onnx"
 _UINT64_MAX = 2**64 - 1
-_START_ATTEMPTS = 3
 
 
 # -- errors in the protocol's shape ------------------------------------------------------
