@@ -263,6 +263,7 @@ def export_model(
     try:
         (staging / MODEL_FILE).write_bytes(payload)
         card.write(staging / CARD_FILE)
+        staging.chmod(0o755)  # mkdtemp makes it 0700: a server under another user must read it
         staging.rename(target)  # a version directory appears complete or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
