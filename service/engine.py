@@ -323,7 +323,13 @@ class Engine:
     def _check_seq(record: SessionRecord, seq: int | None, steps: int) -> np.ndarray | None:
         if seq is None:
             return None
-        if seq == record.step_count and record.last_seq == seq and record.last_outputs:
+        if (
+            seq == record.step_count
+            and record.last_seq == seq
+            and record.last_outputs
+            and record.last_outputs_shape[:1] == (steps,)
+        ):
+            # A retry of the request just applied: its answer was lost, not its steps.
             return np.frombuffer(record.last_outputs, np.float32).reshape(record.last_outputs_shape)
         if seq != record.step_count + steps:
             raise SequenceMismatch(
@@ -373,6 +379,8 @@ class Engine:
             raise InvalidInput(f"steps must be between 1 and {self.settings.max_generate_steps}")
         if temperature < 0 or not np.isfinite(temperature):
             raise InvalidInput("temperature must be a finite number >= 0")
+        if seed is not None and seed < 0:
+            raise InvalidInput("seed must be an integer >= 0")
         rng = np.random.default_rng(seed)
         async with self._session_lock(session_id):
             record = await self._owned(session_id, owner)
