@@ -59,7 +59,8 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
                 )
             if not all(_is_number(v) for v in step):
                 raise InvalidInput(f"{where}step {t} holds something that is not a number")
-        x = np.asarray(steps, np.float32)
+        with np.errstate(over="ignore"):  # too large for float32: inf, refused below
+            x = np.asarray(steps, np.float32)
     if x.ndim != 2 or x.shape[1] != card.input_size:
         raise InvalidInput(f"{where}expected [steps, {card.input_size}] values, got shape {list(x.shape)}")
     if x.shape[0] == 0:
@@ -80,6 +81,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _all_numbers(value: Any) -> bool:
+    """True for a number or nested lists of numbers (no strings, booleans or nulls)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif not _is_number(item):
+            return False
+    return True
+
+
 def state_from_payload(card: ModelCard, payload: Any, state_size: int) -> np.ndarray:
     """A flat state from ``{"h0": [[...]], "c0": ...}`` keyed by the card's state inputs."""
     if not isinstance(payload, dict):
@@ -89,9 +102,12 @@ def state_from_payload(card: ModelCard, payload: Any, state_size: int) -> np.nda
         raise InvalidInput(f"state names {sorted(payload)} != the model's {sorted(expected)}")
     parts = []
     for spec in card.states:
+        if not _all_numbers(payload[spec.input]):
+            raise InvalidInput(f"state {spec.input!r} must hold only numbers (nested lists)")
         try:
-            tensor = np.asarray(payload[spec.input], np.float32)
-        except (TypeError, ValueError) as exc:
+            with np.errstate(over="ignore"):  # too large for float32: inf, refused below
+                tensor = np.asarray(payload[spec.input], np.float32)
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidInput(f"state {spec.input!r} is not a numeric array") from exc
         if tensor.shape != spec.row_shape:
             raise InvalidInput(

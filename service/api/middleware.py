@@ -39,18 +39,28 @@ class RequestContext:
             return
 
         received = 0
+        too_large: PayloadTooLarge | None = None
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes", limit=limit)
+                    too_large = PayloadTooLarge(
+                        f"the body exceeds the limit of {limit} bytes", limit=limit
+                    )
+                    raise too_large
             return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
+            if too_large is not None:
+                # Whatever the app made of the aborted body read, the answer is 413.
+                if message["type"] == "http.response.start":
+                    status = too_large.status
+                    await _reject(send, request_id, too_large)
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 Step = list[StrictFloat] | StrictStr | StrictFloat
 """A time step: ``input_size`` numbers, a symbol of the model's vocabulary, or (for one-feature
@@ -29,8 +29,8 @@ class PredictRequest(BaseModel):
         },
     )
     inputs: list[list[Step]] = Field(description="Sequences (they may differ in length)")
-    return_sequences: bool = Field(True, description="Every step's output, or only the last")
-    return_states: bool = Field(False, description="Also return each sequence's final state")
+    return_sequences: StrictBool = Field(True, description="Every step's output, or only the last")
+    return_states: StrictBool = Field(False, description="Also return each sequence's final state")
     initial_states: list[dict[str, Any]] | None = Field(
         None, description="One state per sequence, keyed by the card's state input names"
     )
@@ -66,7 +66,7 @@ class StepRequest(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"inputs": [[0.1], [0.2]], "seq": 2}]}
     )
     inputs: list[Step] = Field(description="One or more time steps")
-    seq: int | None = Field(
+    seq: StrictInt | None = Field(
         None,
         ge=1,
         description="The session's step_count once this request is applied; makes retries safe",
@@ -90,9 +90,9 @@ class StateExport(BaseModel):
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"steps": 20, "temperature": 1.0, "seed": 7}]})
-    steps: int = Field(ge=1, description="Steps to generate (symbol models stop early at the end symbol)")
+    steps: StrictInt = Field(ge=1, description="Steps to generate (symbol models stop early at the end symbol)")
     temperature: float = Field(1.0, ge=0, description="0 is greedy (argmax)")
-    seed: int | None = None
+    seed: StrictInt | None = Field(None, ge=0)
     prime: list[Step] | None = Field(None, description="Inputs fed before generating")
 
 

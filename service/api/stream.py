@@ -1,8 +1,9 @@
 """WebSocket streaming: one session per connection, answers in order, JSON or binary frames.
 
 A bad message gets an error frame and leaves the stream open and the state untouched.
-Close codes: 4401 unauthorized, 4404 session or model not found/expired, 1003 a malformed
-binary frame, 1008 a rate limit or message size breach, 1011 an internal error.
+Rate and size limits answer with error frames and keep the stream open. Close codes:
+4401 unauthorized, 4404 session or model not found/expired, 1003 a malformed binary frame,
+1009 a message over the transport's hard size cap, 1011 an internal error.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
         kind = "binary" if binary is not None else "json"
         model = entry.name if entry is not None else ""
         try:
-            size = len(binary) if binary is not None else len(text or "")
+            size = len(binary) if binary is not None else len((text or "").encode())
             if size > settings.ws_max_message_bytes:
                 raise PayloadTooLarge(
                     f"message of {size} bytes exceeds the limit of {settings.ws_max_message_bytes}"

@@ -1,0 +1,413 @@
+"""Dynamic batching: StepBatch (collate/split) and StepBatcher (asyncio gathering), used
+directly on a Runner and through the app. Every expectation is the reference run of each
+sequence alone."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.batching import StepBatch, StepBatcher, StepJob
+from service.card import ModelCard
+from service.config import Settings
+from service.errors import ModelNotReady, Overloaded
+from service.runtime import Runner
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runners(model_repo: Path) -> dict[str, Runner]:
+    out = {}
+    for name in ["tiny-lstm", "nolengths-lstm", "tiny-gru"]:
+        folder = model_repo / name / "1"
+        out[name] = Runner(folder / "model.onnx", ModelCard.read(folder / "card.json"), Settings())
+    return out
+
+
+@pytest.fixture(scope="module")
+def executor():
+    pool = ThreadPoolExecutor(max_workers=2)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def _flat(ref, finals: dict) -> np.ndarray:
+    """The reference's final states flattened the way the service stores them."""
+    return np.concatenate(
+        [
+            np.take(finals[s["input"]], 0, axis=s["shape"].index(None)).ravel()
+            for s in ref.card["states"]
+        ]
+    )
+
+
+def _unflat(ref, flat: np.ndarray) -> dict:
+    out, offset = {}, 0
+    for s in ref.card["states"]:
+        row = [d for d in s["shape"] if d is not None]
+        size = int(np.prod(row))
+        out[s["input"]] = np.expand_dims(
+            flat[offset : offset + size].reshape(row), s["shape"].index(None)
+        )
+        offset += size
+    return out
+
+
+# -- StepBatch ------------------------------------------------------------------------------
+
+
+def test_stack_and_split_states_round_trip(runners):
+    runner = runners["tiny-lstm"]
+    rng = np.random.default_rng(0)
+    flats = [rng.normal(size=runner.state_size).astype(np.float32) for _ in range(5)]
+    batched = runner.stack_states(flats)
+    assert [t.shape for t in batched] == [(2, 5, 16), (2, 5, 16)]
+    # row i of the batch is sequence i, layer-major as the card says
+    np.testing.assert_array_equal(batched[0][:, 3, :].ravel(), flats[3][:32])
+    np.testing.assert_array_equal(batched[1][:, 3, :].ravel(), flats[3][32:])
+    np.testing.assert_array_equal(runner.split_states(batched), np.stack(flats))
+
+
+def test_groups_one_call_with_lengths_one_per_length_without(runners):
+    lengths = [3, 1, 3, 5, 1]
+    jobs = [StepJob(np.zeros((n, 3), np.float32), np.zeros(64, np.float32)) for n in lengths]
+    assert [len(g) for g in StepBatch(runners["tiny-lstm"], jobs).groups()] == [5]
+    groups = StepBatch(runners["nolengths-lstm"], jobs).groups()
+    assert sorted(sorted(j.x.shape[0] for j in g) for g in groups) == [[1, 1], [3, 3], [5]]
+    assert all(len({j.x.shape[0] for j in g}) == 1 for g in groups)
+
+
+@pytest.mark.parametrize("name", ["tiny-lstm", "nolengths-lstm", "tiny-gru"])
+def test_batch_run_collates_and_splits_per_sequence(runners, reference, name):
+    runner, ref = runners[name], reference(name)
+    rng = np.random.default_rng(1)
+    size = runner.card.input_size
+    jobs = []
+    for n in [4, 1, 7, 4, 2]:
+        x = rng.normal(size=(n, size)).astype(np.float32)
+        state = rng.normal(size=runner.state_size).astype(np.float32) * 0.5
+        jobs.append(StepJob(x, state))
+    StepBatch(runner, jobs).run()
+    for job in jobs:
+        assert job.error is None
+        y, state = job.result
+        y_ref, finals = ref.run(job.x, _unflat(ref, job.state))
+        assert y.shape == (job.x.shape[0], runner.card.output_size)
+        np.testing.assert_allclose(y, y_ref, atol=TOL)
+        np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
+
+
+@pytest.mark.parametrize("name", ["tiny-lstm", "nolengths-lstm"])
+def test_a_failing_job_fails_alone(runners, reference, name):
+    runner, ref = runners[name], reference(name)
+    rng = np.random.default_rng(2)
+    jobs = [
+        StepJob(rng.normal(size=(3, 3)).astype(np.float32), np.zeros(runner.state_size, np.float32))
+        for _ in range(4)
+    ]
+    jobs[1].state = np.zeros(runner.state_size - 5, np.float32)  # a corrupt state
+    jobs[2].x = jobs[2].x[:, :2]  # a wrong feature count that slipped through
+    StepBatch(runner, jobs).run()
+    assert jobs[1].error is not None and jobs[1].result is None
+    assert jobs[2].error is not None and jobs[2].result is None
+    for job in (jobs[0], jobs[3]):
+        assert job.error is None
+        y_ref, finals = ref.run(job.x)
+        np.testing.assert_allclose(job.result[0], y_ref, atol=TOL)
+        np.testing.assert_allclose(job.result[1], _flat(ref, finals), atol=TOL)
+
+
+# -- StepBatcher -----------------------------------------------------------------------------
+
+
+async def _drive(batcher: StepBatcher, plans, yields) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each plan is (x, chunk bounds); sessions run concurrently, chunks in order."""
+
+    async def session(k: int, x: np.ndarray, bounds: list[int]):
+        state = batcher.runner.zero_state()
+        outs = []
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            for _ in range(yields[(k + i) % len(yields)]):
+                await asyncio.sleep(0)
+            y, state = await batcher.submit(x[a:b], state)
+            assert y.shape == (b - a, batcher.runner.card.output_size)
+            outs.append(y)
+        return np.concatenate(outs), state
+
+    return await asyncio.gather(*(session(k, x, b) for k, (x, b) in enumerate(plans)))
+
+
+session_plan = st.tuples(
+    st.integers(1, 30),  # length
+    st.lists(st.integers(1, 12), min_size=0, max_size=6),  # chunk sizes (the rest is one chunk)
+)
+
+
+@pytest.mark.parametrize("name", ["tiny-lstm", "nolengths-lstm"])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    plans=st.lists(session_plan, min_size=1, max_size=12),
+    max_size=st.integers(1, 64),
+    max_delay=st.sampled_from([0.0, 0.0, 0.002]),
+    yields=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_property_concurrent_sessions_equal_each_alone(
+    runners, executor, reference, name, plans, max_size, max_delay, yields, seed
+):
+    runner, ref = runners[name], reference(name)
+    rng = np.random.default_rng(seed)
+    concrete = []
+    for length, chunks in plans:
+        x = rng.normal(size=(length, 3)).astype(np.float32)
+        bounds = [0]
+        for c in chunks:
+            if bounds[-1] + c >= length:
+                break
+            bounds.append(bounds[-1] + c)
+        bounds.append(length)
+        concrete.append((x, bounds))
+    sizes: list[int] = []
+
+    async def main():
+        batcher = StepBatcher(
+            runner,
+            executor,
+            max_size=max_size,
+            max_delay_s=max_delay,
+            observe=lambda stats: sizes.append(stats.size),
+        )
+        try:
+            return await _drive(batcher, concrete, yields)
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(main())
+    assert max(sizes) <= max_size
+    for (x, _), (y, state) in zip(concrete, results):
+        y_ref, finals = ref.run(x)
+        np.testing.assert_allclose(y, y_ref, atol=TOL)
+        np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
+
+
+async def test_batcher_really_batches_and_stays_exact(runners, executor, reference):
+    runner, ref = runners["tiny-lstm"], reference("tiny-lstm")
+    rng = np.random.default_rng(3)
+    plans = [(rng.normal(size=(12, 3)).astype(np.float32), [0, 1, 5, 12]) for _ in range(20)]
+    sizes: list[int] = []
+    batcher = StepBatcher(runner, executor, max_size=64, observe=lambda s: sizes.append(s.size))
+    try:
+        results = await _drive(batcher, plans, [0])
+    finally:
+        await batcher.close()
+    assert max(sizes) > 1  # calls were shared
+    assert sum(sizes) == 60
+    for (x, _), (y, state) in zip(plans, results):
+        y_ref, finals = ref.run(x)
+        np.testing.assert_allclose(y, y_ref, atol=TOL)
+        np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
+
+
+class _GatedRunner:
+    """A Runner whose calls wait for a gate: lets a test hold the batcher busy."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+        self.gate = threading.Event()
+        self.card = runner.card
+        self.has_lengths = runner.has_lengths
+        self.state_size = runner.state_size
+
+    def zero_state(self):
+        return self._runner.zero_state()
+
+    def stack_states(self, flats):
+        return self._runner.stack_states(flats)
+
+    def split_states(self, batched):
+        return self._runner.split_states(batched)
+
+    def run(self, x, states, lengths):
+        assert self.gate.wait(10)
+        return self._runner.run(x, states, lengths)
+
+
+async def test_overloaded_when_the_queue_is_full(runners, reference):
+    ref = reference("tiny-lstm")
+    gated = _GatedRunner(runners["tiny-lstm"])
+    pool = ThreadPoolExecutor(max_workers=1)
+    batcher = StepBatcher(gated, pool, max_size=8, max_queue=3)  # type: ignore[arg-type]
+    rng = np.random.default_rng(4)
+    xs = [rng.normal(size=(2, 3)).astype(np.float32) for _ in range(5)]
+    zero = gated.zero_state()
+    try:
+        running = asyncio.ensure_future(batcher.submit(xs[0], zero))
+        while gated.gate.is_set() or batcher.queued:  # wait for the first call to start
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(batcher.submit(x, zero)) for x in xs[1:4]]
+        await asyncio.sleep(0.01)
+        assert batcher.queued == 3
+        with pytest.raises(Overloaded) as info:
+            await batcher.submit(xs[4], zero)
+        assert info.value.status == 429 and info.value.code == "overloaded"
+        with pytest.raises(Overloaded):
+            await batcher.submit_many([(xs[4], zero), (xs[4], zero)])
+        gated.gate.set()
+        results = await asyncio.gather(running, *queued)
+        # the refused request changed nothing, the accepted ones are exact
+        for x, (y, state) in zip(xs[:4], results):
+            y_ref, finals = ref.run(x)
+            np.testing.assert_allclose(y, y_ref, atol=TOL)
+            np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
+        # and once drained, the batcher takes work again
+        y, _ = await batcher.submit(xs[4], zero)
+        np.testing.assert_allclose(y, ref.run(xs[4])[0], atol=TOL)
+    finally:
+        gated.gate.set()
+        await batcher.close()
+        pool.shutdown(wait=True)
+
+
+async def test_cancelled_waiter_is_skipped_and_close_fails_queued_work(runners, reference):
+    ref = reference("tiny-lstm")
+    gated = _GatedRunner(runners["tiny-lstm"])
+    pool = ThreadPoolExecutor(max_workers=1)
+    batcher = StepBatcher(gated, pool, max_size=8)  # type: ignore[arg-type]
+    x = np.random.default_rng(5).normal(size=(3, 3)).astype(np.float32)
+    zero = gated.zero_state()
+    try:
+        first = asyncio.ensure_future(batcher.submit(x, zero))
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(batcher.submit(x, zero))
+        kept = asyncio.ensure_future(batcher.submit(x, zero))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        gated.gate.set()
+        (y1, _), (y2, _) = await asyncio.gather(first, kept)
+        y_ref, _ = ref.run(x)
+        np.testing.assert_allclose(y1, y_ref, atol=TOL)
+        np.testing.assert_allclose(y2, y_ref, atol=TOL)
+        assert gone.cancelled()
+        # close: in-flight work finishes, queued work fails, later work is refused
+        gated.gate.clear()
+        inflight = asyncio.ensure_future(batcher.submit(x, zero))
+        await asyncio.sleep(0.02)
+        queued = asyncio.ensure_future(batcher.submit(x, zero))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        gated.gate.set()
+        await closing
+        y3, _ = await inflight
+        np.testing.assert_allclose(y3, y_ref, atol=TOL)
+        with pytest.raises(ModelNotReady):
+            await queued
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(x, zero)
+    finally:
+        gated.gate.set()
+        await batcher.close()
+        pool.shutdown(wait=True)
+
+
+# -- through the app ---------------------------------------------------------------------------
+
+
+async def _concurrent_sessions(client, name: str, xs: list[np.ndarray], bounds: list[int]):
+    sids = []
+    for _ in xs:
+        r = await client.post(f"/v1/models/{name}/sessions")
+        assert r.status_code == 201
+        sids.append(r.json()["session_id"])
+
+    async def run(sid, x):
+        outs = []
+        for a, b in itertools.pairwise(bounds):
+            r = await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[a:b].tolist()})
+            assert r.status_code == 200, r.text
+            outs.extend(r.json()["outputs"])
+        state = (await client.get(f"/v1/sessions/{sid}/state")).json()
+        return np.asarray(outs), state
+
+    return await asyncio.gather(*(run(s, x) for s, x in zip(sids, xs)))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"batch_max_size": 1},
+        {"batch_max_delay_ms": 5.0},
+        {"batch_max_size": 3, "batch_max_inflight": 2},
+    ],
+    ids=["adaptive", "no-batching", "delay", "small-batches-2-inflight"],
+)
+@pytest.mark.parametrize("name", ["tiny-lstm", "nolengths-lstm"])
+async def test_app_batching_settings_never_change_results(
+    make_client, model_repo, reference, name, overrides
+):
+    ref = reference(name)
+    rng = np.random.default_rng(6)
+    xs = [rng.normal(size=(int(rng.integers(9, 16)), 3)).astype(np.float32) for _ in range(10)]
+    async with make_client(model_repo=model_repo, **overrides) as client:
+        results = await _concurrent_sessions(client, name, xs, [0, 1, 4, 9])
+        registry = client.app.state.engine.metrics.registry
+        calls = registry.get_sample_value("rnnserve_batch_size_count", {"model": name})
+        rows = registry.get_sample_value("rnnserve_batch_size_sum", {"model": name})
+    for x, (y, state) in zip(xs, results):
+        y_ref, finals = ref.run(x[:9])
+        np.testing.assert_allclose(y, y_ref, atol=TOL)
+        assert state["step_count"] == 9
+        for s in ref.card["states"]:
+            np.testing.assert_allclose(
+                np.asarray(state["state"][s["input"]]),
+                np.take(finals[s["input"]], 0, axis=1),
+                atol=TOL,
+            )
+    assert rows == 30
+    if overrides.get("batch_max_size") == 1:
+        assert calls == rows
+    elif overrides.get("batch_max_delay_ms"):
+        assert calls < rows  # the window gathered requests into shared calls
+
+
+async def test_app_overloaded_is_429_and_leaves_sessions_intact(make_client, model_repo, reference):
+    """A tiny queue under a burst: refused steps are 429 overloaded and never applied."""
+    ref = reference("tiny-lstm")
+    rng = np.random.default_rng(7)
+    xs = [rng.normal(size=(300, 3)).astype(np.float32) for _ in range(24)]  # slow calls
+    async with make_client(model_repo=model_repo, max_queue=2, batch_max_size=2) as client:
+        sids = []
+        for _ in xs:
+            sids.append((await client.post("/v1/models/tiny-lstm/sessions")).json()["session_id"])
+        responses = await asyncio.gather(
+            *(
+                client.post(f"/v1/sessions/{s}/steps", json={"inputs": x.tolist()})
+                for s, x in zip(sids, xs)
+            )
+        )
+        infos = [(await client.get(f"/v1/sessions/{s}/state")).json() for s in sids]
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 429}  # the burst overflowed the queue of 2
+    y_ref = {i: ref.run(x) for i, x in enumerate(xs)}
+    for i, (r, info) in enumerate(zip(responses, infos)):
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "overloaded"
+            assert r.headers.get("retry-after")
+            assert info["step_count"] == 0
+            assert not np.any(np.asarray(info["state"]["h0"]))
+        else:
+            assert info["step_count"] == 300
+            np.testing.assert_allclose(np.asarray(r.json()["outputs"]), y_ref[i][0], atol=TOL)
