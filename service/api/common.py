@@ -33,8 +33,12 @@ class ORJSONResponse(JSONResponse):
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries for the error statuses a route may answer."""
-    return {status: {"model": ErrorResponse} for status in statuses}
+    """OpenAPI ``responses=`` entries for the error statuses a route may answer.
+
+    422 is always listed: FastAPI would otherwise document its own validation body, which
+    our handler replaces with ErrorResponse.
+    """
+    return {status: {"model": ErrorResponse} for status in sorted({*statuses, 422})}
 
 
 def engine_of(request: Request) -> Engine:
