@@ -32,7 +32,7 @@ class RequestContext:
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _reject(send, request_id, PayloadTooLarge(
+            await _reject(scope, send, request_id, PayloadTooLarge(
                 f"the body of {declared} bytes exceeds the limit of {limit}", limit=limit
             ))
             self._record(scope, 413, started, request_id)
@@ -59,7 +59,7 @@ class RequestContext:
                 # Whatever the app made of the aborted body read, the answer is 413.
                 if message["type"] == "http.response.start":
                     status = too_large.status
-                    await _reject(send, request_id, too_large)
+                    await _reject(scope, send, request_id, too_large)
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -115,8 +115,10 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reject(send: Send, request_id: str, error: PayloadTooLarge) -> None:
-    body = dumps(error.body())
+async def _reject(scope: Scope, send: Send, request_id: str, error: PayloadTooLarge) -> None:
+    # The Open Inference Protocol's error body is a bare message.
+    v2 = scope.get("path", "").startswith("/v2")
+    body = dumps({"error": error.message} if v2 else error.body())
     await send(
         {
             "type": "http.response.start",

@@ -49,6 +49,8 @@ _UNAVAILABLE = (
     rx.ConnectionError,
     rx.TimeoutError,
     rx.ReadOnlyError,
+    rx.OutOfMemoryError,
+    rx.BusyLoadingError,
     OSError,
     asyncio.TimeoutError,
 )

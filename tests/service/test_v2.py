@@ -381,3 +381,11 @@ def test_session_ids_separate_keys_models_and_id_types(sequence_id):
         sequence_session_id(None, "m", 1 if sequence_id == "1" else "1"),
     }
     assert len(ids) == 4 and all(i.startswith("seq-") for i in ids)
+
+
+async def test_oversized_body_is_413_in_the_v2_shape(make_client, model_repo):
+    async with make_client(model_repo=model_repo, max_body_bytes=2048) as client:
+        body = {"inputs": [{"name": "x", "shape": [1, 200, 3], "datatype": "FP32", "data": [0.5] * 600}]}
+        r = await client.post("/v2/models/tiny-lstm/infer", json=body)
+        assert r.status_code == 413
+        assert isinstance(r.json()["error"], str) and "limit" in r.json()["error"]

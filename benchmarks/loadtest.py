@@ -1,0 +1,438 @@
+"""Load test: replicas sharing Redis, many concurrent sessions, REST and WebSocket mixed.
+
+    python -m benchmarks.loadtest --replicas 2 --sessions 1000 --steps 100
+
+Starts ``--replicas`` real ``rnn-serve`` processes on one Redis database (flushed first),
+then drives ``--sessions`` sessions of ``--steps`` random steps each, at most
+``--concurrency`` at a time. Every session is cut into random chunks (1..``--max-chunk``
+steps); each chunk goes to a replica picked at random (no stickiness), either as a REST
+step or over a WebSocket resumed on that replica (``/v1/sessions/{id}/stream``, JSON or
+binary frames), always with ``seq``. Nothing is retried: any error counts.
+
+At the end every session's outputs are compared with an offline onnxruntime run of its
+whole sequence from the zero state, and every session must still exist with
+``step_count == --steps``. Exit status 0 only with zero errors, zero lost sessions and
+a max difference within ``--tolerance``.
+
+Pass ``--url`` (repeatable) instead to load already-running replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import websockets
+
+from service.frames import decode_response, encode_request
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- offline reference (plain onnxruntime, none of the service's code) -------------------
+
+
+class OfflineReference:
+    """Runs ``<repo>/<name>/<version>/model.onnx`` on one whole sequence from zero state."""
+
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime as ort
+
+        self.card = json.loads((folder / "card.json").read_text())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        self.names = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        feed = {
+            s["input"]: np.zeros([1 if d is None else d for d in s["shape"]], np.float32)
+            for s in self.card["states"]
+        }
+        feed[self.card["inputs"]["sequence"]] = np.asarray(x, np.float32)[None]
+        lengths = self.card["inputs"].get("lengths")
+        if lengths in self.names:
+            feed[lengths] = np.array([len(x)], np.int32)
+        names = [o.name for o in self.session.get_outputs()]
+        out = dict(zip(names, self.session.run(None, feed)))
+        return out[self.card["outputs"]["sequence"]][0]
+
+
+# -- replicas --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_replicas(
+    repo: Path, count: int, store: str, log_dir: Path, extra_env: dict[str, str] | None = None
+) -> list[tuple[subprocess.Popen, str]]:
+    binary = shutil.which("rnn-serve", path=str(Path(sys.executable).parent)) or "rnn-serve"
+    started: list[tuple[subprocess.Popen, str]] = []
+    for _ in range(count):
+        port = _free_port()
+        env = {
+            **os.environ,
+            "RNNSERVE_SESSION_STORE": store,
+            "RNNSERVE_LOG_LEVEL": "warning",
+            **(extra_env or {}),
+        }
+        log = (log_dir / f"replica-{port}.log").open("wb")
+        proc = subprocess.Popen(
+            [binary, "--model-repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        started.append((proc, f"http://127.0.0.1:{port}"))
+    deadline = time.monotonic() + 60
+    for proc, url in started:
+        while True:
+            if proc.poll() is not None:
+                stop_replicas(started)
+                raise RuntimeError(
+                    f"replica {url} exited with {proc.returncode} (logs in {log_dir})"
+                )
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                stop_replicas(started)
+                raise RuntimeError(f"replica {url} not ready in 60 s (logs in {log_dir})")
+            time.sleep(0.05)
+    return started
+
+
+def stop_replicas(replicas: Sequence[tuple[subprocess.Popen, str]]) -> None:
+    for proc, _ in replicas:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc, _ in replicas:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# -- the load --------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    replicas: int
+    sessions: int
+    steps_per_session: int
+    duration_s: float = 0.0
+    steps: int = 0
+    requests: int = 0
+    rest_requests: int = 0
+    ws_messages: int = 0
+    ws_connections: int = 0
+    errors: int = 0
+    lost_sessions: int = 0
+    wrong_sessions: int = 0
+    max_abs_diff: float = 0.0
+    steps_per_s: float = 0.0
+    requests_per_s: float = 0.0
+    latency_ms_p50: float = 0.0
+    latency_ms_p99: float = 0.0
+    per_replica_requests: list[int] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.errors == 0 and self.lost_sessions == 0 and self.wrong_sessions == 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.replicas} replicas, {self.sessions} sessions x {self.steps_per_session} steps: "
+            f"{self.duration_s:.1f} s, {self.steps_per_s:,.0f} steps/s, "
+            f"{self.requests} requests ({self.rest_requests} REST, {self.ws_messages} WebSocket "
+            f"messages on {self.ws_connections} connections) = {self.requests_per_s:,.0f}/s, "
+            f"latency p50 {self.latency_ms_p50:.1f} ms p99 {self.latency_ms_p99:.1f} ms, "
+            f"per replica {self.per_replica_requests}; errors {self.errors}, "
+            f"lost sessions {self.lost_sessions}, wrong sessions {self.wrong_sessions}, "
+            f"max |diff| {self.max_abs_diff:.2e}"
+        )
+
+
+def _chunks(rng: random.Random, total: int, largest: int) -> list[int]:
+    sizes: list[int] = []
+    while sum(sizes) < total:
+        sizes.append(min(rng.randint(1, largest), total - sum(sizes)))
+    return sizes
+
+
+async def run_load(
+    urls: Sequence[str],
+    model: str,
+    inputs: Sequence[np.ndarray],
+    reference: Callable[[np.ndarray], np.ndarray],
+    *,
+    concurrency: int = 100,
+    ws_fraction: float = 0.5,
+    max_chunk: int = 8,
+    seed: int = 0,
+    tolerance: float = 1e-5,
+    headers: dict[str, str] | None = None,
+) -> LoadResult:
+    """Drive one session per array of ``inputs`` through ``urls``; see the module docstring."""
+    rng = random.Random(seed)
+    steps = len(inputs[0])
+    result = LoadResult(replicas=len(urls), sessions=len(inputs), steps_per_session=steps)
+    result.per_replica_requests = [0] * len(urls)
+    latencies: list[float] = []
+    outputs: list[list[np.ndarray]] = [[] for _ in inputs]
+    session_ids: list[str | None] = [None] * len(inputs)
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    clients = [
+        httpx.AsyncClient(base_url=u, timeout=60, limits=limits, headers=headers) for u in urls
+    ]
+    ws_headers = list((headers or {}).items())
+
+    def fail(message: str) -> None:
+        result.errors += 1
+        if len(result.error_samples) < 20:
+            result.error_samples.append(message)
+
+    async def rest_step(replica: int, sid: str, x: np.ndarray, seq: int) -> np.ndarray | None:
+        started = time.perf_counter()
+        r = await clients[replica].post(
+            f"/v1/sessions/{sid}/steps", json={"inputs": x.tolist(), "seq": seq}
+        )
+        latencies.append(time.perf_counter() - started)
+        result.requests += 1
+        result.rest_requests += 1
+        result.per_replica_requests[replica] += 1
+        if r.status_code != 200 or r.json().get("step_count") != seq or r.json().get("replayed"):
+            fail(f"REST {urls[replica]} seq {seq}: {r.status_code} {r.text[:200]}")
+            return None
+        return np.asarray(r.json()["outputs"], np.float32)
+
+    async def ws_segment(
+        replica: int, sid: str, parts: list[tuple[np.ndarray, int]], local: random.Random
+    ) -> list[np.ndarray] | None:
+        ws_url = urls[replica].replace("http://", "ws://", 1)
+        got: list[np.ndarray] = []
+        async with websockets.connect(
+            f"{ws_url}/v1/sessions/{sid}/stream",
+            additional_headers=ws_headers,
+            close_timeout=5,
+            max_size=None,
+        ) as ws:
+            result.ws_connections += 1
+            info = json.loads(await ws.recv())
+            if "error" in info:
+                fail(f"WS open {urls[replica]}: {info}")
+                return None
+            for x, seq in parts:
+                binary = local.random() < 0.5
+                started = time.perf_counter()
+                if binary:
+                    await ws.send(encode_request(x, seq))
+                else:
+                    await ws.send(json.dumps({"inputs": x.tolist(), "seq": seq}))
+                answer = await ws.recv()
+                latencies.append(time.perf_counter() - started)
+                result.requests += 1
+                result.ws_messages += 1
+                result.per_replica_requests[replica] += 1
+                if isinstance(answer, bytes):
+                    y, count, replayed = decode_response(answer)
+                else:
+                    body = json.loads(answer)
+                    if "error" in body:
+                        fail(f"WS {urls[replica]} seq {seq}: {body}")
+                        return None
+                    y = np.asarray(body["outputs"], np.float32)
+                    count, replayed = body["step_count"], body.get("replayed", False)
+                if count != seq or replayed:
+                    fail(f"WS {urls[replica]} seq {seq}: step_count {count} replayed {replayed}")
+                    return None
+                got.append(y)
+        return got
+
+    async def drive(index: int) -> None:
+        local = random.Random(rng.random())
+        x = inputs[index]
+        async with gate:
+            try:
+                replica = local.randrange(len(urls))
+                r = await clients[replica].post(f"/v1/models/{model}/sessions")
+                result.requests += 1
+                result.per_replica_requests[replica] += 1
+                if r.status_code != 201:
+                    fail(f"create {urls[replica]}: {r.status_code} {r.text[:200]}")
+                    return
+                sid = session_ids[index] = r.json()["session_id"]
+                sizes = _chunks(local, len(x), max_chunk)
+                pos, k = 0, 0
+                while k < len(sizes):
+                    replica = local.randrange(len(urls))
+                    if local.random() < ws_fraction:
+                        parts = []
+                        for n in sizes[k : k + local.randint(1, 5)]:
+                            parts.append((x[pos : pos + n], pos + n))
+                            pos += n
+                            k += 1
+                        got = await ws_segment(replica, sid, parts, local)
+                        if got is None:
+                            return
+                        outputs[index].extend(got)
+                    else:
+                        n = sizes[k]
+                        y = await rest_step(replica, sid, x[pos : pos + n], pos + n)
+                        if y is None:
+                            return
+                        outputs[index].append(y)
+                        pos += n
+                        k += 1
+            except (httpx.HTTPError, OSError, websockets.WebSocketException) as exc:
+                fail(f"session {index}: {type(exc).__name__}: {exc}")
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(drive(i) for i in range(len(inputs))))
+        result.duration_s = time.perf_counter() - started
+
+        async def check(index: int) -> None:
+            sid = session_ids[index]
+            if sid is None:
+                result.lost_sessions += 1
+                return
+            async with gate:
+                r = await clients[index % len(clients)].get(f"/v1/sessions/{sid}")
+            if r.status_code != 200 or r.json()["step_count"] != steps:
+                result.lost_sessions += 1
+                if len(result.error_samples) < 20:
+                    result.error_samples.append(f"session {sid}: {r.status_code} {r.text[:200]}")
+
+        await asyncio.gather(*(check(i) for i in range(len(inputs))))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+    for index, x in enumerate(inputs):
+        if not outputs[index]:
+            result.wrong_sessions += 1
+            continue
+        got = np.concatenate(outputs[index])
+        expected = reference(x)
+        if got.shape != expected.shape:
+            result.wrong_sessions += 1
+            continue
+        diff = float(np.max(np.abs(got - expected)))
+        result.max_abs_diff = max(result.max_abs_diff, diff)
+        if diff > tolerance:
+            result.wrong_sessions += 1
+    result.steps = sum(sum(len(y) for y in out) for out in outputs)
+    result.steps_per_s = result.steps / result.duration_s if result.duration_s else 0.0
+    result.requests_per_s = result.requests / result.duration_s if result.duration_s else 0.0
+    if latencies:
+        result.latency_ms_p50 = float(np.percentile(latencies, 50) * 1000)
+        result.latency_ms_p99 = float(np.percentile(latencies, 99) * 1000)
+    return result
+
+
+def make_inputs(sessions: int, steps: int, input_size: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(steps, input_size)).astype(np.float32) for _ in range(sessions)]
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.loadtest", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--model", default="sine-lstm")
+    parser.add_argument("--repo", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/9",
+                        help="session store; its database is FLUSHED before and after")  # fmt: skip
+    parser.add_argument("--url", action="append", default=[],
+                        help="use running replicas instead of starting them (repeatable)")  # fmt: skip
+    parser.add_argument("--api-key", help="sent as X-API-Key")
+    parser.add_argument("--concurrency", type=int, default=100, help="sessions driven at once")
+    parser.add_argument("--ws-fraction", type=float, default=0.5)
+    parser.add_argument("--max-chunk", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=1e-5)
+    parser.add_argument("--keep", action="store_true", help="leave the sessions in Redis")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    folder = args.repo / args.model
+    version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    reference = OfflineReference(folder / str(version))
+    inputs = make_inputs(args.sessions, args.steps, reference.card["input_size"], args.seed)
+    headers = {"X-API-Key": args.api_key} if args.api_key else None
+
+    replicas: list[tuple[subprocess.Popen, str]] = []
+    urls = args.url
+    log_dir = Path(tempfile.mkdtemp(prefix="rnnserve-load-"))
+    if not urls:
+        import redis
+
+        redis.Redis.from_url(args.redis).flushdb()
+        replicas = start_replicas(args.repo, args.replicas, args.redis, log_dir)
+        urls = [url for _, url in replicas]
+    try:
+        result = asyncio.run(
+            run_load(
+                urls,
+                args.model,
+                inputs,
+                reference,
+                concurrency=args.concurrency,
+                ws_fraction=args.ws_fraction,
+                max_chunk=args.max_chunk,
+                seed=args.seed,
+                tolerance=args.tolerance,
+                headers=headers,
+            )
+        )
+    finally:
+        stop_replicas(replicas)
+        if replicas and not args.keep:
+            import redis
+
+            redis.Redis.from_url(args.redis).flushdb()
+    print(result.summary())
+    for sample in result.error_samples:
+        print("  ", sample)
+    if replicas:
+        print(f"replica logs: {log_dir}")
+    if args.json:
+        args.json.write_text(json.dumps(asdict(result), indent=2))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""A Redis outage under a real server: 503 ``store_unavailable``, never a 500 nor a wrong
+answer, and the server heals by itself once Redis is back.
+
+Each test runs its own throwaway ``redis-server`` on a free port (nothing persisted), so
+it can be paused, shut down and restarted without touching the shared Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import websockets
+
+from tests.conftest import free_port
+from tests.scale.conftest import LSTM, TOL, assert_state
+
+PAUSE_MS = 3000  # twice the store's 1.5 s socket timeout
+
+
+class ThrowawayRedis:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed on CI")
+            pytest.skip("redis-server is not installed")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)]  # fmt: skip
+        if _major_version(binary) >= 7:  # DEBUG is off by default since Redis 7
+            args += ["--enable-debug-command", "local"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start")
+                time.sleep(0.05)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+
+    def pause(self, mode: str, ms: int = PAUSE_MS) -> None:
+        self.client().execute_command("CLIENT", "PAUSE", ms, mode)
+
+    def wait_unpaused(self) -> None:
+        """Blocks until the pause is over (a paused Redis holds the command until then)."""
+        self.client().set("probe", "1")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _major_version(binary: str) -> int:
+    out = subprocess.run([binary, "--version"], check=False, capture_output=True, text=True).stdout
+    match = re.search(r"v=(\d+)\.", out)
+    return int(match.group(1)) if match else 0
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path: Path):
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _assert_unavailable(r: httpx.Response) -> None:
+    assert r.status_code == 503, (r.status_code, r.text)
+    assert r.json()["error"]["code"] == "store_unavailable", r.text
+    assert r.headers.get("retry-after") == "1"
+
+
+async def _steps(client, sid: str, x: np.ndarray, start: int, stop: int, size: int = 3) -> list:
+    outputs = []
+    for pos in range(start, stop, size):
+        end = min(pos + size, stop)
+        r = await client.post(
+            f"/v1/sessions/{sid}/steps", json={"inputs": x[pos:end].tolist(), "seq": end}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["step_count"] == end and "replayed" not in r.json()
+        outputs.extend(r.json()["outputs"])
+    return outputs
+
+
+async def test_paused_redis_gives_503_then_the_session_continues(
+    server_factory, model_repo, reference, throwaway_redis
+):
+    """CLIENT PAUSE ALL: even the read of the session hangs, the store times out (1.5 s)."""
+    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
+    ref = reference(LSTM)
+    x = np.random.default_rng(1).normal(size=(24, 3)).astype(np.float32)
+    expected, finals = ref.run(x)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        sid = (await client.post(f"/v1/models/{LSTM}/sessions")).json()["session_id"]
+        outputs = await _steps(client, sid, x, 0, 9)
+
+        throwaway_redis.pause("ALL")
+        body = {"inputs": x[9:12].tolist(), "seq": 12}
+        started = time.monotonic()
+        r = await client.post(f"/v1/sessions/{sid}/steps", json=body)
+        _assert_unavailable(r)
+        assert time.monotonic() - started < 3.0, "the store should time out, not hang"
+        assert (await client.get("/healthz")).status_code == 200
+        throwaway_redis.wait_unpaused()
+
+        r = await client.post(f"/v1/sessions/{sid}/steps", json=body)  # the client's retry
+        assert r.status_code == 200, r.text
+        assert r.json()["step_count"] == 12
+        assert "replayed" not in r.json()  # nothing reached Redis during the pause
+        outputs.extend(r.json()["outputs"])
+        outputs.extend(await _steps(client, sid, x, 12, 24))
+        state = (await client.get(f"/v1/sessions/{sid}/state")).json()
+    np.testing.assert_allclose(np.asarray(outputs), expected, atol=TOL)
+    assert state["step_count"] == 24
+    assert_state(ref, state["state"], finals)
+
+
+def test_a_503_step_is_in_doubt_and_the_same_seq_settles_it(
+    server_factory, model_repo, reference, throwaway_redis
+):
+    """The worst timing: Redis holds the commit past the store's timeout, the client gets
+    503, and then Redis runs the commit anyway. A retry without seq would apply the step
+    twice; with the same seq it replays the stored answer.
+
+    CLIENT PAUSE WRITE lets the read through and holds the commit script; DEBUG SLEEP then
+    freezes Redis past the 1.5 s timeout, so it cannot see the server give up before the
+    pause ends and the held commit runs. (Should a Redis drop the held commit instead, the
+    retry applies the step once: the test accepts both, never a lost or doubled step.)
+    """
+    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
+    ref = reference(LSTM)
+    x = np.random.default_rng(2).normal(size=(12, 3)).astype(np.float32)
+    expected, finals = ref.run(x)
+    control = throwaway_redis.client()
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        sid = client.post(f"/v1/models/{LSTM}/sessions").json()["session_id"]
+        first = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[:6].tolist(), "seq": 6})
+        assert first.status_code == 200, first.text
+
+        control.execute_command("CLIENT", "PAUSE", 2000, "WRITE")
+        body = {"inputs": x[6:9].tolist(), "seq": 9}
+        answer: list[httpx.Response] = []
+        sender = threading.Thread(
+            target=lambda: answer.append(client.post(f"/v1/sessions/{sid}/steps", json=body))
+        )
+        sender.start()
+        deadline = time.monotonic() + 1.8
+        while not any("b" in c["flags"] for c in control.client_list()):  # commit held
+            assert time.monotonic() < deadline, "the commit never reached the paused Redis"
+            time.sleep(0.005)
+        control.execute_command("DEBUG", "SLEEP", 2.5)  # outlasts the pause and the 1.5 s timeout
+        sender.join(10)
+        _assert_unavailable(answer[0])
+
+        applied = client.get(f"/v1/sessions/{sid}").json()["step_count"]
+        assert applied in (6, 9)
+        r = client.post(f"/v1/sessions/{sid}/steps", json=body)  # the retry
+        assert r.status_code == 200, r.text
+        assert r.json()["step_count"] == 9
+        assert r.json().get("replayed", False) == (applied == 9)
+        outputs = first.json()["outputs"] + r.json()["outputs"]
+        r = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[9:].tolist(), "seq": 12})
+        assert r.status_code == 200 and "replayed" not in r.json(), r.text
+        outputs += r.json()["outputs"]
+        state = client.get(f"/v1/sessions/{sid}/state").json()
+    np.testing.assert_allclose(np.asarray(outputs), expected, atol=TOL)
+    assert state["step_count"] == 12
+    assert_state(ref, state["state"], finals)
+
+
+async def test_redis_down_gives_503_everywhere_then_the_server_reconnects(
+    server_factory, model_repo, reference, throwaway_redis
+):
+    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
+    ref = reference(LSTM)
+    x = np.random.default_rng(3).normal(size=(12, 3)).astype(np.float32)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        sid = (await client.post(f"/v1/models/{LSTM}/sessions")).json()["session_id"]
+        await _steps(client, sid, x, 0, 6)
+
+        throwaway_redis.stop()  # SIGTERM; nothing is saved (--save '')
+        checks = [
+            client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[6:9].tolist(), "seq": 9}),
+            client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[6:9].tolist()}),
+            client.get(f"/v1/sessions/{sid}"),
+            client.get(f"/v1/sessions/{sid}/state"),
+            client.post(f"/v1/sessions/{sid}/reset"),
+            client.delete(f"/v1/sessions/{sid}"),
+            client.post(f"/v1/models/{LSTM}/sessions"),
+        ]
+        for call in checks:
+            _assert_unavailable(await call)
+        # Stateless routes keep working during the outage.
+        for route in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(route)).status_code == 200, route
+        r = await client.post(f"/v1/models/{LSTM}/predict", json={"inputs": [x[:4].tolist()]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.asarray(r.json()["outputs"][0]), ref.run(x[:4])[0], atol=TOL)
+        async with websockets.connect(
+            f"{server.ws_url}/v1/sessions/{sid}/stream", close_timeout=1
+        ) as ws:
+            assert json.loads(await ws.recv())["error"]["code"] == "store_unavailable"
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1011
+
+        throwaway_redis.start()  # same port, empty
+        r = await client.get(f"/v1/sessions/{sid}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found", r.text
+        r = await client.post(f"/v1/models/{LSTM}/sessions")
+        assert r.status_code == 201, r.text
+        fresh = r.json()["session_id"]
+        outputs = await _steps(client, fresh, x, 0, 12)
+    np.testing.assert_allclose(np.asarray(outputs), ref.run(x)[0], atol=TOL)
+
+
+async def test_websocket_stream_survives_a_pause(
+    server_factory, model_repo, reference, throwaway_redis
+):
+    """An open stream gets a store_unavailable error frame, stays open, and goes on after."""
+    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
+    ref = reference(LSTM)
+    x = np.random.default_rng(9).normal(size=(9, 3)).astype(np.float32)
+    outputs = []
+    async with websockets.connect(
+        f"{server.ws_url}/v1/models/{LSTM}/stream", close_timeout=1
+    ) as ws:
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"inputs": x[:3].tolist(), "seq": 3}))
+        outputs.extend(json.loads(await ws.recv())["outputs"])
+        throwaway_redis.pause("ALL")
+        await ws.send(json.dumps({"inputs": x[3:6].tolist(), "seq": 6}))
+        assert json.loads(await ws.recv())["error"]["code"] == "store_unavailable"
+        throwaway_redis.wait_unpaused()
+        for end in (6, 9):
+            await ws.send(json.dumps({"inputs": x[end - 3 : end].tolist(), "seq": end}))
+            body = json.loads(await ws.recv())
+            assert body["step_count"] == end, body
+            outputs.extend(body["outputs"])
+    np.testing.assert_allclose(np.asarray(outputs), ref.run(x)[0], atol=TOL)
+
+
+async def test_full_redis_is_503_not_500(server_factory, model_repo, reference, throwaway_redis):
+    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
+    ref = reference(LSTM)
+    x = np.random.default_rng(4).normal(size=(6, 3)).astype(np.float32)
+    control = throwaway_redis.client()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        sid = (await client.post(f"/v1/models/{LSTM}/sessions")).json()["session_id"]
+        outputs = await _steps(client, sid, x, 0, 3)
+        control.config_set("maxmemory-policy", "noeviction")
+        control.config_set("maxmemory", 1)  # every write is now over the limit
+        try:
+            body = {"inputs": x[3:].tolist(), "seq": 6}
+            r = await client.post(f"/v1/sessions/{sid}/steps", json=body)
+        finally:
+            control.config_set("maxmemory", 0)
+        _assert_unavailable(r)
+        # nothing was written: the retry applies the step once
+        retry = await client.post(f"/v1/sessions/{sid}/steps", json=body)
+        assert retry.status_code == 200 and "replayed" not in retry.json(), retry.text
+        np.testing.assert_allclose(
+            np.asarray(outputs + retry.json()["outputs"]), ref.run(x)[0], atol=TOL
+        )
