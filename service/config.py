@@ -54,8 +54,6 @@ class Settings(BaseSettings):
     ws_max_message_bytes: int = Field(default=1024 * 1024, ge=64)
     ws_max_messages_per_s: float = Field(default=0.0, ge=0)
     """Per-connection message rate limit; 0 means unlimited."""
-    ws_send_queue: int = Field(default=64, ge=1)
-    """Answers buffered for a slow WebSocket client before the connection is closed."""
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated keys; when set, every route but health and metrics needs one."""

@@ -1,6 +1,9 @@
 """WebSocket streaming: one session per connection, answers in order, JSON or binary frames.
 
-A bad message gets an error frame and leaves the stream open and the state untouched.
+Each connection reads one message, answers it, then reads the next: a slow or vanished
+client leaves at most one message and one answer in server memory (the rest waits in TCP
+buffers, whose limits push back on the client), and its session stays for resumption
+until the TTL. A bad message gets an error frame and leaves the stream open and the state untouched.
 Rate and size limits answer with error frames and keep the stream open. Close codes:
 4401 unauthorized, 4404 session or model not found/expired, 1003 a malformed binary frame,
 1009 a message over the transport's hard size cap, 1011 an internal error.
