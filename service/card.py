@@ -64,6 +64,9 @@ class Generation(BaseModel):
     mode: Literal["symbol", "value"]
     start_symbol: str | None = None
     end_symbol: str | None = None
+    stop: Literal["first", "balanced"] = "first"
+    """Symbol mode: stop at the first end symbol, or ("balanced") at the one that closes
+    every start symbol so far, for nested grammars such as embedded Reber."""
 
 
 class ModelCard(BaseModel):

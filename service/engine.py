@@ -428,14 +428,14 @@ class Engine:
 
 class _EndSymbol:
     """When symbol generation stops: at the first end symbol, or, with the card's
-    ``"generation_stop": "balanced"``, at the end symbol that closes every start symbol so
+    ``generation.stop == "balanced"``, at the end symbol that closes every start symbol so
     far (nested grammars such as embedded Reber, ``B T B...E T E``), counting the prime's."""
 
     def __init__(self, card, prime: np.ndarray) -> None:
         generation = card.generation
         self.end = generation.end_symbol
         self.start = generation.start_symbol
-        self.balanced = (card.model_extra or {}).get("generation_stop") == "balanced"
+        self.balanced = generation.stop == "balanced"
         self.open = 0
         if self.balanced and self.start is not None and card.vocabulary is not None:
             start_row = _one_hot(card.vocabulary.index(self.start), card.input_size)[0]

@@ -223,11 +223,10 @@ def reber_task(opts: TaskOptions) -> Task:
         val=val,
         one_hot=len(vocabulary),
         vocabulary=vocabulary,
-        generation={"mode": "symbol", "start_symbol": "B", "end_symbol": "E"},
+        generation={"mode": "symbol", "start_symbol": "B", "end_symbol": "E", "stop": "balanced"},
         extra={
             "description": "embedded Reber grammar next-symbol prediction",
             "max_length": max_length,
-            "generation_stop": "balanced",
         },
     )
 

@@ -180,7 +180,7 @@ async def test_reber_strings_generated_through_the_api_follow_the_grammar(make_c
     not (DEMO / "reber-gru" / "1" / "model.onnx").exists(), reason="no demo reber-gru model"
 )
 async def test_balanced_stop_counts_the_start_symbols_of_the_prime(make_client):
-    """``generation_stop: balanced``: the inner E does not end a string the prime opened twice."""
+    """``generation.stop == balanced``: the inner E does not end a string the prime opened twice."""
     accepts = _acceptor()
     async with make_client(model_repo=DEMO) as client:
         texts = []
