@@ -11,9 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +65,7 @@ class Engine:
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, settings.batch_max_inflight), thread_name_prefix="ort"
         )
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[str, list] = {}
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
@@ -118,7 +116,7 @@ class Engine:
                 expired = await self.store.sweep(time.time())
                 if expired:
                     self.metrics.session_expiries.inc(expired)
-            except Exception:  # noqa: BLE001 - a store outage must not kill the sweeper
+            except Exception:
                 log.warning("session sweep failed", exc_info=True)
 
     async def _poll_repository(self) -> None:
@@ -126,7 +124,7 @@ class Engine:
             await asyncio.sleep(self.settings.reload_interval_s)
             try:
                 await self.reload()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("repository poll failed")
 
     # -- models ----------------------------------------------------------------------
@@ -150,6 +148,12 @@ class Engine:
             )
             entry.extras["batcher"] = batcher
         return batcher
+
+    def _steps_counter(self, entry: ModelVersion):
+        counter = entry.extras.get("steps_counter")
+        if counter is None:  # labels() costs a lock and a dict lookup: do it once
+            counter = entry.extras["steps_counter"] = self.metrics.steps.labels(model=entry.name)
+        return counter
 
     def _observe_batch(self, model: str):
         size = self.metrics.batch_size.labels(model=model)
@@ -197,22 +201,9 @@ class Engine:
 
     # -- sessions ----------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _session_lock(self, session_id: str) -> AsyncIterator[None]:
+    def _session_lock(self, session_id: str) -> _SessionLock:
         """Requests to one session run one at a time, in arrival order (asyncio.Lock is FIFO)."""
-        lock, users = self._locks.get(session_id, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[session_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[session_id]
-            if users <= 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
+        return _SessionLock(self._locks, session_id)
 
     async def _owned(self, session_id: str, owner: str | None) -> SessionRecord:
         record = await self.store.get(session_id)
@@ -315,7 +306,7 @@ class Engine:
                     await self.store.commit(record)
                 except SessionConflict:
                     continue  # another replica moved first: re-read and re-check seq
-                self.metrics.steps.labels(model=entry.name).inc(x.shape[0])
+                self._steps_counter(entry).inc(x.shape[0])
                 return StepResult(y, record)
         raise SessionConflict("the session kept changing under this request; retry it")
 
@@ -422,7 +413,7 @@ class Engine:
             record.step_count += fed
             record.last_seq, record.last_outputs, record.last_outputs_shape = None, None, ()
             await self.store.commit(record)
-            self.metrics.steps.labels(model=entry.name).inc(fed)
+            self._steps_counter(entry).inc(fed)
             return GenerateResult(generated, np.asarray(outputs, np.float32), record)
 
 
@@ -448,6 +439,41 @@ class _EndSymbol:
             return False
         self.open -= 1
         return not self.balanced or self.open <= 0
+
+
+class _SessionLock:
+    """The per-session asyncio.Lock, dropped from the table when its last user leaves.
+
+    A plain class rather than @asynccontextmanager: this runs on every step.
+    """
+
+    __slots__ = ("_key", "_lock", "_table")
+
+    def __init__(self, table: dict[str, list], key: str) -> None:
+        self._table = table
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        slot = self._table.get(self._key)
+        if slot is None:
+            slot = self._table[self._key] = [asyncio.Lock(), 0]
+        slot[1] += 1
+        self._lock = slot[0]
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        slot = self._table[self._key]
+        slot[1] -= 1
+        if slot[1] == 0:
+            del self._table[self._key]
 
 
 def _one_hot(index: int, size: int) -> np.ndarray:

@@ -33,7 +33,7 @@ def encode_request(x: np.ndarray, seq: int | None = None) -> bytes:
 
 
 def decode_request(frame: bytes) -> tuple[np.ndarray, int | None]:
-    magic, version, flags, steps, features, seq = _header(frame)
+    _, _, flags, steps, features, seq = _header(frame)
     x = _payload(frame, steps, features)
     return x, (seq if flags & FLAG_SEQ else None)
 
@@ -45,7 +45,7 @@ def encode_response(y: np.ndarray, step_count: int, replayed: bool = False) -> b
 
 
 def decode_response(frame: bytes) -> tuple[np.ndarray, int, bool]:
-    magic, version, flags, steps, outputs, step_count = _header(frame)
+    _, _, flags, steps, outputs, step_count = _header(frame)
     return _payload(frame, steps, outputs), step_count, bool(flags & FLAG_REPLAYED)
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import Request, WebSocket
-from starlette.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.responses import JSONResponse, Response
 
 from service.api.schemas import ErrorResponse
 from service.config import Settings
@@ -30,6 +32,26 @@ class ORJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
+
+
+class ORJSONRequest(Request):
+    """A request whose JSON body is parsed by orjson (several times faster than json.loads
+    on large predict bodies; it also refuses the non-standard NaN/Infinity literals)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = orjson.loads(await self.body())
+        return self._json
+
+
+class ORJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def with_orjson(request: Request) -> Response:
+            return await handler(ORJSONRequest(request.scope, request.receive))
+
+        return with_orjson
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -87,8 +109,11 @@ def owner_for_key(settings: Settings, key: str | None) -> str | None:
     return hashlib.sha256(presented).hexdigest()[:32]
 
 
-def owner(request: Request) -> str | None:
-    """FastAPI dependency: the caller's owner tag (see owner_for_key)."""
+async def owner(request: Request) -> str | None:
+    """FastAPI dependency: the caller's owner tag (see owner_for_key).
+
+    ``async`` although it awaits nothing: a plain ``def`` would cost every request a trip
+    through the thread pool."""
     return owner_for_key(request.app.state.settings, _presented_key(request.headers))
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.api.common import (
     ORJSONResponse,
+    ORJSONRoute,
     engine_of,
     error_responses,
     owner,
@@ -33,7 +34,9 @@ from service.engine import Engine
 from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
 from service.repository import ModelVersion
 
-router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(owner)])
+router = APIRouter(
+    prefix="/v1", tags=["v1"], dependencies=[Depends(owner)], route_class=ORJSONRoute
+)
 
 _MODEL_ERRORS = error_responses(401, 404, 503)
 _INPUT_ERRORS = error_responses(401, 404, 409, 413, 422, 429, 503)

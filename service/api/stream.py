@@ -96,7 +96,9 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
         kind = "binary" if binary is not None else "json"
         model = entry.name if entry is not None else ""
         try:
-            size = len(binary) if binary is not None else len((text or "").encode())
+            size = len(binary) if binary is not None else len(text or "")
+            if binary is None and size * 4 > settings.ws_max_message_bytes:
+                size = len(text.encode())  # only count UTF-8 bytes when it could matter
             if size > settings.ws_max_message_bytes:
                 raise PayloadTooLarge(
                     f"message of {size} bytes exceeds the limit of {settings.ws_max_message_bytes}"
@@ -122,7 +124,10 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
                 await websocket.send_text(dumps(content).decode())
             if entry is None:
                 entry = engine.session_model(result.record)
-            metrics.ws_messages.labels(entry.name, kind, "ok").inc()
+                answered = {
+                    k: metrics.ws_messages.labels(entry.name, k, "ok") for k in ("json", "binary")
+                }
+            answered[kind].inc()  # children looked up once per connection, not per message
         except WebSocketDisconnect:
             return
         except ServeError as exc:
@@ -134,7 +139,7 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
             if exc.code in ("session_not_found", "session_expired"):
                 await websocket.close(CLOSE_NOT_FOUND)
                 return
-        except Exception:  # noqa: BLE001 - keep the stream honest about failures
+        except Exception:
             log.exception("stream failed")
             try:
                 await websocket.send_text(

@@ -6,15 +6,15 @@ from service.config import Settings
 from service.sessions.base import SessionRecord, SessionStore
 from service.sessions.memory import MemorySessionStore
 
-__all__ = ["SessionRecord", "SessionStore", "MemorySessionStore", "make_store"]
+__all__ = ["MemorySessionStore", "SessionRecord", "SessionStore", "make_store"]
 
 
 def make_store(settings: Settings) -> SessionStore:
-    limits = dict(
-        ttl_s=settings.session_ttl_s,
-        max_sessions=settings.max_sessions,
-        max_sessions_per_owner=settings.max_sessions_per_key,
-    )
+    limits = {
+        "ttl_s": settings.session_ttl_s,
+        "max_sessions": settings.max_sessions,
+        "max_sessions_per_owner": settings.max_sessions_per_key,
+    }
     if settings.session_store == "memory":
         return MemorySessionStore(**limits)
     if settings.session_store.startswith(("redis://", "rediss://", "unix://")):

@@ -8,7 +8,6 @@ replicas) can never both apply a step on top of the same state.
 from __future__ import annotations
 
 import abc
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,9 +36,22 @@ class SessionRecord:
         return self.last_used + ttl_s
 
     def clone(self) -> SessionRecord:
-        twin = copy.copy(self)
-        twin.state = self.state.copy()
-        return twin
+        # Explicit construction: several times faster than copy.copy on a slots dataclass,
+        # and this runs twice per step.
+        return SessionRecord(
+            self.session_id,
+            self.model,
+            self.version,
+            self.state.copy(),
+            self.created_at,
+            self.last_used,
+            self.step_count,
+            self.revision,
+            self.owner,
+            self.last_seq,
+            self.last_outputs,
+            self.last_outputs_shape,
+        )
 
 
 class SessionStore(abc.ABC):
