@@ -298,10 +298,14 @@ class Engine:
                 y, state = await self.batcher(entry).submit(x, record.state)
                 record.state = state
                 record.step_count += x.shape[0]
-                if seq is not None:
+                if seq is not None:  # keep the whole answer: a retry may need it
                     record.last_seq = seq
                     record.last_outputs = y.tobytes()
                     record.last_outputs_shape = y.shape
+                else:  # keep only the last row: generation continues from it
+                    record.last_seq = None
+                    record.last_outputs = y[-1].tobytes()
+                    record.last_outputs_shape = (1, y.shape[1])
                 try:
                     await self.store.commit(record)
                 except SessionConflict:
@@ -382,17 +386,25 @@ class Engine:
                 raise NotSupported(
                     f"model {card.name!r} cannot feed its output back (its card has no generation)"
                 )
+            x: np.ndarray | None = None
+            last: np.ndarray | None = None
             if prime is not None:
                 x = parse(card, prime) if parse is not None else prime
+            elif record.step_count > 0 and record.last_outputs:
+                # Continue from the model's last answer: its prediction of the next step.
+                last = np.frombuffer(record.last_outputs, np.float32)[-card.output_size :]
             elif card.generation.mode == "symbol" and card.generation.start_symbol is not None:
                 x = _one_hot(card.vocabulary.index(card.generation.start_symbol), card.input_size)
             else:
-                raise InvalidInput("this model needs a prime sequence to start generating from")
+                raise InvalidInput(
+                    "send a prime sequence: this session has no previous output to continue from"
+                )
             batcher = self.batcher(entry)
-            stop = _EndSymbol(card, x)
-            state, fed = record.state, x.shape[0]
-            y, state = await batcher.submit(x, state)
-            last = y[-1]
+            state, fed = record.state, 0
+            stop = _EndSymbol(card, x if x is not None else np.zeros((0, card.input_size), np.float32))
+            if x is not None:
+                y, state = await batcher.submit(x, state)
+                fed, last = x.shape[0], y[-1]
             generated: list = []
             outputs: list[np.ndarray] = []
             for _ in range(steps):
@@ -411,7 +423,9 @@ class Engine:
                     break
             record.state = state
             record.step_count += fed
-            record.last_seq, record.last_outputs, record.last_outputs_shape = None, None, ()
+            record.last_seq = None
+            record.last_outputs = np.ascontiguousarray(last, np.float32).tobytes()
+            record.last_outputs_shape = (1, card.output_size)
             await self.store.commit(record)
             self._steps_counter(entry).inc(fed)
             return GenerateResult(generated, np.asarray(outputs, np.float32), record)

@@ -197,3 +197,55 @@ async def test_balanced_stop_counts_the_start_symbols_of_the_prime(make_client):
         if len(text) < 100:  # stopped by the end symbol, not the step limit
             assert text.endswith("E") and text.count("E") == text.count("B") == 2, text
     assert sum(map(accepts, texts)) >= 17
+
+
+async def test_value_generation_continues_from_the_last_answer(make_client, model_repo, reference):
+    """Stream observations, then forecast ahead without a prime: the forecast starts from
+    the model's last prediction and feeds each forecast back (checked step by step against
+    onnxruntime directly)."""
+    ref = reference("tiny-rnn")
+    observed = np.array([[0.1], [0.5], [-0.3], [0.8]], np.float32)
+    async with make_client(model_repo=model_repo) as client:
+        sid = (await client.post("/v1/models/tiny-rnn/sessions")).json()["session_id"]
+        await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": observed[:2].tolist()})
+        await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": observed[2:].tolist(), "seq": 4})
+        r = await client.post(f"/v1/sessions/{sid}/generate", json={"steps": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        again = await client.post(f"/v1/sessions/{sid}/generate", json={"steps": 2})
+    y, states = ref.run(observed)
+    expected, last = [], y[-1]
+    for _ in range(7):
+        expected.append(last.copy())
+        y, states = ref.run(last.reshape(1, 1), states)
+        last = y[-1]
+    assert body["step_count"] == 4 + 5
+    assert np.allclose(np.array(body["generated"]), np.array(expected[:5]), atol=1e-5)
+    assert np.allclose(np.array(again.json()["generated"]), np.array(expected[5:]), atol=1e-5)
+
+
+async def test_value_generation_on_a_fresh_session_needs_a_prime(make_client, model_repo):
+    async with make_client(model_repo=model_repo) as client:
+        sid = (await client.post("/v1/models/tiny-rnn/sessions")).json()["session_id"]
+        r = await client.post(f"/v1/sessions/{sid}/generate", json={"steps": 3})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+        assert "prime" in r.json()["error"]["message"]
+        assert (await client.get(f"/v1/sessions/{sid}")).json()["step_count"] == 0
+
+
+async def test_greedy_symbol_generation_continues_mid_string(make_client, model_repo, reference):
+    ref = reference("tiny-gru")
+    vocab = list("BTPSXVE")
+    async with make_client(model_repo=model_repo) as client:
+        sid = (await client.post("/v1/models/tiny-gru/sessions")).json()["session_id"]
+        await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": list("BTS")})
+        r = await client.post(f"/v1/sessions/{sid}/generate", json={"steps": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+    eye = np.eye(7, dtype=np.float32)
+    y, states = ref.run(eye[[vocab.index(c) for c in "BTS"]])
+    expected = []
+    for _ in range(len(r.json()["generated"])):
+        symbol = int(np.argmax(y[-1]))
+        expected.append(vocab[symbol])
+        y, states = ref.run(eye[[symbol]], states)
+    assert r.json()["generated"] == expected
