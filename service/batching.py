@@ -220,18 +220,25 @@ class StepBatcher:
             self._observe(BatchStats(len(jobs), [started - job.enqueued for job in jobs]))
 
     async def close(self) -> None:
-        """Finish what is in flight, fail what is queued, stop the loop."""
+        """Refuse new work, finish everything already admitted (queued or in flight), stop.
+
+        A reload swaps a version out this way without failing requests it had accepted.
+        """
         self._closed = True
-        # Stop the loop first, so a slot freed by a finishing call cannot start queued work.
+        while self._queue or self._inflight:
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+            else:
+                await asyncio.sleep(0.001)  # let the dispatch loop pick up the queue
+            if self._task is None or self._task.done():
+                break
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        while self._queue:
+        while self._queue:  # only if the loop never started or died
             job = self._queue.popleft()
             if not job.future.done():
                 job.future.set_exception(ModelNotReady("this model version was unloaded"))
