@@ -76,7 +76,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def serve_error(request: Request, exc: ServeError) -> ORJSONResponse:
         if exc.status >= 500 and exc.status != 503:
             log.error("request failed: %s", exc.message)
-        return ORJSONResponse(exc.body(), status_code=exc.status, headers=_headers(exc))
+        return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
@@ -104,11 +104,3 @@ def _install_error_handlers(app: FastAPI) -> None:
         return ORJSONResponse(
             {"error": {"code": "internal_error", "message": "internal error"}}, status_code=500
         )
-
-
-def _headers(exc: ServeError) -> dict[str, str] | None:
-    if exc.status == 401:
-        return {"WWW-Authenticate": "Bearer"}
-    if exc.status in (429, 503):
-        return {"Retry-After": "1"}
-    return None

@@ -14,6 +14,14 @@ class ServeError(Exception):
         self.message = message
         self.details = details
 
+    def headers(self) -> dict[str, str] | None:
+        """Response headers that tell a client what to do next."""
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        if self.status in (429, 503):
+            return {"Retry-After": "1"}
+        return None
+
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:

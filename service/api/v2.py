@@ -79,14 +79,6 @@ def _status(exc: ServeError) -> int:
     return 400 if isinstance(exc, InvalidInput) else exc.status
 
 
-def _retry_headers(status: int) -> dict[str, str] | None:
-    if status == 401:
-        return {"WWW-Authenticate": "Bearer"}
-    if status in (429, 503):
-        return {"Retry-After": "1"}
-    return None
-
-
 class V2Route(APIRoute):
     """Answers every failure of a v2 route (dependencies included) as ``{"error": msg}``."""
 
@@ -100,7 +92,7 @@ class V2Route(APIRoute):
                 status = _status(exc)
                 if status >= 500 and status != 503:
                     log.error("v2 request failed: %s", exc.message)
-                return v2_error(exc.message, status, _retry_headers(status))
+                return v2_error(exc.message, status, exc.headers())
             except TensorError as exc:
                 return v2_error(str(exc), 400)
             except RequestValidationError as exc:
