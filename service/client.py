@@ -33,9 +33,18 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -369,6 +378,31 @@ def _delay(attempt: int, base: float, cap: float, retry_after: float | None = No
     return delay
 
 
+class _Retrying:
+    """The retry decision of sessions and streams (the sleeping is left to the caller)."""
+
+    retries: int
+    backoff: float
+    retried: int
+
+    def _pause(self, exc: Exception, attempt: int) -> float:
+        """Raise when failed attempt number ``attempt`` (from 0) is final; else count a retry
+        and return the seconds to wait. An RnnServeError is retried when transient, any other
+        exception is a dropped stream connection."""
+        if isinstance(exc, RnnServeError):
+            if not exc.transient or attempt >= self.retries:
+                raise exc
+            wait = exc.retry_after
+        else:
+            if attempt >= self.retries:
+                raise RnnServeError(
+                    None, "connection_error", f"the stream dropped {attempt + 1} times: {exc!r}"
+                ) from exc
+            wait = None
+        self.retried += 1
+        return _delay(attempt + 1, self.backoff, 2.0, wait)
+
+
 @dataclass(slots=True)
 class _Call:
     method: str
@@ -378,11 +412,21 @@ class _Call:
     empty: bool = False  # 204: no body
 
 
-class _Api:
+_S = TypeVar("_S", bound="_StreamBase")
+
+
+class _Api(Generic[_S]):
     """Builds each v1 call (path, body, parser) for both the sync and the async client."""
 
-    def __init__(self, base_url: str, api_key: str | None, headers: Mapping[str, str] | None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        headers: Mapping[str, str] | None,
+        timeout: float | httpx.Timeout | None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
         self.ws_url = _ws_base(self.base_url)
         self.api_key = api_key
         self.headers = {"Accept": "application/json", **(headers or {})}
@@ -392,6 +436,58 @@ class _Api:
     @property
     def _ws_headers(self) -> dict[str, str]:
         return {k: v for k, v in self.headers.items() if k.lower() != "accept"}
+
+    def _http_options(self, transport: Any, verify: Any) -> dict[str, Any]:
+        """The keyword arguments of httpx.Client / httpx.AsyncClient."""
+        return {
+            "base_url": self.base_url,
+            "headers": self.headers,
+            "timeout": self.timeout,
+            "transport": transport,
+            "verify": verify,
+        }
+
+    def stream(
+        self,
+        target: Any = None,
+        steps: Iterable[Any] | AsyncIterable[Any] | None = None,
+        *,
+        session_id: str | None = None,
+        version: int | None = None,
+        binary: bool = False,
+        vocabulary: Sequence[str] | None = None,
+        retries: int = 5,
+        backoff: float = 0.1,
+        timeout: float | None = None,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> _S:
+        """A WebSocket stream: iterate it to send each item of ``steps`` as one message and get
+        its :class:`StepResult` (iterator in, iterator out), or call ``.step(inputs)``; on an
+        :class:`AsyncClient` use ``async for`` and ``await .step(inputs)`` (``steps`` may then
+        also be an async iterable).
+
+        ``target`` is a model name (a new session is opened) or a session (SessionInfo,
+        Session, or ``session_id=``) to resume. See :class:`Stream` for reconnection.
+        """
+        name, sid, tracker = _stream_target(target, session_id)
+        if timeout is None:
+            timeout = self.timeout.read if isinstance(self.timeout, httpx.Timeout) else self.timeout
+        return self._new_stream(
+            model=name,
+            version=version,
+            session_id=sid,
+            steps=steps,
+            binary=binary,
+            vocabulary=vocabulary,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            tracker=tracker,
+        )
+
+    def _new_stream(self, **options: Any) -> _S:
+        raise NotImplementedError
 
     @staticmethod
     def _c_models() -> _Call:
@@ -494,7 +590,7 @@ class _Api:
 # -- the synchronous client --------------------------------------------------------------
 
 
-class Client(_Api):
+class Client(_Api["Stream"]):
     """A synchronous client (httpx.Client underneath; one connection pool, thread-safe).
 
     ``api_key`` is sent as ``Authorization: Bearer <key>`` on every request and WebSocket
@@ -511,15 +607,8 @@ class Client(_Api):
         transport: httpx.BaseTransport | None = None,
         verify: Any = True,
     ) -> None:
-        super().__init__(base_url, api_key, headers)
-        self.timeout = timeout
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=self.headers,
-            timeout=timeout,
-            transport=transport,
-            verify=verify,
-        )
+        super().__init__(base_url, api_key, headers, timeout)
+        self._http = httpx.Client(**self._http_options(transport, verify))
 
     def __enter__(self) -> Self:
         return self
@@ -639,47 +728,8 @@ class Client(_Api):
         """Wrap an existing session (its current step_count is fetched)."""
         return Session(self, self.session(session_id), retries=retries, backoff=backoff)
 
-    def stream(
-        self,
-        target: Any = None,
-        steps: Iterable[Any] | None = None,
-        *,
-        session_id: str | None = None,
-        version: int | None = None,
-        binary: bool = False,
-        vocabulary: Sequence[str] | None = None,
-        retries: int = 5,
-        backoff: float = 0.1,
-        timeout: float | None = None,
-        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> Stream:
-        """A WebSocket stream: iterate it to send each item of ``steps`` as one message and get
-        its :class:`StepResult` (iterator in, iterator out), or call ``.step(inputs)``.
-
-        ``target`` is a model name (a new session is opened) or a session (SessionInfo,
-        Session, or ``session_id=``) to resume. See :class:`Stream` for reconnection.
-        """
-        name, sid, tracker = _stream_target(target, session_id)
-        return Stream(
-            self,
-            model=name,
-            version=version,
-            session_id=sid,
-            steps=steps,
-            binary=binary,
-            vocabulary=vocabulary,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout if timeout is not None else _seconds(self.timeout),
-            max_message_bytes=max_message_bytes,
-            tracker=tracker,
-        )
-
-
-def _seconds(timeout: Any) -> float | None:
-    if isinstance(timeout, httpx.Timeout):
-        return timeout.read
-    return timeout
+    def _new_stream(self, **options: Any) -> Stream:
+        return Stream(self, **options)
 
 
 def _stream_target(target: Any, session_id: str | None) -> tuple[str | None, str | None, Any]:
@@ -691,20 +741,18 @@ def _stream_target(target: Any, session_id: str | None) -> tuple[str | None, str
         return target, None, None
     if target is None:
         raise TypeError("stream needs a model name or a session")
-    tracker = target if isinstance(target, (Session, AsyncSession)) else None
+    tracker = target if isinstance(target, _SessionBase) else None
     return None, _sid(target), tracker
 
 
-class Session:
-    """An exactly-once view of one session: tracks step_count and sends ``seq`` on every
-    step, so a step whose answer was lost (connection error, timeout, 502/503/504, overload)
-    is sent again up to ``retries`` times and the server applies it exactly once.
+_R = TypeVar("_R", StepResult, GenerateResult)
+_T = TypeVar("_T")
 
-    One Session must not be stepped from several threads at once (steps are ordered).
-    ``with`` deletes the session on exit.
-    """
 
-    def __init__(self, client: Client, info: SessionInfo, *, retries: int = 3, backoff: float = 0.1):
+class _SessionBase(_Retrying):
+    """What Session and AsyncSession share: the session's identity and step_count."""
+
+    def __init__(self, client: Any, info: SessionInfo, *, retries: int = 3, backoff: float = 0.1):
         self.client = client
         self.info = info
         self.session_id = info.session_id
@@ -717,7 +765,41 @@ class Session:
         """Requests re-sent after a transient failure (for monitoring and tests)."""
 
     def __repr__(self) -> str:
-        return f"Session({self.session_id!r}, model={self.model!r}, step_count={self.step_count})"
+        return (
+            f"{type(self).__name__}({self.session_id!r}, model={self.model!r}, "
+            f"step_count={self.step_count})"
+        )
+
+    def _seq(self, inputs: Any) -> int:
+        """The step_count once ``inputs`` are applied: the ``seq`` of their request."""
+        return self.step_count + _check_steps(inputs)
+
+    def _track(self, result: _R) -> _R:
+        self.step_count = result.step_count
+        return result
+
+    def _set_info(self, info: SessionInfo) -> SessionInfo:
+        self.info = info
+        self.step_count = info.step_count
+        return info
+
+    @staticmethod
+    def _check_deleted(exc: RnnServeError, missing_ok: bool) -> None:
+        """Re-raise a failed delete unless the session is already gone and that is fine."""
+        if not (missing_ok and exc.code in ("session_not_found", "session_expired")):
+            raise exc
+
+
+class Session(_SessionBase):
+    """An exactly-once view of one session: tracks step_count and sends ``seq`` on every
+    step, so a step whose answer was lost (connection error, timeout, 502/503/504, overload)
+    is sent again up to ``retries`` times and the server applies it exactly once.
+
+    One Session must not be stepped from several threads at once (steps are ordered).
+    ``with`` deletes the session on exit.
+    """
+
+    client: Client
 
     def __enter__(self) -> Self:
         return self
@@ -726,50 +808,39 @@ class Session:
         self.delete(missing_ok=True)
 
     def step(self, inputs: Any) -> StepResult:
-        seq = self.step_count + _check_steps(inputs)
+        seq = self._seq(inputs)
         attempt = 0
         while True:
             try:
-                result = self.client.step(self.session_id, inputs, seq=seq)
+                return self._track(self.client.step(self.session_id, inputs, seq=seq))
             except RnnServeError as exc:
-                if not exc.transient or attempt >= self.retries:
-                    raise
-                attempt += 1
-                self.retried += 1
-                time.sleep(_delay(attempt, self.backoff, 2.0, exc.retry_after))
-                continue
-            self.step_count = result.step_count
-            return result
+                time.sleep(self._pause(exc, attempt))
+            attempt += 1
 
     def generate(
         self, steps: int, *, temperature: float = 1.0, seed: int | None = None, prime: Any = None
     ) -> GenerateResult:
         """Generation carries no seq, so it is never retried."""
-        result = self.client.generate(
-            self.session_id, steps, temperature=temperature, seed=seed, prime=prime
+        return self._track(
+            self.client.generate(
+                self.session_id, steps, temperature=temperature, seed=seed, prime=prime
+            )
         )
-        self.step_count = result.step_count
-        return result
 
     def refresh(self) -> SessionInfo:
-        self.info = self.client.session(self.session_id)
-        self.step_count = self.info.step_count
-        return self.info
+        return self._set_info(self.client.session(self.session_id))
 
     def export_state(self) -> dict[str, Any]:
         return self.client.export_state(self.session_id)
 
     def reset(self) -> SessionInfo:
-        self.info = self.client.reset(self.session_id)
-        self.step_count = self.info.step_count
-        return self.info
+        return self._set_info(self.client.reset(self.session_id))
 
     def delete(self, *, missing_ok: bool = False) -> None:
         try:
             self.client.delete(self.session_id)
         except RnnServeError as exc:
-            if not (missing_ok and exc.code in ("session_not_found", "session_expired")):
-                raise
+            self._check_deleted(exc, missing_ok)
 
     def stream(self, steps: Iterable[Any] | None = None, **options: Any) -> Stream:
         """A WebSocket stream on this session; this object's step_count follows it."""
@@ -779,7 +850,7 @@ class Session:
 # -- streaming ---------------------------------------------------------------------------
 
 
-class _StreamBase:
+class _StreamBase(_Retrying):
     """What the sync and async streams share: encoding, decoding, bookkeeping."""
 
     def __init__(
@@ -852,6 +923,26 @@ class _StreamBase:
             self.reconnects += 1
         self._opened = True
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the stream is closed")
+
+    def _session_info(self) -> SessionInfo:
+        assert self.info is not None
+        return self.info
+
+    def _lacks_vocabulary(self, inputs: Any) -> bool:
+        """True when symbol inputs need a vocabulary (for binary frames) not yet fetched."""
+        return _needs_vocabulary(inputs) and self.binary and self.vocabulary is None
+
+    def _frame(self, pending: list[str | bytes], inputs: Any, n: int) -> str | bytes:
+        """The message for ``n`` steps of ``inputs``, encoded on the first attempt (once the
+        step_count is known) and sent again unchanged, with the same seq, on every retry."""
+        if not pending:
+            assert self.step_count is not None
+            pending.append(self._encode(inputs, self.step_count + n))
+        return pending[0]
+
     def _encode(self, inputs: Any, seq: int) -> str | bytes:
         if self.binary:
             return encode_request(_steps_array(inputs, self.vocabulary), seq)
@@ -915,6 +1006,8 @@ class Stream(_StreamBase):
     At most ``retries`` attempts in a row are made before RnnServeError is raised.
     """
 
+    client: Client
+
     def __enter__(self) -> Self:
         self.open()
         return self
@@ -934,28 +1027,22 @@ class Stream(_StreamBase):
     def open(self) -> SessionInfo:
         """Connect now (else the first step connects); returns the session info."""
         self._retrying(lambda: None)
-        assert self.info is not None
-        return self.info
+        return self._session_info()
 
     def step(self, inputs: Any) -> StepResult:
         n = _check_steps(inputs)
-        if _needs_vocabulary(inputs) and self.binary and self.vocabulary is None:
-            self.open()
-            self._vocabulary_from(self.client.model(self.info.model))  # type: ignore[union-attr]
-        frame: list[str | bytes] = []
+        if self._lacks_vocabulary(inputs):
+            self._vocabulary_from(self.client.model(self.open().model))
+        pending: list[str | bytes] = []
 
         def exchange() -> StepResult:
-            if not frame:
-                assert self.step_count is not None
-                frame.append(self._encode(inputs, self.step_count + n))
-            self.connection.send(frame[0])
+            self.connection.send(self._frame(pending, inputs, n))
             return self._answer(self.connection.recv(timeout=self.timeout))
 
         return self._retrying(exchange)
 
-    def _retrying(self, action) -> Any:
-        if self._closed:
-            raise RuntimeError("the stream is closed")
+    def _retrying(self, action: Callable[[], _T]) -> _T:
+        self._check_open()
         attempt = 0
         while True:
             try:
@@ -963,19 +1050,12 @@ class Stream(_StreamBase):
                     self._connect()
                 return action()
             except RnnServeError as exc:
-                if not exc.transient or attempt >= self.retries:
-                    raise
-                wait = exc.retry_after
+                pause = self._pause(exc, attempt)
             except _DROPPED as exc:
                 self._forget()
-                if attempt >= self.retries:
-                    raise RnnServeError(
-                        None, "connection_error", f"the stream dropped {attempt + 1} times: {exc!r}"
-                    ) from exc
-                wait = None
+                pause = self._pause(exc, attempt)
             attempt += 1
-            self.retried += 1
-            time.sleep(_delay(attempt, self.backoff, 2.0, wait))
+            time.sleep(pause)
 
     def _connect(self) -> None:
         try:
@@ -1007,6 +1087,8 @@ class AsyncStream(_StreamBase):
     ``steps`` may be a sync or an async iterable.
     """
 
+    client: AsyncClient
+
     _is_async = True
 
     async def __aenter__(self) -> Self:
@@ -1034,29 +1116,22 @@ class AsyncStream(_StreamBase):
             return None
 
         await self._retrying(nothing)
-        assert self.info is not None
-        return self.info
+        return self._session_info()
 
     async def step(self, inputs: Any) -> StepResult:
         n = _check_steps(inputs)
-        if _needs_vocabulary(inputs) and self.binary and self.vocabulary is None:
-            await self.open()
-            self._vocabulary_from(await self.client.model(self.info.model))  # type: ignore[union-attr,misc]
-        frame: list[str | bytes] = []
+        if self._lacks_vocabulary(inputs):
+            self._vocabulary_from(await self.client.model((await self.open()).model))
+        pending: list[str | bytes] = []
 
         async def exchange() -> StepResult:
-            if not frame:
-                assert self.step_count is not None
-                frame.append(self._encode(inputs, self.step_count + n))
-            await self.connection.send(frame[0])
-            answer = await asyncio.wait_for(self.connection.recv(), self.timeout)
-            return self._answer(answer)
+            await self.connection.send(self._frame(pending, inputs, n))
+            return self._answer(await asyncio.wait_for(self.connection.recv(), self.timeout))
 
         return await self._retrying(exchange)
 
-    async def _retrying(self, action) -> Any:
-        if self._closed:
-            raise RuntimeError("the stream is closed")
+    async def _retrying(self, action: Callable[[], Awaitable[_T]]) -> _T:
+        self._check_open()
         attempt = 0
         while True:
             try:
@@ -1064,19 +1139,12 @@ class AsyncStream(_StreamBase):
                     await self._connect()
                 return await action()
             except RnnServeError as exc:
-                if not exc.transient or attempt >= self.retries:
-                    raise
-                wait = exc.retry_after
+                pause = self._pause(exc, attempt)
             except _DROPPED as exc:
                 await self._aforget()
-                if attempt >= self.retries:
-                    raise RnnServeError(
-                        None, "connection_error", f"the stream dropped {attempt + 1} times: {exc!r}"
-                    ) from exc
-                wait = None
+                pause = self._pause(exc, attempt)
             attempt += 1
-            self.retried += 1
-            await asyncio.sleep(_delay(attempt, self.backoff, 2.0, wait))
+            await asyncio.sleep(pause)
 
     async def _connect(self) -> None:
         try:
@@ -1111,7 +1179,7 @@ class AsyncStream(_StreamBase):
 # -- the asynchronous client -------------------------------------------------------------
 
 
-class AsyncClient(_Api):
+class AsyncClient(_Api["AsyncStream"]):
     """The asyncio twin of :class:`Client` (httpx.AsyncClient underneath)."""
 
     def __init__(
@@ -1124,15 +1192,8 @@ class AsyncClient(_Api):
         transport: httpx.AsyncBaseTransport | None = None,
         verify: Any = True,
     ) -> None:
-        super().__init__(base_url, api_key, headers)
-        self.timeout = timeout
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=self.headers,
-            timeout=timeout,
-            transport=transport,
-            verify=verify,
-        )
+        super().__init__(base_url, api_key, headers, timeout)
+        self._http = httpx.AsyncClient(**self._http_options(transport, verify))
 
     async def __aenter__(self) -> Self:
         return self
@@ -1232,56 +1293,14 @@ class AsyncClient(_Api):
     ) -> AsyncSession:
         return AsyncSession(self, await self.session(session_id), retries=retries, backoff=backoff)
 
-    def stream(
-        self,
-        target: Any = None,
-        steps: Iterable[Any] | AsyncIterable[Any] | None = None,
-        *,
-        session_id: str | None = None,
-        version: int | None = None,
-        binary: bool = False,
-        vocabulary: Sequence[str] | None = None,
-        retries: int = 5,
-        backoff: float = 0.1,
-        timeout: float | None = None,
-        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> AsyncStream:
-        """See :meth:`Client.stream`; iterate with ``async for``."""
-        name, sid, tracker = _stream_target(target, session_id)
-        return AsyncStream(
-            self,
-            model=name,
-            version=version,
-            session_id=sid,
-            steps=steps,
-            binary=binary,
-            vocabulary=vocabulary,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout if timeout is not None else _seconds(self.timeout),
-            max_message_bytes=max_message_bytes,
-            tracker=tracker,
-        )
+    def _new_stream(self, **options: Any) -> AsyncStream:
+        return AsyncStream(self, **options)
 
 
-class AsyncSession:
+class AsyncSession(_SessionBase):
     """The asyncio twin of :class:`Session` (``async with`` deletes the session on exit)."""
 
-    def __init__(
-        self, client: AsyncClient, info: SessionInfo, *, retries: int = 3, backoff: float = 0.1
-    ):
-        self.client = client
-        self.info = info
-        self.session_id = info.session_id
-        self.model = info.model
-        self.version = info.version
-        self.step_count = info.step_count
-        self.retries = retries
-        self.backoff = backoff
-        self.retried = 0
-
-    def __repr__(self) -> str:
-        return f"AsyncSession({self.session_id!r}, model={self.model!r}, step_count={self.step_count})"
+    client: AsyncClient
 
     async def __aenter__(self) -> Self:
         return self
@@ -1290,49 +1309,38 @@ class AsyncSession:
         await self.delete(missing_ok=True)
 
     async def step(self, inputs: Any) -> StepResult:
-        seq = self.step_count + _check_steps(inputs)
+        seq = self._seq(inputs)
         attempt = 0
         while True:
             try:
-                result = await self.client.step(self.session_id, inputs, seq=seq)
+                return self._track(await self.client.step(self.session_id, inputs, seq=seq))
             except RnnServeError as exc:
-                if not exc.transient or attempt >= self.retries:
-                    raise
-                attempt += 1
-                self.retried += 1
-                await asyncio.sleep(_delay(attempt, self.backoff, 2.0, exc.retry_after))
-                continue
-            self.step_count = result.step_count
-            return result
+                await asyncio.sleep(self._pause(exc, attempt))
+            attempt += 1
 
     async def generate(
         self, steps: int, *, temperature: float = 1.0, seed: int | None = None, prime: Any = None
     ) -> GenerateResult:
-        result = await self.client.generate(
-            self.session_id, steps, temperature=temperature, seed=seed, prime=prime
+        return self._track(
+            await self.client.generate(
+                self.session_id, steps, temperature=temperature, seed=seed, prime=prime
+            )
         )
-        self.step_count = result.step_count
-        return result
 
     async def refresh(self) -> SessionInfo:
-        self.info = await self.client.session(self.session_id)
-        self.step_count = self.info.step_count
-        return self.info
+        return self._set_info(await self.client.session(self.session_id))
 
     async def export_state(self) -> dict[str, Any]:
         return await self.client.export_state(self.session_id)
 
     async def reset(self) -> SessionInfo:
-        self.info = await self.client.reset(self.session_id)
-        self.step_count = self.info.step_count
-        return self.info
+        return self._set_info(await self.client.reset(self.session_id))
 
     async def delete(self, *, missing_ok: bool = False) -> None:
         try:
             await self.client.delete(self.session_id)
         except RnnServeError as exc:
-            if not (missing_ok and exc.code in ("session_not_found", "session_expired")):
-                raise
+            self._check_deleted(exc, missing_ok)
 
     def stream(
         self, steps: Iterable[Any] | AsyncIterable[Any] | None = None, **options: Any
