@@ -27,6 +27,7 @@ from service.errors import (
     SessionNotFound,
     TooManySessions,
 )
+from service.inputs import sequence_array
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion, ReloadReport
 from service.sessions import SessionRecord, SessionStore, make_store
@@ -285,13 +286,14 @@ class Engine:
         """Advance the session by exactly the given steps, or replay a retried ``seq``.
 
         ``parse(card, inputs) -> np.ndarray`` validates the inputs against the session's
-        model before anything changes; by default ``inputs`` must already be an array.
+        model before anything changes; by default ``service.inputs.sequence_array`` does,
+        for lists of steps (numbers or symbols) and arrays alike.
         """
         async with self._session_lock(session_id):
             for _ in range(_COMMIT_ATTEMPTS):
                 record = await self._owned(session_id, owner)
                 entry = self.session_model(record)
-                x = parse(entry.card, inputs) if parse is not None else inputs
+                x = (parse or self._parse)(entry.card, inputs)
                 replay = self._check_seq(record, seq, x.shape[0])
                 if replay is not None:
                     return StepResult(replay, record, replayed=True)
@@ -313,6 +315,9 @@ class Engine:
                 self._steps_counter(entry).inc(x.shape[0])
                 return StepResult(y, record)
         raise SessionConflict("the session kept changing under this request; retry it")
+
+    def _parse(self, card, steps: object) -> np.ndarray:
+        return sequence_array(card, steps, self.settings)
 
     @staticmethod
     def _check_seq(record: SessionRecord, seq: int | None, steps: int) -> np.ndarray | None:
@@ -389,7 +394,7 @@ class Engine:
             x: np.ndarray | None = None
             last: np.ndarray | None = None
             if prime is not None:
-                x = parse(card, prime) if parse is not None else prime
+                x = (parse or self._parse)(card, prime)
             elif record.step_count > 0 and record.last_outputs:
                 # Continue from the model's last answer: its prediction of the next step.
                 last = np.frombuffer(record.last_outputs, np.float32)[-card.output_size :]

@@ -29,7 +29,6 @@ from service.api.schemas import (
     StepRequest,
     StepResponse,
 )
-from service.card import ModelCard
 from service.engine import Engine
 from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
 from service.repository import ModelVersion
@@ -40,15 +39,6 @@ router = APIRouter(
 
 _MODEL_ERRORS = error_responses(401, 404, 503)
 _INPUT_ERRORS = error_responses(401, 404, 409, 413, 422, 429, 503)
-
-
-def _parser(engine: Engine):
-    settings = engine.settings
-
-    def parse(card: ModelCard, steps: Any) -> np.ndarray:
-        return sequence_array(card, steps, settings)
-
-    return parse
 
 
 def model_info(engine: Engine, name: str) -> dict[str, Any]:
@@ -200,7 +190,7 @@ async def step(
     session_id: str, body: StepRequest, request: Request, who: str | None = Depends(owner)
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    result = await engine.step(session_id, who, body.inputs, body.seq, parse=_parser(engine))
+    result = await engine.step(session_id, who, body.inputs, body.seq)
     return ORJSONResponse(step_content(engine, result.record, result.outputs, result.replayed))
 
 
@@ -229,7 +219,6 @@ async def generate(
         temperature=body.temperature,
         seed=body.seed,
         prime=body.prime,
-        parse=_parser(engine),
     )
     content: dict[str, Any] = {
         "generated": result.generated,

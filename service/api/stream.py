@@ -15,7 +15,6 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
@@ -24,7 +23,6 @@ from service.api.rest import step_content
 from service.engine import Engine
 from service.errors import InvalidInput, PayloadTooLarge, RateLimited, ServeError
 from service.frames import FrameError, decode_request, encode_response
-from service.inputs import sequence_array
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("service.stream")
@@ -81,9 +79,6 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
     limiter = _RateLimiter(settings.ws_max_messages_per_s)
     entry = None
 
-    def parse(card, steps: Any) -> np.ndarray:
-        return sequence_array(card, steps, settings)
-
     while True:
         try:
             message = await websocket.receive()
@@ -113,13 +108,13 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
                     )
                     await websocket.close(CLOSE_UNSUPPORTED)
                     return
-                result = await engine.step(session_id, who, x, seq, parse=parse)
+                result = await engine.step(session_id, who, x, seq)
                 await websocket.send_bytes(
                     encode_response(result.outputs, result.record.step_count, result.replayed)
                 )
             else:
                 inputs, seq = _json_message(text)
-                result = await engine.step(session_id, who, inputs, seq, parse=parse)
+                result = await engine.step(session_id, who, inputs, seq)
                 content = step_content(engine, result.record, result.outputs, result.replayed)
                 await websocket.send_text(dumps(content).decode())
             if entry is None:
