@@ -11,14 +11,14 @@ DEV_VENV := .venv
 $(SERVE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
-	$(SERVE_VENV)/bin/pip install --quiet .
+	$(SERVE_VENV)/bin/pip install --quiet '.[grpc]'
 	touch $@
 
 $(DEV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_VENV)/bin/pip install --quiet --upgrade pip
 	$(DEV_VENV)/bin/pip install --quiet torch==2.13.0
-	$(DEV_VENV)/bin/pip install --quiet -e '.[train,dev]'
+	$(DEV_VENV)/bin/pip install --quiet -e '.[train,grpc,dev]'
 	touch $@
 
 ## Start the server on the demo models (base install only: no torch).

@@ -226,6 +226,7 @@ class Engine:
             created_at=now,
             last_used=now,
             owner=owner,
+            fingerprint=entry.digest,
         )
         try:
             await self.store.create(record)
@@ -255,6 +256,7 @@ class Engine:
                     created_at=now,
                     last_used=now,
                     owner=owner,
+                    fingerprint=entry.digest,
                 )
                 try:
                     await self.store.create(record)
@@ -272,8 +274,8 @@ class Engine:
         return record
 
     def session_model(self, record: SessionRecord) -> ModelVersion:
-        """The version the session was created on (sessions never switch versions)."""
-        return self.repository.get(record.model, record.version)
+        """The exact model the session was created on (sessions never switch models)."""
+        return self.repository.for_session(record.model, record.version, record.fingerprint)
 
     async def step(
         self,

@@ -30,6 +30,8 @@ class ModelVersion:
     runner: Runner | None = None
     error: str | None = None
     fingerprint: tuple[float, int] = (0.0, 0)
+    digest: str = ""
+    """Identity of the exact model loaded (ONNX file + card); sessions record it."""
     extras: dict = field(default_factory=dict)
     """Per-version objects owned by the server (e.g. its batcher)."""
 
@@ -133,6 +135,13 @@ class ModelRepository:
         if not found:
             raise ModelNotFound(f"no model named {name!r}")
         return sorted(found, key=lambda v: v.version)
+
+    def for_session(self, name: str, version: int, digest: str) -> ModelVersion:
+        """The loaded model a session created on ``name``/``version`` with ``digest`` runs on.
+
+        TODO(hardening issue): refuse a version whose model changed under the session.
+        """
+        return self.get(name, version)
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         """The ready version asked for, or the highest version when none is named."""

@@ -169,9 +169,16 @@ def start_server(repo: Path, log_dir: Path, env: dict[str, str] | None = None, t
     """A real ``rnn-serve`` process on a free port, returned once /readyz answers 200."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    full_env = {**os.environ, "RNNSERVE_LOG_LEVEL": "warning", **(env or {})}
+    # ``python -m service.cli`` from this checkout (not the installed console script), so a
+    # test always runs the server code beside it, whichever checkout installed the venv.
+    full_env = {
+        **os.environ,
+        "RNNSERVE_LOG_LEVEL": "warning",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
     proc = subprocess.Popen(
-        [str(BIN / "rnn-serve"), "--model-repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "service.cli", "--model-repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
         env=full_env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -211,12 +218,14 @@ def server(server_factory, model_repo: Path) -> ServerProcess:
     return server_factory(model_repo)
 
 
-REDIS_URL_BASE = "redis://127.0.0.1:6379"
+REDIS_PORT = int(os.environ.get("RNNSERVE_TEST_REDIS_PORT", "6379"))
+"""The shared test Redis; set RNNSERVE_TEST_REDIS_PORT to run suites side by side."""
+REDIS_URL_BASE = f"redis://127.0.0.1:{REDIS_PORT}"
 
 
 def redis_available() -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+        with socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=0.5):
             return True
     except OSError:
         return False
@@ -232,12 +241,12 @@ def redis_db() -> Callable[[int], str]:
     def get(db: int) -> str:
         if not redis_available():
             if os.environ.get("CI"):
-                pytest.fail("Redis is not reachable at 127.0.0.1:6379 on CI")
-            pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-        redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+                pytest.fail(f"Redis is not reachable at 127.0.0.1:{REDIS_PORT} on CI")
+            pytest.skip(f"Redis is not reachable at 127.0.0.1:{REDIS_PORT}")
+        redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=db).flushdb()
         used.append(db)
         return f"{REDIS_URL_BASE}/{db}"
 
     yield get
     for db in used:
-        redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+        redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=db).flushdb()

@@ -31,6 +31,9 @@ class SessionRecord:
     """``step_count`` right after the last request that carried a ``seq``."""
     last_outputs: bytes | None = None
     last_outputs_shape: tuple[int, ...] = field(default_factory=tuple)
+    fingerprint: str = ""
+    """Digest of the exact model (ONNX file + card) the session was created on; a version
+    replaced in place by another model does not silently run this state."""
 
     def expires_at(self, ttl_s: float) -> float:
         return self.last_used + ttl_s
@@ -51,6 +54,7 @@ class SessionRecord:
             self.last_seq,
             self.last_outputs,
             self.last_outputs_shape,
+            self.fingerprint,
         )
 
 
@@ -67,16 +71,52 @@ class SessionStore(abc.ABC):
         """Insert a new session; TooManySessions when a limit would be exceeded."""
 
     @abc.abstractmethod
-    async def get(self, session_id: str) -> SessionRecord:
-        """A private copy of the record; SessionNotFound or SessionExpired otherwise."""
+    async def get(self, session_id: str, *, fresh: bool = False) -> SessionRecord:
+        """A private copy of the record; SessionNotFound or SessionExpired otherwise.
+
+        With ``fresh=False`` a store may answer from a local cache of the record this
+        process last read or committed (its revision may then be stale: the commit's
+        compare-and-set catches that). ``fresh=True`` always reads the shared store; the
+        engine asks for it before any decision a stale copy could get wrong (a replayed
+        ``seq``, a ``seq_mismatch``, a retry after a conflict).
+        """
 
     @abc.abstractmethod
-    async def commit(self, record: SessionRecord) -> None:
+    async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
         """Write ``record`` if the stored revision is still ``record.revision``, bumping it.
 
         SessionConflict when another writer got there first; SessionNotFound/SessionExpired
-        when the session is gone. Refreshes the TTL.
+        when the session is gone. Refreshes the TTL. With ``release=True`` the same
+        compare-and-set deletes the session instead of writing it (Triton's END: the last
+        steps and the release are one operation).
         """
+
+    async def get_many(
+        self, session_ids: list[str], *, fresh: bool = False
+    ) -> list[SessionRecord | BaseException]:
+        """``get`` for many sessions at once (one round trip where the store allows);
+        each item is the record or the error ``get`` would raise."""
+        out: list[SessionRecord | BaseException] = []
+        for session_id in session_ids:
+            try:
+                out.append(await self.get(session_id, fresh=fresh))
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                out.append(exc)
+        return out
+
+    async def commit_many(
+        self, records: list[SessionRecord], release: list[bool] | None = None
+    ) -> list[BaseException | None]:
+        """``commit`` for many sessions at once (one round trip where the store allows);
+        each item is None (committed, the record's revision bumped) or the error."""
+        out: list[BaseException | None] = []
+        for k, record in enumerate(records):
+            try:
+                await self.commit(record, release=bool(release and release[k]))
+                out.append(None)
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                out.append(exc)
+        return out
 
     @abc.abstractmethod
     async def touch(self, session_id: str, now: float) -> None:

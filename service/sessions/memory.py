@@ -54,15 +54,19 @@ class MemorySessionStore(SessionStore):
             raise SessionNotFound(f"no session {session_id}")
         return record
 
-    async def get(self, session_id: str) -> SessionRecord:
+    async def get(self, session_id: str, *, fresh: bool = False) -> SessionRecord:
         return self._live(session_id).clone()
 
-    async def commit(self, record: SessionRecord) -> None:
+    async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
         stored = self._live(record.session_id)
         if stored.revision != record.revision:
             raise SessionConflict(
                 "the session was changed by another request", step_count=stored.step_count
             )
+        if release:
+            await self.delete(record.session_id)
+            record.revision += 1
+            return
         fresh = record.clone()
         fresh.revision += 1
         fresh.last_used = self._clock()

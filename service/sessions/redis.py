@@ -303,7 +303,7 @@ class RedisSessionStore(SessionStore):
         if code == _EXISTS:
             raise SessionConflict(f"session {record.session_id} already exists")
 
-    async def get(self, session_id: str) -> SessionRecord:
+    async def get(self, session_id: str, *, fresh: bool = False) -> SessionRecord:
         with _available():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.get(self._key(session_id))
@@ -313,7 +313,11 @@ class RedisSessionStore(SessionStore):
             raise self._gone(session_id, _EXPIRED if marked else _NOT_FOUND)
         return decode(session_id, blob)
 
-    async def commit(self, record: SessionRecord) -> None:
+    async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
+        if release:  # TODO(scale-out issue): fold into the commit script
+            await self.commit(record)
+            await self.delete(record.session_id)
+            return
         now = self._clock()
         revision = record.revision + 1
         args = [

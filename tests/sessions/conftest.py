@@ -11,7 +11,9 @@ import redis
 
 from service.sessions.redis import RedisSessionStore
 
-REDIS_URL = os.environ.get("RNNSERVE_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
+REDIS_URL = os.environ.get(
+    "RNNSERVE_TEST_REDIS", f"redis://127.0.0.1:{os.environ.get('RNNSERVE_TEST_REDIS_PORT', '6379')}"
+).rstrip("/")
 REDIS_DB = 12
 
 
