@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
+CardCell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mixed"]
+InputKind = Literal["values", "tokens"]
 OutputActivation = Literal["identity", "softmax", "sigmoid"]
 CARD_FILE = "card.json"
 MODEL_FILE = "model.onnx"
@@ -20,6 +22,10 @@ MODEL_FILE = "model.onnx"
 class CardInputs(BaseModel):
     sequence: str = "x"
     lengths: str | None = None
+    kind: InputKind = "values"
+    """``values``: the sequence input is float32 [batch, time, input_size].
+    ``tokens``: it is int64 ids [batch, time] into an embedding, each id in
+    [0, input_size): ``input_size`` is then the vocabulary size."""
 
 
 class CardOutputs(BaseModel):
@@ -58,6 +64,13 @@ class StateSpec(BaseModel):
         return n
 
 
+class LayerSpec(BaseModel):
+    """One recurrent layer, descriptive (the state tensors are what the server relies on)."""
+
+    cell: Cell
+    hidden_size: int = Field(ge=1)
+
+
 class Generation(BaseModel):
     """How the model's output is fed back as its next input (one-to-many)."""
 
@@ -74,9 +87,12 @@ class ModelCard(BaseModel):
 
     name: str
     version: int
-    cell: Cell
+    cell: CardCell
+    """The recurrent cell, or ``mixed`` when layers differ (see ``layers``)."""
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
+    """Descriptive: the largest layer's size when layers differ (see ``layers``)."""
+    layers: list[LayerSpec] | None = None
     input_size: int = Field(ge=1)
     output_size: int = Field(ge=1)
     output_activation: OutputActivation
@@ -111,6 +127,10 @@ class ModelCard(BaseModel):
             if self.generation.mode == "value" and self.output_size != self.input_size:
                 raise ValueError("value generation needs output_size == input_size")
         return self
+
+    @property
+    def token_inputs(self) -> bool:
+        return self.inputs.kind == "tokens"
 
     @property
     def state_bytes(self) -> int:
