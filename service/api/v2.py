@@ -471,18 +471,18 @@ async def model_version_config(name: str, version: str, request: Request) -> ORJ
     return ORJSONResponse(_model_config(engine_of(request), name, _version(version)))
 
 
-async def _infer(request: Request, name: str, version: str | None, who: str | None) -> Response:
-    engine = engine_of(request)
+async def run_infer(
+    engine: Engine, name: str, version: int | None, parsed: InferRequest, who: str | None
+) -> tuple[dict[str, Any], list[OutputTensor]]:
+    """One decoded inference request run on the engine: the response head and its outputs.
+
+    Shared by HTTP and gRPC; each only decodes its request and encodes this answer.
+    """
     settings = engine.settings
-    number = _version(version)
-    body = decompress(
-        await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes
-    )
-    parsed = parse_request(body, request.headers.get(HEADER))
     params = sequence_params(parsed.parameters)
     head: dict[str, Any] = {"model_name": name}
     if params is None:
-        entry = engine.model(name, number)
+        entry = engine.model(name, version)
         card = entry.card
         assert card is not None
         decoded = decode(card, parsed, settings, single=False)
@@ -491,13 +491,24 @@ async def _infer(request: Request, name: str, version: str | None, who: str | No
         y_name, model_version, binary = card.outputs.sequence, entry.version, decoded.binary_y
     else:
         y_name, model_version, y, binary, extra = await _infer_sequence(
-            engine, name, number, parsed, params, who
+            engine, name, version, parsed, params, who
         )
         head["parameters"] = extra
     head["model_version"] = str(model_version)
     if parsed.id is not None:
         head["id"] = parsed.id
-    content, header_length = encode_response(head, [OutputTensor(y_name, y, binary=binary)])
+    return head, [OutputTensor(y_name, y, binary=binary)]
+
+
+async def _infer(request: Request, name: str, version: str | None, who: str | None) -> Response:
+    engine = engine_of(request)
+    number = _version(version)
+    body = decompress(
+        await request.body(), request.headers.get("content-encoding"), engine.settings.max_body_bytes
+    )
+    parsed = parse_request(body, request.headers.get(HEADER))
+    head, outputs = await run_infer(engine, name, number, parsed, who)
+    content, header_length = encode_response(head, outputs)
     headers: dict[str, str] = {}
     media_type = "application/json"
     if header_length is not None:
