@@ -8,6 +8,7 @@ A step crosses: the API layer -> Engine (ordering, exactly-once, commit) -> Step
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -24,6 +25,7 @@ from service.errors import (
     PayloadTooLarge,
     SequenceMismatch,
     SessionConflict,
+    SessionExpired,
     SessionNotFound,
     TooManySessions,
 )
@@ -206,8 +208,10 @@ class Engine:
         """Requests to one session run one at a time, in arrival order (asyncio.Lock is FIFO)."""
         return _SessionLock(self._locks, session_id)
 
-    async def _owned(self, session_id: str, owner: str | None) -> SessionRecord:
-        record = await self.store.get(session_id)
+    async def _owned(
+        self, session_id: str, owner: str | None, *, fresh: bool = False
+    ) -> SessionRecord:
+        record = await self.store.get(session_id, fresh=fresh)
         if record.owner != owner:
             # Another key's session: answer exactly as if it did not exist.
             raise SessionNotFound(f"no session {session_id}")
@@ -236,34 +240,106 @@ class Engine:
         self.metrics.sessions_created.labels(model=entry.name).inc()
         return record
 
-    async def start_session(
-        self, entry: ModelVersion, owner: str | None, session_id: str
-    ) -> SessionRecord:
-        """A fresh zero-state session under a chosen id, replacing a live one of that id.
+    @staticmethod
+    def sequence_session_id(owner: str | None, model: str, sequence_id: int | str) -> str:
+        """The session behind a Triton sequence (API key, model, sequence id): the same on
+        every replica and every protocol (HTTP v2 and gRPC share sequences)."""
+        kind = "u" if isinstance(sequence_id, int) else "s"
+        key = f"{owner or ''}\x00{model}\x00{kind}:{sequence_id}".encode()
+        return "seq-" + hashlib.sha256(key).hexdigest()[:32]
 
-        The per-session lock lets a step still in flight on the old session finish first.
+    async def sequence_step(
+        self,
+        entry: ModelVersion | None,
+        owner: str | None,
+        session_id: str,
+        inputs: object,
+        *,
+        start: bool,
+        end: bool,
+        seq: int | None = None,
+        parse=None,
+    ) -> StepResult:
+        """One request of a Triton sequence, as ONE operation under the session's lock and
+        ONE store commit.
+
+        - ``start``: validate everything (inputs, ``seq`` against a zero-state start), run
+          the steps from the zero state on ``entry``, then create the session or replace a
+          live one of that id with a fresh record (compare-and-set over its revision).
+        - ``end``: the steps and the release of the session are one commit.
+        - neither: a plain step on the session's own model (``entry`` is only used by
+          START and may be None otherwise); an unknown id raises SessionNotFound, so a
+          request queued behind an END is refused like any request without START.
+
+        A rejected request of any kind changes nothing.
         """
-        assert entry.runner is not None
         async with self._session_lock(session_id):
-            for _ in range(_COMMIT_ATTEMPTS):
-                await self.store.delete(session_id)
-                now = time.time()
-                record = SessionRecord(
-                    session_id=session_id,
-                    model=entry.name,
-                    version=entry.version,
-                    state=entry.runner.zero_state(),
-                    created_at=now,
-                    last_used=now,
-                    owner=owner,
-                    fingerprint=entry.digest,
-                )
-                try:
-                    await self.store.create(record)
-                except SessionConflict:
-                    continue  # another replica created it between our delete and create
-                self.metrics.sessions_created.labels(model=entry.name).inc()
-                return record
+            if start:
+                assert entry is not None
+                return await self._restart(entry, owner, session_id, inputs, end, seq, parse)
+            return await self._advance(session_id, owner, inputs, seq, parse, release=end)
+
+    async def _restart(
+        self,
+        entry: ModelVersion,
+        owner: str | None,
+        session_id: str,
+        inputs: object,
+        release: bool,
+        seq: int | None,
+        parse,
+    ) -> StepResult:
+        assert entry.runner is not None
+        x = (parse or self._parse)(entry.card, inputs)
+        steps = x.shape[0]
+        if seq is not None and seq != steps:
+            raise SequenceMismatch(
+                f"seq {seq} does not follow a START: the sequence restarts at step_count 0, "
+                f"so {steps} steps need seq {steps}",
+                step_count=0,
+            )
+        y, state = await self.batcher(entry).submit(x, entry.runner.zero_state())
+        fresh = False
+        for _ in range(_COMMIT_ATTEMPTS):
+            try:
+                current: SessionRecord | None = await self.store.get(session_id, fresh=fresh)
+            except (SessionNotFound, SessionExpired):
+                current = None
+            if current is not None and current.owner != owner:
+                raise SessionConflict("this sequence id is in use; retry it")
+            now = time.time()
+            record = SessionRecord(
+                session_id=session_id,
+                model=entry.name,
+                version=entry.version,
+                state=state,
+                created_at=now,
+                last_used=now,
+                owner=owner,
+                fingerprint=entry.digest,
+            )
+            _remember(record, steps, y, seq)
+            try:
+                if current is None:
+                    if release:  # START+END on an unknown id: nothing to store
+                        record.revision = 1
+                    else:
+                        await self.store.create(record)
+                else:
+                    record.revision = current.revision
+                    await self.store.commit(record, release=release)
+            except SessionConflict:
+                fresh = True  # created or moved by another request: re-read and retry
+                continue
+            except TooManySessions:
+                self.metrics.session_refusals.inc()
+                raise
+            except (SessionNotFound, SessionExpired):
+                fresh = True  # vanished between our read and commit: create it instead
+                continue
+            self.metrics.sessions_created.labels(model=entry.name).inc()
+            self._steps_counter(entry).inc(steps)
+            return StepResult(y, record)
         raise SessionConflict("the session kept being re-created by other requests; retry it")
 
     async def session(self, session_id: str, owner: str | None) -> SessionRecord:
@@ -292,30 +368,50 @@ class Engine:
         for lists of steps (numbers or symbols) and arrays alike.
         """
         async with self._session_lock(session_id):
-            for _ in range(_COMMIT_ATTEMPTS):
-                record = await self._owned(session_id, owner)
-                entry = self.session_model(record)
-                x = (parse or self._parse)(entry.card, inputs)
+            return await self._advance(session_id, owner, inputs, seq, parse, release=False)
+
+    async def _advance(
+        self,
+        session_id: str,
+        owner: str | None,
+        inputs: object,
+        seq: int | None,
+        parse,
+        *,
+        release: bool,
+    ) -> StepResult:
+        """The body of a step, under the session's lock; ``release`` ends the session in
+        the same commit. A possibly cached record is re-read fresh before any decision a
+        stale copy could get wrong (a replay, a seq_mismatch, a retry after a conflict)."""
+        fresh = False
+        for _ in range(_COMMIT_ATTEMPTS + 1):
+            record = await self._owned(session_id, owner, fresh=fresh)
+            entry = self.session_model(record)
+            x = (parse or self._parse)(entry.card, inputs)
+            try:
                 replay = self._check_seq(record, seq, x.shape[0])
-                if replay is not None:
-                    return StepResult(replay, record, replayed=True)
-                y, state = await self.batcher(entry).submit(x, record.state)
-                record.state = state
-                record.step_count += x.shape[0]
-                if seq is not None:  # keep the whole answer: a retry may need it
-                    record.last_seq = seq
-                    record.last_outputs = y.tobytes()
-                    record.last_outputs_shape = y.shape
-                else:  # keep only the last row: generation continues from it
-                    record.last_seq = None
-                    record.last_outputs = y[-1].tobytes()
-                    record.last_outputs_shape = (1, y.shape[1])
-                try:
-                    await self.store.commit(record)
-                except SessionConflict:
-                    continue  # another replica moved first: re-read and re-check seq
-                self._steps_counter(entry).inc(x.shape[0])
-                return StepResult(y, record)
+            except SequenceMismatch:
+                if fresh:
+                    raise
+                fresh = True
+                continue
+            if replay is not None:
+                if not fresh:
+                    fresh = True
+                    continue
+                if release:  # END retried after its steps were applied: end it now
+                    await self.store.commit(record, release=True)
+                return StepResult(replay, record, replayed=True)
+            y, state = await self.batcher(entry).submit(x, record.state)
+            record.state = state
+            _remember(record, x.shape[0], y, seq)
+            try:
+                await self.store.commit(record, release=release)
+            except SessionConflict:
+                fresh = True  # another replica moved first: re-read and re-check seq
+                continue
+            self._steps_counter(entry).inc(x.shape[0])
+            return StepResult(y, record)
         raise SessionConflict("the session kept changing under this request; retry it")
 
     def _parse(self, card, steps: object) -> np.ndarray:
@@ -436,6 +532,19 @@ class Engine:
             await self.store.commit(record)
             self._steps_counter(entry).inc(fed)
             return GenerateResult(generated, np.asarray(outputs, np.float32), record)
+
+
+def _remember(record: SessionRecord, steps: int, y: np.ndarray, seq: int | None) -> None:
+    """Account ``steps`` applied steps with outputs ``y`` on ``record`` (state already set)."""
+    record.step_count += steps
+    if seq is not None:  # keep the whole answer: a retry may need it
+        record.last_seq = seq
+        record.last_outputs = y.tobytes()
+        record.last_outputs_shape = y.shape
+    else:  # keep only the last row: generation continues from it
+        record.last_seq = None
+        record.last_outputs = y[-1].tobytes()
+        record.last_outputs_shape = (1, y.shape[1])
 
 
 class _EndSymbol:

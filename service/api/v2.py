@@ -6,11 +6,12 @@
   batched with everything else the engine is running (an optional ``lengths`` input lets
   rows of a padded batch end early; their padded output steps are zeros);
 - with ``parameters.sequence_id`` the request steps a session: START creates it (or
-  replaces a live one), later requests carry its state, END answers then deletes it. The
-  session id is derived from (API key, model, sequence id), so every replica sharing the
-  session store finds the same session without another table; it is a normal session,
-  visible at ``/v1/sessions/{id}``, with the same TTL, limits, batching and exactly-once
-  ``seq``.
+  replaces a live one), later requests carry its state, END's steps and the release are
+  one commit. START and END are each one atomic engine operation
+  (``Engine.sequence_step``). The session id is derived by the engine from (API key,
+  model, sequence id), so every replica and protocol sharing the session store finds the
+  same session without another table; it is a normal session, visible at
+  ``/v1/sessions/{id}``, with the same TTL, limits, batching and exactly-once ``seq``.
 
 Errors on these routes use the protocol's shape ``{"error": "<message>"}``, including
 authentication and request-validation errors; the rest of the app keeps its own shape.
@@ -18,7 +19,6 @@ authentication and request-validation errors; the rest of the app keeps its own 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Callable, Coroutine
@@ -330,13 +330,6 @@ def sequence_params(parameters: dict[str, Any]) -> SequenceParams | None:
     return SequenceParams(raw, start, end, seq)
 
 
-def sequence_session_id(who: str | None, model: str, sequence_id: int | str) -> str:
-    """The session behind (API key, model, sequence id): the same on every replica."""
-    kind = "u" if isinstance(sequence_id, int) else "s"
-    key = f"{who or ''}\x00{model}\x00{kind}:{sequence_id}".encode()
-    return "seq-" + hashlib.sha256(key).hexdigest()[:32]
-
-
 def _describe(sequence_id: int | str) -> str:
     return str(sequence_id) if isinstance(sequence_id, int) else repr(sequence_id)
 
@@ -350,33 +343,34 @@ async def _infer_sequence(
     who: str | None,
 ) -> tuple[str, int, np.ndarray, bool, dict[str, Any]]:
     settings = engine.settings
-    session_id = sequence_session_id(who, name, params.id)
+    session_id = engine.sequence_session_id(who, name, params.id)
     decoded: Decoded | None = None
     used: ModelCard | None = None
-    if params.start:
-        entry = engine.model(name, version)
-        used = entry.card
-        assert used is not None
-        decoded = decode(used, request, settings, single=True)  # before anything changes
-        await engine.start_session(entry, who, session_id)
-        inputs: Any = decoded.sequences[0]
-        parse = None
-    else:
-        inputs = request
 
-        def parse(card: ModelCard, req: InferRequest) -> np.ndarray:
-            """Called by the engine with the session's own card, before anything changes."""
-            nonlocal decoded, used
-            if version is not None and card.version != version:
-                raise TensorError(
-                    f"sequence {_describe(params.id)} runs on version {card.version} of "
-                    f"model {name!r}, not version {version}"
-                )
-            decoded, used = decode(card, req, settings, single=True), card
-            return decoded.sequences[0]
+    def parse(card: ModelCard, req: InferRequest) -> np.ndarray:
+        """Called by the engine with the card the request runs on, before anything changes."""
+        nonlocal decoded, used
+        if not params.start and version is not None and card.version != version:
+            raise TensorError(
+                f"sequence {_describe(params.id)} runs on version {card.version} of "
+                f"model {name!r}, not version {version}"
+            )
+        decoded, used = decode(card, req, settings, single=True), card
+        return decoded.sequences[0]
 
+    # START runs on the requested model; later requests on the one the sequence started on.
+    entry = engine.model(name, version) if params.start else None
     try:
-        result = await engine.step(session_id, who, inputs, params.seq, parse=parse)
+        result = await engine.sequence_step(
+            entry,
+            who,
+            session_id,
+            request,
+            start=params.start,
+            end=params.end,
+            seq=params.seq,
+            parse=parse,
+        )
     except SessionExpired:
         raise TensorError(
             f"sequence {_describe(params.id)} for model {name!r} expired after "
@@ -391,11 +385,6 @@ async def _infer_sequence(
         ) from None
     assert decoded is not None and used is not None
     record = result.record
-    if params.end:
-        try:
-            await engine.delete(session_id, who)
-        except (SessionNotFound, SessionExpired):
-            pass  # ended concurrently (or expired in between): gone either way
     y = _padded([result.outputs], decoded.steps, used.output_size)
     extra: dict[str, Any] = {
         "sequence_id": params.id,

@@ -13,7 +13,9 @@ import struct
 import numpy as np
 import pytest
 
-from service.api.v2 import sequence_session_id
+from service.engine import Engine
+
+sequence_session_id = Engine.sequence_session_id
 
 RNG = np.random.default_rng(7)
 
