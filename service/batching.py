@@ -26,7 +26,7 @@ from service.runtime import Runner
 @dataclass(slots=True)
 class StepJob:
     x: np.ndarray
-    """[steps, input_size] float32, steps >= 1."""
+    """[steps, input_size] float32, or [steps] int64 token ids; steps >= 1."""
     state: np.ndarray
     """Flat float32 state of the sequence before these steps."""
     future: asyncio.Future | None = None
@@ -81,7 +81,8 @@ class StepBatch:
         else:
             steps = [job.x.shape[0] for job in group]
             longest = max(steps)
-            x = np.zeros((len(group), longest, group[0].x.shape[1]), np.float32)
+            first = group[0].x
+            x = np.zeros((len(group), longest, *first.shape[1:]), first.dtype)
             for row, job in enumerate(group):
                 x[row, : steps[row]] = job.x
             lengths = np.asarray(steps, np.int32) if runner.has_lengths else None

@@ -119,18 +119,41 @@ class ModelCard(BaseModel):
                     f"vocabulary has {len(self.vocabulary)} symbols but input_size is "
                     f"{self.input_size}"
                 )
+        if self.labels is not None and len(self.labels) != self.output_size:
+            raise ValueError(
+                f"labels has {len(self.labels)} names but output_size is {self.output_size}"
+            )
+        if self.layers is not None and len(self.layers) != self.num_layers:
+            raise ValueError(f"layers lists {len(self.layers)} layers but num_layers is {self.num_layers}")
+        if self.cell == "mixed" and self.layers is None:
+            raise ValueError('cell "mixed" needs layers (the cell and size of each layer)')
         if self.generation is not None:
             if self.generation.mode == "symbol" and (
                 self.vocabulary is None or self.output_size != self.input_size
             ):
                 raise ValueError("symbol generation needs a vocabulary shared by input and output")
+            if self.generation.mode == "value" and self.token_inputs:
+                raise ValueError("value generation cannot feed outputs back into token inputs")
             if self.generation.mode == "value" and self.output_size != self.input_size:
                 raise ValueError("value generation needs output_size == input_size")
+            for symbol in (self.generation.start_symbol, self.generation.end_symbol):
+                if symbol is not None and (self.vocabulary is None or symbol not in self.vocabulary):
+                    raise ValueError(f"generation symbol {symbol!r} is not in the vocabulary")
         return self
 
     @property
     def token_inputs(self) -> bool:
         return self.inputs.kind == "tokens"
+
+    @property
+    def output_names(self) -> list[str] | None:
+        """Names of the output classes: ``labels``, else a vocabulary the output shares
+        with the input (same size), else None."""
+        if self.labels is not None:
+            return self.labels
+        if self.vocabulary is not None and len(self.vocabulary) == self.output_size:
+            return self.vocabulary
+        return None
 
     @property
     def state_bytes(self) -> int:

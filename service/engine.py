@@ -51,6 +51,8 @@ class GenerateResult:
     """Symbols (symbol mode) or output vectors (value mode), one per generated step."""
     outputs: np.ndarray
     record: SessionRecord
+    drawn_from: np.ndarray | None = None
+    """[generated, output_size]: the output each generated step was drawn from."""
 
 
 class Engine:
@@ -497,24 +499,25 @@ class Engine:
                 # Continue from the model's last answer: its prediction of the next step.
                 last = np.frombuffer(record.last_outputs, np.float32)[-card.output_size :]
             elif card.generation.mode == "symbol" and card.generation.start_symbol is not None:
-                x = _one_hot(card.vocabulary.index(card.generation.start_symbol), card.input_size)
+                x = _symbol_input(card, card.vocabulary.index(card.generation.start_symbol))
             else:
                 raise InvalidInput(
                     "send a prime sequence: this session has no previous output to continue from"
                 )
             batcher = self.batcher(entry)
             state, fed = record.state, 0
-            stop = _EndSymbol(card, x if x is not None else np.zeros((0, card.input_size), np.float32))
+            stop = _EndSymbol(card, x)
             if x is not None:
                 y, state = await batcher.submit(x, state)
                 fed, last = x.shape[0], y[-1]
             generated: list = []
             outputs: list[np.ndarray] = []
+            drawn_from = [last]
             for _ in range(steps):
                 if card.generation.mode == "symbol":
                     index = _sample(last, temperature, rng)
                     generated.append(card.vocabulary[index])
-                    x = _one_hot(index, card.input_size)
+                    x = _symbol_input(card, index)  # the id itself for a token model
                 else:
                     generated.append(last.tolist())
                     x = last.reshape(1, -1).astype(np.float32)
@@ -531,7 +534,10 @@ class Engine:
             record.last_outputs_shape = (1, card.output_size)
             await self.store.commit(record)
             self._steps_counter(entry).inc(fed)
-            return GenerateResult(generated, np.asarray(outputs, np.float32), record)
+            drawn_from.extend(outputs[: len(generated) - 1])
+            return GenerateResult(
+                generated, np.asarray(outputs, np.float32), record, np.asarray(drawn_from, np.float32)
+            )
 
 
 def _remember(record: SessionRecord, steps: int, y: np.ndarray, seq: int | None) -> None:
@@ -552,15 +558,16 @@ class _EndSymbol:
     ``generation.stop == "balanced"``, at the end symbol that closes every start symbol so
     far (nested grammars such as embedded Reber, ``B T B...E T E``), counting the prime's."""
 
-    def __init__(self, card, prime: np.ndarray) -> None:
+    def __init__(self, card, prime: np.ndarray | None) -> None:
         generation = card.generation
         self.end = generation.end_symbol
         self.start = generation.start_symbol
         self.balanced = generation.stop == "balanced"
         self.open = 0
-        if self.balanced and self.start is not None and card.vocabulary is not None:
-            start_row = _one_hot(card.vocabulary.index(self.start), card.input_size)[0]
-            self.open = int(np.all(prime == start_row, axis=1).sum())
+        if self.balanced and prime is not None and self.start is not None:
+            start = _symbol_input(card, card.vocabulary.index(self.start))
+            same = prime == start if card.token_inputs else np.all(prime == start[0], axis=1)
+            self.open = int(same.sum())
 
     def reached(self, symbol: str) -> bool:
         if symbol == self.start:
@@ -606,8 +613,11 @@ class _SessionLock:
             del self._table[self._key]
 
 
-def _one_hot(index: int, size: int) -> np.ndarray:
-    x = np.zeros((1, size), np.float32)
+def _symbol_input(card, index: int) -> np.ndarray:
+    """One step holding symbol ``index``: the id for a token model, else a one-hot row."""
+    if card.token_inputs:
+        return np.array([index], np.int64)
+    x = np.zeros((1, card.input_size), np.float32)
     x[0, index] = 1.0
     return x
 

@@ -29,7 +29,10 @@ def _symbol_rows(card: ModelCard, steps: list[Any], where: str) -> np.ndarray:
 
 
 def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str = "") -> np.ndarray:
-    """A [steps, input_size] float32 array from a list of steps (numbers or symbols) or an array."""
+    """A [steps, input_size] float32 array from a list of steps (numbers or symbols) or an
+    array; for a token model, an int64 [steps] array of ids (see ``token_ids``)."""
+    if card.token_inputs:
+        return token_ids(card, steps, settings, where)
     if isinstance(steps, np.ndarray):
         x = steps
     else:
@@ -78,6 +81,60 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
     if not np.isfinite(x).all():
         raise InvalidInput(f"{where}the inputs contain NaN or infinity")
     return x
+
+
+def token_ids(card: ModelCard, steps: Any, settings: Settings, where: str = "") -> np.ndarray:
+    """An int64 [steps] array of ids in [0, input_size) for a token model.
+
+    Each step of a list is an integer id or a symbol of the card's vocabulary; an array
+    must be one-dimensional and of an integer dtype.
+    """
+    size = card.input_size
+    if isinstance(steps, np.ndarray):
+        if steps.dtype.kind not in "iu":
+            raise InvalidInput(f"{where}token ids must be integers, not {steps.dtype}")
+        if steps.ndim != 1:
+            raise InvalidInput(f"{where}expected [steps] token ids, got shape {list(steps.shape)}")
+        ids = steps
+    else:
+        if not isinstance(steps, list):
+            raise InvalidInput(f"{where}a sequence must be a list of time steps")
+        index = None
+        values = []
+        for t, step in enumerate(steps):
+            if type(step) is int:
+                values.append(step)
+            elif isinstance(step, str):
+                if card.vocabulary is None:
+                    raise InvalidInput(
+                        f"{where}this model has no vocabulary: send token ids (integers), not symbols"
+                    )
+                if index is None:
+                    index = {s: i for i, s in enumerate(card.vocabulary)}
+                if step not in index:
+                    raise InvalidInput(f"{where}step {t}: unknown symbol {step!r}")
+                values.append(index[step])
+            else:
+                raise InvalidInput(
+                    f"{where}step {t} must be a token id (an integer in [0, {size}))"
+                    + (" or a symbol of the vocabulary" if card.vocabulary is not None else "")
+                )
+        ids = np.array(values, np.int64) if all(-(2**63) <= v < 2**63 for v in values) else None
+        if ids is None:
+            raise InvalidInput(f"{where}a token id is out of range [0, {size})")
+    if ids.shape[0] == 0:
+        raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
+    if ids.shape[0] > settings.max_steps_per_request:
+        raise SequenceTooLong(
+            f"{where}{ids.shape[0]} steps exceed the limit of {settings.max_steps_per_request}",
+            limit=settings.max_steps_per_request,
+        )
+    bad = np.flatnonzero((ids < 0) | (ids >= size))
+    if bad.size:
+        raise InvalidInput(
+            f"{where}step {int(bad[0])}: token id {int(ids[bad[0]])} is out of range [0, {size})"
+        )
+    return ids.astype(np.int64, copy=False)
 
 
 def _plain_numbers(steps: list, width: int) -> np.ndarray | None:
@@ -156,7 +213,7 @@ def state_to_payload(card: ModelCard, flat: np.ndarray) -> dict[str, list]:
 
 def top_symbols(card: ModelCard, y: np.ndarray) -> list[str] | None:
     """The most probable symbol per step, for softmax models with a vocabulary or labels."""
-    names = card.vocabulary if card.vocabulary is not None else card.labels
-    if names is None or card.output_activation != "softmax" or len(names) != card.output_size:
+    names = card.output_names
+    if names is None or card.output_activation != "softmax":
         return None
     return [names[i] for i in np.argmax(y, axis=-1).tolist()]

@@ -118,7 +118,7 @@ class Runner:
             if shape is not None and len(shape) != rank:
                 raise CardMismatch(f"{kind} {name!r} has rank {len(shape)}, card implies {rank}")
 
-        need(inputs, card.inputs.sequence, 3, "input")
+        need(inputs, card.inputs.sequence, 2 if card.token_inputs else 3, "input")
         need(outputs, card.outputs.sequence, 3, "output")
         for spec in card.states:
             need(inputs, spec.input, len(spec.shape), "state input")
@@ -128,13 +128,23 @@ class Runner:
         extra = set(inputs) - {card.inputs.sequence, card.inputs.lengths, *self._state_inputs}
         if extra:
             raise CardMismatch(f"graph inputs {sorted(extra)} are not described by the card")
-        x_shape = inputs[card.inputs.sequence].shape
+        x_input = inputs[card.inputs.sequence]
+        if card.token_inputs:
+            if x_input.type != "tensor(int64)":
+                raise CardMismatch(
+                    f"token input {card.inputs.sequence!r} is {x_input.type}, expected tensor(int64)"
+                )
+            return
+        x_shape = x_input.shape
         if isinstance(x_shape[2], int) and x_shape[2] != card.input_size:
             raise CardMismatch(f"graph input size {x_shape[2]} != card input_size {card.input_size}")
 
     def _dry_run(self) -> None:
         card = self.card
-        x = np.zeros((1, 1, card.input_size), np.float32)
+        if card.token_inputs:  # the last id too: an embedding smaller than the card fails here
+            x = np.full((1, 1), card.input_size - 1, np.int64)
+        else:
+            x = np.zeros((1, 1, card.input_size), np.float32)
         lengths = np.ones(1, np.int32) if self.has_lengths else None
         y, states = self.run(x, self.stack_states([self.zero_state()]), lengths)
         if y.shape != (1, 1, card.output_size):

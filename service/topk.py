@@ -4,8 +4,19 @@ classes costs microseconds. Shared by every protocol that answers with top-k."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from service.errors import InvalidInput
+
+
+def check_k(k: Any, where: str = "top_k") -> int:
+    """A client's k: an integer >= 1 (booleans refused). A k above the number of classes is
+    not an error: the answer then lists every class, best first."""
+    if type(k) is not int or k < 1:
+        raise InvalidInput(f"{where} must be an integer >= 1")
+    return k
 
 
 def top_indices(outputs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -73,6 +73,117 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build_repo(tmp_path_factory.mktemp("repo"))
 
 
+TOKEN_VOCABULARY = list("^abcdefgh$")
+
+
+def _build_token_repo(root: Path) -> Path:
+    """Token-input models exported by hand, as a user's exporter might:
+    ``tiny-chars`` (Embedding -> GRU(8) -> LSTM(6) -> softmax over a 10-symbol vocabulary,
+    mixed layers, symbol generation) and ``tiny-items`` (Embedding -> GRU -> softmax over
+    50 unnamed items). Both take int64 ids [batch, time] and a ``lengths`` input."""
+    import io
+    import json
+    import warnings
+
+    import torch
+    from onnx import TensorProto, helper
+
+    class Chars(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 5)
+            self.gru = torch.nn.GRU(5, 8, batch_first=True)
+            self.lstm = torch.nn.LSTM(8, 6, batch_first=True)
+            self.head = torch.nn.Linear(6, 10)
+
+        def forward(self, x, h0, h1, c1):
+            a, ha = self.gru(self.embed(x), h0)
+            b, (hb, cb) = self.lstm(a, (h1, c1))
+            return torch.softmax(self.head(b), -1), ha, hb, cb
+
+    class Items(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 4)
+            self.gru = torch.nn.GRU(4, 8, batch_first=True)
+            self.head = torch.nn.Linear(8, 50)
+
+        def forward(self, x, h0):
+            a, h = self.gru(self.embed(x), h0)
+            return torch.softmax(self.head(a), -1), h
+
+    def export(module, name: str, states: list[tuple[str, str, int]], card: dict) -> None:
+        folder = root / name / "1"
+        folder.mkdir(parents=True)
+        example = [torch.zeros(1, 2, size) for _, _, size in states]
+        axes = {"x": {0: "batch", 1: "time"}, "y": {0: "batch", 1: "time"}}
+        for inp, out, _ in states:
+            axes[inp], axes[out] = {1: "batch"}, {1: "batch"}
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                (torch.zeros(2, 3, dtype=torch.long), *example),
+                buffer,
+                input_names=["x", *(i for i, _, _ in states)],
+                output_names=["y", *(o for _, o, _ in states)],
+                dynamic_axes=axes,
+                opset_version=17,
+                dynamo=False,
+            )
+        proto = onnx.load_from_string(buffer.getvalue())
+        proto.graph.input.append(helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"]))
+        for node in proto.graph.node:
+            if node.op_type in ("GRU", "LSTM", "RNN"):
+                node.input.extend([""] * max(0, 5 - len(node.input)))
+                node.input[4] = "lengths"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, folder / "model.onnx")
+        card.update(
+            name=name,
+            version=1,
+            output_activation="softmax",
+            inputs={"sequence": "x", "lengths": "lengths", "kind": "tokens"},
+            outputs={"sequence": "y"},
+            states=[
+                {"input": i, "output": o, "shape": [1, None, size], "batch_axis": 1}
+                for i, o, size in states
+            ],
+            parity_max_abs_diff=0.0,
+        )
+        (folder / "card.json").write_text(json.dumps(card))
+
+    torch.manual_seed(4321)
+    export(
+        Chars(),
+        "tiny-chars",
+        [("h0", "hn", 8), ("h1", "h1n", 6), ("c1", "c1n", 6)],
+        {
+            "cell": "mixed",
+            "layers": [{"cell": "gru", "hidden_size": 8}, {"cell": "lstm", "hidden_size": 6}],
+            "num_layers": 2,
+            "hidden_size": 8,
+            "input_size": 10,
+            "output_size": 10,
+            "vocabulary": TOKEN_VOCABULARY,
+            "generation": {"mode": "symbol", "start_symbol": "^", "end_symbol": "$"},
+        },
+    )
+    export(
+        Items(),
+        "tiny-items",
+        [("h0", "hn", 8)],
+        {"cell": "gru", "num_layers": 1, "hidden_size": 8, "input_size": 50, "output_size": 50},
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def token_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_token_repo(tmp_path_factory.mktemp("tokens"))
+
+
 @pytest.fixture
 def repo_copy(model_repo: Path, tmp_path: Path) -> Path:
     """A private, writable copy of the tiny model repository."""

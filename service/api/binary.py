@@ -291,20 +291,32 @@ def encode_response(head: dict[str, Any], outputs: list[OutputTensor]) -> tuple[
     """The response body and, when any output is binary, the JSON header's length."""
     described, blobs = [], []
     for out in outputs:
-        array = np.ascontiguousarray(out.array, DATATYPES[out.datatype])
+        if out.datatype == "BYTES":  # strings: JSON lists them, binary length-prefixes each
+            array = out.array
+        else:
+            array = np.ascontiguousarray(out.array, DATATYPES[out.datatype])
         entry: dict[str, Any] = {
             "name": out.name,
             "datatype": out.datatype,
             "shape": list(array.shape),
         }
         if out.binary:
-            raw = array.tobytes()
+            raw = _bytes_tensor(array) if out.datatype == "BYTES" else array.tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = array.ravel()
+            entry["data"] = array.ravel().tolist() if out.datatype == "BYTES" else array.ravel()
         described.append(entry)
     header = dumps({**head, "outputs": described})
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def _bytes_tensor(array: np.ndarray) -> bytes:
+    """Triton's binary BYTES layout: each element as a little-endian u32 length + its bytes."""
+    parts = []
+    for item in array.ravel().tolist():
+        raw = item.encode() if isinstance(item, str) else bytes(item)
+        parts += [len(raw).to_bytes(4, "little"), raw]
+    return b"".join(parts)

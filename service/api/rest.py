@@ -32,6 +32,7 @@ from service.api.schemas import (
 from service.engine import Engine
 from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
 from service.repository import ModelVersion
+from service.topk import top_k
 
 router = APIRouter(
     prefix="/v1", tags=["v1"], dependencies=[Depends(owner)], route_class=ORJSONRoute
@@ -82,12 +83,20 @@ async def _predict(entry: ModelVersion, body: PredictRequest, engine: Engine) ->
     results = await engine.predict(entry, sequences, states)
     outputs, symbols = [], []
     for y, _ in results:
-        chosen = y if body.return_sequences else y[-1]
-        outputs.append(chosen.tolist())
-        named = top_symbols(card, y if body.return_sequences else y[-1:])
+        chosen = y if body.return_sequences else y[-1:]
+        if body.top_k is not None:
+            best = top_k(chosen, body.top_k, card.output_names)
+            outputs.append(best if body.return_sequences else best[0])
+        else:
+            outputs.append(chosen.tolist() if body.return_sequences else chosen[0].tolist())
+        named = top_symbols(card, chosen)
         if named is not None:
             symbols.append(named if body.return_sequences else named[0])
-    content: dict[str, Any] = {"model": entry.name, "version": entry.version, "outputs": outputs}
+    content: dict[str, Any] = {
+        "model": entry.name,
+        "version": entry.version,
+        "outputs" if body.top_k is None else "top_k": outputs,
+    }
     if symbols:
         content["symbols"] = symbols
     if body.return_states:
@@ -191,12 +200,22 @@ async def step(
 ) -> ORJSONResponse:
     engine = engine_of(request)
     result = await engine.step(session_id, who, body.inputs, body.seq)
-    return ORJSONResponse(step_content(engine, result.record, result.outputs, result.replayed))
+    return ORJSONResponse(
+        step_content(engine, result.record, result.outputs, result.replayed, body.top_k)
+    )
 
 
-def step_content(engine: Engine, record, outputs: np.ndarray, replayed: bool) -> dict[str, Any]:
-    content: dict[str, Any] = {"outputs": outputs.tolist(), "step_count": record.step_count}
+def step_content(
+    engine: Engine, record, outputs: np.ndarray, replayed: bool, k: int | None = None
+) -> dict[str, Any]:
+    """The answer to a step: ``outputs`` (or, given k, ``top_k``), ``step_count``, ``symbols``."""
     card = engine.session_model(record).card
+    content: dict[str, Any] = (
+        {"outputs": outputs.tolist()}
+        if k is None or card is None
+        else {"top_k": top_k(outputs, k, card.output_names)}
+    )
+    content["step_count"] = record.step_count
     named = top_symbols(card, outputs) if card is not None else None
     if named is not None:
         content["symbols"] = named
@@ -226,6 +245,10 @@ async def generate(
     }
     if result.generated and all(isinstance(g, str) and len(g) == 1 for g in result.generated):
         content["text"] = "".join(result.generated)
+    if body.top_k is not None and result.drawn_from is not None:
+        card = engine.session_model(result.record).card
+        names = card.output_names if card is not None else None
+        content["top_k"] = top_k(result.drawn_from, body.top_k, names)
     return ORJSONResponse(content)
 
 

@@ -6,9 +6,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-Step = list[StrictFloat] | StrictStr | StrictFloat
-"""A time step: ``input_size`` numbers, a symbol of the model's vocabulary, or (for one-feature
-models) a bare number."""
+Step = list[StrictFloat] | StrictStr | StrictInt | StrictFloat
+"""A time step: ``input_size`` numbers, a symbol of the model's vocabulary, (for one-feature
+models) a bare number, or (for token models) a token id."""
+
+TopK = StrictInt | None
+_TOP_K = (
+    "Answer with the k best classes of each step (index, score, label) in place of outputs; "
+    "k above the number of classes returns them all"
+)
+
+
+class TopClass(BaseModel):
+    index: int
+    score: float
+    label: str | None = Field(None, description="When the card names its classes")
 
 
 class ErrorDetail(BaseModel):
@@ -34,12 +46,16 @@ class PredictRequest(BaseModel):
     initial_states: list[dict[str, Any]] | None = Field(
         None, description="One state per sequence, keyed by the card's state input names"
     )
+    top_k: TopK = Field(None, ge=1, description=_TOP_K)
 
 
 class PredictResponse(BaseModel):
     model: str
     version: int
-    outputs: list[Any] = Field(description="Per sequence: [steps][outputs] or [outputs]")
+    outputs: list[Any] | None = Field(None, description="Per sequence: [steps][outputs] or [outputs]")
+    top_k: list[Any] | None = Field(
+        None, description="With top_k, per sequence: [steps][k] or [k] TopClass objects"
+    )
     symbols: list[Any] | None = Field(None, description="Most probable symbol(s), softmax models with a vocabulary")
     states: list[dict[str, Any]] | None = None
 
@@ -71,10 +87,12 @@ class StepRequest(BaseModel):
         ge=1,
         description="The session's step_count once this request is applied; makes retries safe",
     )
+    top_k: TopK = Field(None, ge=1, description=_TOP_K)
 
 
 class StepResponse(BaseModel):
-    outputs: list[list[float]]
+    outputs: list[list[float]] | None = None
+    top_k: list[list[TopClass]] | None = Field(None, description="With top_k: [steps][k]")
     step_count: int
     symbols: list[str] | None = None
     replayed: bool = Field(False, description="True when this answers a retry of the last request")
@@ -94,11 +112,15 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, description="0 is greedy (argmax)")
     seed: StrictInt | None = Field(None, ge=0)
     prime: list[Step] | None = Field(None, description="Inputs fed before generating")
+    top_k: TopK = Field(
+        None, ge=1, description="Also answer, per generated step, the k best classes it was drawn from"
+    )
 
 
 class GenerateResponse(BaseModel):
     generated: list[Any]
     text: str | None = Field(None, description="The generated symbols joined, for one-character vocabularies")
+    top_k: list[list[TopClass]] | None = None
     step_count: int
 
 

@@ -22,7 +22,8 @@ from service.api.common import dumps, session_info, websocket_owner
 from service.api.rest import step_content
 from service.engine import Engine
 from service.errors import InvalidInput, PayloadTooLarge, RateLimited, ServeError
-from service.frames import FrameError, decode_request, encode_response
+from service.frames import FrameError, decode_request, encode_response, encode_top_k_response
+from service.topk import check_k, top_indices
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("service.stream")
@@ -101,7 +102,7 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
             limiter.take()
             if binary is not None:
                 try:
-                    x, seq = decode_request(binary)
+                    x, seq, k = decode_request(binary)
                 except FrameError as exc:
                     await websocket.send_text(
                         dumps({"error": {"code": "bad_frame", "message": str(exc)}}).decode()
@@ -109,13 +110,16 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
                     await websocket.close(CLOSE_UNSUPPORTED)
                     return
                 result = await engine.step(session_id, who, x, seq)
+                count, replayed = result.record.step_count, result.replayed
                 await websocket.send_bytes(
-                    encode_response(result.outputs, result.record.step_count, result.replayed)
+                    encode_response(result.outputs, count, replayed)
+                    if k is None
+                    else encode_top_k_response(*top_indices(result.outputs, k), count, replayed)
                 )
             else:
-                inputs, seq = _json_message(text)
+                inputs, seq, k = _json_message(text)
                 result = await engine.step(session_id, who, inputs, seq)
-                content = step_content(engine, result.record, result.outputs, result.replayed)
+                content = step_content(engine, result.record, result.outputs, result.replayed, k)
                 await websocket.send_text(dumps(content).decode())
             if entry is None:
                 entry = engine.session_model(result.record)
@@ -146,20 +150,23 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
             return
 
 
-def _json_message(text: str | None) -> tuple[Any, int | None]:
+def _json_message(text: str | None) -> tuple[Any, int | None, int | None]:
     try:
         message = orjson.loads(text or "")
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the message is not valid JSON: {exc}") from exc
     if not isinstance(message, dict) or "inputs" not in message:
-        raise InvalidInput('a message must be an object {"inputs": [step, ...], "seq"?: n}')
-    unknown = set(message) - {"inputs", "seq"}
+        raise InvalidInput(
+            'a message must be an object {"inputs": [step, ...], "seq"?: n, "top_k"?: k}'
+        )
+    unknown = set(message) - {"inputs", "seq", "top_k"}
     if unknown:
         raise InvalidInput(f"unknown fields {sorted(unknown)}")
     seq = message.get("seq")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
         raise InvalidInput("seq must be a positive integer")
-    return message["inputs"], seq
+    k = message.get("top_k")
+    return message["inputs"], seq, (None if k is None else check_k(k))
 
 
 class _RateLimiter:

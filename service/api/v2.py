@@ -58,11 +58,12 @@ from service.errors import (
 )
 from service.inputs import sequence_array
 from service.repository import ModelVersion
+from service.topk import classification_strings
 
 log = logging.getLogger("service.v2")
 
 SERVER_NAME = "rnnserve"
-EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "sequence", "model_configuration"]
 PLATFORM = "onnxruntime_onnx"
 _UINT64_MAX = 2**64 - 1
 
@@ -133,10 +134,16 @@ def lengths_name(card: ModelCard) -> str:
     return card.inputs.lengths or "lengths"
 
 
+def _x_datatype_shape(card: ModelCard) -> tuple[str, list[int]]:
+    """The sequence input: INT64 ids [batch, time] for a token model, else FP32 values."""
+    if card.token_inputs:
+        return "INT64", [-1, -1]
+    return "FP32", [-1, -1, card.input_size]
+
+
 def _tensor_metadata(card: ModelCard) -> tuple[list[dict], list[dict]]:
-    inputs = [
-        {"name": card.inputs.sequence, "datatype": "FP32", "shape": [-1, -1, card.input_size]}
-    ]
+    datatype, shape = _x_datatype_shape(card)
+    inputs = [{"name": card.inputs.sequence, "datatype": datatype, "shape": shape}]
     outputs = [
         {"name": card.outputs.sequence, "datatype": "FP32", "shape": [-1, -1, card.output_size]}
     ]
@@ -177,17 +184,14 @@ def _model_config(engine: Engine, name: str, version: int | None) -> dict[str, A
     _, entry = _described(engine, name, version)
     card = entry.card
     assert card is not None
+    datatype, shape = _x_datatype_shape(card)
     return {
         "name": name,
         "platform": PLATFORM,
         "backend": "onnxruntime",
         "max_batch_size": 0,
         "input": [
-            {
-                "name": card.inputs.sequence,
-                "data_type": "TYPE_FP32",
-                "dims": [-1, -1, card.input_size],
-            },
+            {"name": card.inputs.sequence, "data_type": f"TYPE_{datatype}", "dims": shape},
             {"name": lengths_name(card), "data_type": "TYPE_INT32", "dims": [-1], "optional": True},
         ],
         "output": [
@@ -215,41 +219,50 @@ def _model_config(engine: Engine, name: str, version: int | None) -> dict[str, A
 @dataclass(slots=True)
 class Decoded:
     sequences: list[np.ndarray]
-    """One [steps_i, input_size] float32 array per batch row (padding already cut off)."""
+    """One [steps_i, input_size] float32 array (or [steps_i] int64 ids) per batch row
+    (padding already cut off)."""
     steps: int
     """The padded time axis of the request; outputs are padded back to it."""
     binary_y: bool
+    classes: int | None = None
+    """``parameters.classification`` of the requested output: answer the best k classes."""
 
 
 def decode(card: ModelCard, request: InferRequest, settings: Settings, *, single: bool) -> Decoded:
     """Validate the request's tensors and outputs against ``card`` (nothing runs before this)."""
     x_name, len_name = card.inputs.sequence, lengths_name(card)
+    tokens = card.token_inputs
+    x_type, x_shape = _x_datatype_shape(card)
+    x_dims = "[batch, time]" if tokens else f"[batch, time, {card.input_size}]"
     by_name: dict[str, Tensor] = {t.name: t for t in request.inputs}
     unknown = sorted(set(by_name) - {x_name, len_name})
     if unknown:
         raise TensorError(
             f"unknown input(s) {unknown}: model {card.name!r} takes {x_name!r} "
-            f"[batch, time, {card.input_size}] FP32 and optionally {len_name!r} [batch] INT32"
+            f"{x_dims} {x_type} and optionally {len_name!r} [batch] INT32"
         )
     x_t = by_name.get(x_name)
     if x_t is None:
-        raise TensorError(f"input {x_name!r} [batch, time, {card.input_size}] is missing")
+        raise TensorError(f"input {x_name!r} {x_dims} is missing")
+    if tokens and x_t.datatype not in INTEGERS:
+        raise TensorError(
+            f"input {x_name!r} holds token ids: it must be INT64 (or another integer type), "
+            f"not {x_t.datatype}"
+        )
     if x_t.datatype not in FLOATS and x_t.datatype not in INTEGERS:
         raise TensorError(
             f"input {x_name!r} must be FP32 (or another numeric type), not {x_t.datatype}"
         )
     shape = x_t.shape
-    if len(shape) != 3 or shape[2] != card.input_size:
-        raise TensorError(
-            f"input {x_name!r} has shape {list(shape)}; expected [batch, time, {card.input_size}]"
-        )
+    if len(shape) != len(x_shape) or (not tokens and shape[2] != card.input_size):
+        raise TensorError(f"input {x_name!r} has shape {list(shape)}; expected {x_dims}")
     batch, steps = shape[0], shape[1]
     if batch < 1 or steps < 1:
         raise TensorError(f"input {x_name!r} has shape {list(shape)}: batch and time must be >= 1")
     if single and batch != 1:
         raise TensorError(
             f"a sequence request carries one sequence: {x_name!r} must have shape "
-            f"[1, time, {card.input_size}], not {list(shape)}"
+            f"{x_dims.replace('batch', '1')}, not {list(shape)}"
         )
     lengths = [steps] * batch
     len_t = by_name.get(len_name)
@@ -271,23 +284,37 @@ def decode(card: ModelCard, request: InferRequest, settings: Settings, *, single
         sequence_array(card, x_t.array[i, : lengths[i]], settings, where=f"{x_name} row {i}: ")
         for i in range(batch)
     ]
-    return Decoded(sequences, steps, _binary_y(card, request))
+    binary, classes = _requested_y(card, request)
+    return Decoded(sequences, steps, binary, classes)
 
 
-def _binary_y(card: ModelCard, request: InferRequest) -> bool:
+def _requested_y(card: ModelCard, request: InferRequest) -> tuple[bool, int | None]:
+    """Whether ``y`` is answered in binary, and its ``parameters.classification`` (or None)."""
     y_name = card.outputs.sequence
     if not request.outputs:
-        return request.binary_output(None)
-    chosen = None
+        return request.binary_output(None), None
+    chosen, classes = None, None
     for out in request.outputs:
         if out.name != y_name:
             raise TensorError(
                 f"unknown output {out.name!r}: model {card.name!r} outputs {y_name!r}"
             )
-        if out.parameters.get("classification"):
-            raise TensorError("the classification extension is not supported")
+        k = out.parameters.get("classification")
+        if k is not None:
+            if type(k) is not int or k < 1:
+                raise TensorError(
+                    f"output {y_name!r}: parameters.classification must be an integer >= 1"
+                )
+            classes = k
         chosen = out
-    return request.binary_output(chosen)
+    return request.binary_output(chosen), classes
+
+
+def _classified(card: ModelCard, y_name: str, lasts: list[np.ndarray], k: int, binary: bool):
+    """Triton's classification output: ``"score:index[:label]"`` BYTES [batch, k], from each
+    sequence's last step."""
+    strings = classification_strings(np.stack(lasts), k, card.output_names)
+    return OutputTensor(y_name, np.array(strings, dtype=object), "BYTES", binary)
 
 
 def _padded(results: list[np.ndarray], steps: int, output_size: int) -> np.ndarray:
@@ -341,7 +368,7 @@ async def _infer_sequence(
     request: InferRequest,
     params: SequenceParams,
     who: str | None,
-) -> tuple[str, int, np.ndarray, bool, dict[str, Any]]:
+) -> tuple[int, OutputTensor, dict[str, Any]]:
     settings = engine.settings
     session_id = engine.sequence_session_id(who, name, params.id)
     decoded: Decoded | None = None
@@ -385,7 +412,14 @@ async def _infer_sequence(
         ) from None
     assert decoded is not None and used is not None
     record = result.record
-    y = _padded([result.outputs], decoded.steps, used.output_size)
+    if decoded.classes is not None:
+        y = _classified(used, used.outputs.sequence, [result.outputs[-1]], decoded.classes, decoded.binary_y)
+    else:
+        y = OutputTensor(
+            used.outputs.sequence,
+            _padded([result.outputs], decoded.steps, used.output_size),
+            binary=decoded.binary_y,
+        )
     extra: dict[str, Any] = {
         "sequence_id": params.id,
         "session_id": record.session_id,
@@ -395,7 +429,7 @@ async def _infer_sequence(
         extra["sequence_end"] = True
     if result.replayed:
         extra["replayed"] = True
-    return used.outputs.sequence, record.version, y, decoded.binary_y, extra
+    return record.version, y, extra
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -476,17 +510,20 @@ async def run_infer(
         assert card is not None
         decoded = decode(card, parsed, settings, single=False)
         results = await engine.predict(entry, decoded.sequences)
-        y = _padded([out for out, _ in results], decoded.steps, card.output_size)
-        y_name, model_version, binary = card.outputs.sequence, entry.version, decoded.binary_y
+        y_name, model_version = card.outputs.sequence, entry.version
+        if decoded.classes is not None:
+            lasts = [out[-1] for out, _ in results]
+            y = _classified(card, y_name, lasts, decoded.classes, decoded.binary_y)
+        else:
+            padded = _padded([out for out, _ in results], decoded.steps, card.output_size)
+            y = OutputTensor(y_name, padded, binary=decoded.binary_y)
     else:
-        y_name, model_version, y, binary, extra = await _infer_sequence(
-            engine, name, version, parsed, params, who
-        )
+        model_version, y, extra = await _infer_sequence(engine, name, version, parsed, params, who)
         head["parameters"] = extra
     head["model_version"] = str(model_version)
     if parsed.id is not None:
         head["id"] = parsed.id
-    return head, [OutputTensor(y_name, y, binary=binary)]
+    return head, [y]
 
 
 async def _infer(request: Request, name: str, version: str | None, who: str | None) -> Response:

@@ -54,6 +54,7 @@ async def test_health_metadata_and_config(make_client, model_repo):
         assert server["name"] == "rnnserve"
         assert set(server["extensions"]) == {
             "binary_tensor_data",
+            "classification",
             "sequence",
             "model_configuration",
         }
@@ -228,8 +229,8 @@ async def test_bad_requests_are_400_in_v2_shape(make_client, model_repo):
             "between 1 and",
         ),
         (
-            {"inputs": [good], "outputs": [{"name": "y", "parameters": {"classification": 2}}]},
-            "classification",
+            {"inputs": [good], "outputs": [{"name": "y", "parameters": {"classification": 0}}]},
+            "classification must be an integer >= 1",
         ),
     ]
     async with make_client(model_repo=model_repo) as client:
