@@ -734,7 +734,7 @@ class ServerProcess:
 
         self.port = self.port or free_port()
         log = self.log_dir / f"server-{self.port}.log"
-        env = {**os.environ, "RNNSERVE_LOG_LEVEL": "warning", **self.env}
+        env = {**os.environ, "RNNSERVE_LOG_LEVEL": "warning", "RNNSERVE_GRPC_PORT": "0", **self.env}
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [

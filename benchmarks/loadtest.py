@@ -94,6 +94,7 @@ def start_replicas(
             **os.environ,
             "RNNSERVE_SESSION_STORE": store,
             "RNNSERVE_LOG_LEVEL": "warning",
+            "RNNSERVE_GRPC_PORT": "0",
             **(extra_env or {}),
         }
         log = (log_dir / f"replica-{port}.log").open("wb")

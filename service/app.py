@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        grpc_server = await _start_grpc(engine)
         log.info(
             "ready",
             extra={"models": [f"{v.name}/{v.version}" for v in engine.repository.versions() if v.ready]},
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             await engine.stop()
 
     app = FastAPI(
@@ -69,6 +72,25 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         RequestContext, metrics=engine.metrics, max_body_bytes=settings.max_body_bytes
     )
     return app
+
+
+async def _start_grpc(engine: Engine):
+    """The gRPC server in this event loop, or None when it is off or its extra is missing."""
+    settings = engine.settings
+    if not settings.grpc_port:
+        return None
+    try:
+        from service.api.grpc_server import GrpcServer
+    except ImportError as exc:
+        log.warning(
+            "gRPC is off: %s; install the grpc extra (pip install 'rnnserve[grpc]') to serve it",
+            exc,
+        )
+        return None
+    server = GrpcServer(engine, settings.host, settings.grpc_port)
+    await server.start()
+    log.info("gRPC listening", extra={"address": server.address})
+    return server
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-repo", type=Path, help="model repository (RNNSERVE_MODEL_REPO)")
     parser.add_argument("--host", help="bind address (RNNSERVE_HOST)")
     parser.add_argument("--port", type=int, help="port (RNNSERVE_PORT)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="gRPC port, 0 turns gRPC off (RNNSERVE_GRPC_PORT)"
+    )
     parser.add_argument("--session-store", help="memory or redis://host:port/db")
     parser.add_argument("--log-level", help="debug, info, warning, error")
     return parser.parse_args(argv)
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             "model_repo": args.model_repo,
             "host": args.host,
             "port": args.port,
+            "grpc_port": args.grpc_port,
             "session_store": args.session_store,
             "log_level": args.log_level,
         }.items()

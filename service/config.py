@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     """Folder of models: ``<name>/<version>/model.onnx`` + ``card.json``."""
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """The Open Inference Protocol over gRPC (needs the ``grpc`` extra) on ``host``; 0 turns it off."""
     reload_interval_s: float = 0.0
     """Poll the model repository for new/removed versions this often; 0 turns polling off."""
 

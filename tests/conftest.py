@@ -19,6 +19,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+# Servers and apps made by tests serve gRPC only where a test asks for a port: suites run
+# side by side on one host, and Triton's default 8001 would collide.
+os.environ.setdefault("RNNSERVE_GRPC_PORT", "0")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = REPO_ROOT / "models"
 BIN = Path(sys.executable).parent

@@ -83,7 +83,7 @@ def session_info(record: SessionRecord, ttl_s: float) -> dict[str, Any]:
     }
 
 
-def _presented_key(headers) -> str | None:
+def presented_key(headers) -> str | None:
     authorization = headers.get("authorization")
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
@@ -114,11 +114,11 @@ async def owner(request: Request) -> str | None:
 
     ``async`` although it awaits nothing: a plain ``def`` would cost every request a trip
     through the thread pool."""
-    return owner_for_key(request.app.state.settings, _presented_key(request.headers))
+    return owner_for_key(request.app.state.settings, presented_key(request.headers))
 
 
 def websocket_owner(websocket: WebSocket) -> str | None:
-    key = _presented_key(websocket.headers) or websocket.query_params.get("api_key")
+    key = presented_key(websocket.headers) or websocket.query_params.get("api_key")
     return owner_for_key(websocket.app.state.settings, key)
 
 

@@ -328,6 +328,7 @@ def host_env(image_env: dict[str, str], port: int) -> dict[str, str]:
         env[key] = _to_host(value)
     env["RNNSERVE_HOST"] = "127.0.0.1"
     env["RNNSERVE_PORT"] = str(port)
+    env["RNNSERVE_GRPC_PORT"] = str(_free_port())  # never the image's 8001 on a shared host
     env["PATH"] = str(VENV_BIN) + os.pathsep + os.environ.get("PATH", "")
     return env
 

@@ -1,0 +1,423 @@
+"""The Open Inference Protocol over gRPC, driven by NVIDIA's own clients (tritonclient.grpc
+and tritonclient.grpc.aio) against real server processes, with numbers compared to an
+independent onnxruntime run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+import tritonclient.http as httpclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import free_port, start_server
+
+RNG = np.random.default_rng(13)
+KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
+
+
+def grpc_server(factory, repo: Path, **env: str):
+    port = free_port()
+    server = factory(repo, rnnserve_grpc_port=port, **env)
+    server.grpc = f"127.0.0.1:{port}"
+    return server
+
+
+@pytest.fixture(scope="module")
+def shared(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One server with gRPC for the tests that do not need their own."""
+    port = free_port()
+    server = start_server(
+        model_repo, tmp_path_factory.mktemp("grpc"), {"RNNSERVE_GRPC_PORT": str(port)}
+    )
+    server.grpc = f"127.0.0.1:{port}"
+    yield server
+    server.stop()
+
+
+def x_input(x: np.ndarray, name: str = "x", module=grpcclient):
+    tensor = module.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(np.ascontiguousarray(x, np.float32))
+    return tensor
+
+
+class Collector:
+    """The sync client's stream callback: (result, error) pairs in arrival order."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue = queue.Queue()
+
+    def __call__(self, result, error) -> None:
+        self.items.put((result, error))
+
+    def next(self, timeout: float = 20.0):
+        return self.items.get(timeout=timeout)
+
+
+# -- health, metadata, config --------------------------------------------------------------
+
+
+def test_health_metadata_config_reflection(shared):
+    client = grpcclient.InferenceServerClient(shared.grpc)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("tiny-lstm") and client.is_model_ready("tiny-lstm", "1")
+        assert not client.is_model_ready("no-such-model")
+        assert not client.is_model_ready("tiny-lstm", "9")
+
+        meta = client.get_server_metadata()
+        assert meta.name == "rnnserve" and "sequence" in meta.extensions
+
+        model = client.get_model_metadata("tiny-gru", "1", as_json=True)
+        assert model["platform"] == "onnxruntime_onnx" and model["versions"] == ["1"]
+        assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "-1", "7"]}]
+        assert model["outputs"] == [{"name": "y", "datatype": "FP32", "shape": ["-1", "-1", "7"]}]
+
+        config = client.get_model_config("tiny-lstm").config
+        assert [i.name for i in config.input] == ["x", "lengths"]
+        assert list(config.input[0].dims) == [-1, -1, 3] and config.input[1].optional
+        assert [o.name for o in config.output] == ["y"] and list(config.output[0].dims) == [-1, -1, 2]
+        assert config.sequence_batching.max_sequence_idle_microseconds > 0
+
+        with pytest.raises(InferenceServerException) as missing:
+            client.get_model_metadata("no-such-model")
+        assert missing.value.status() == "StatusCode.NOT_FOUND"
+        assert "no-such-model" in missing.value.message()
+    finally:
+        client.close()
+
+    with grpc.insecure_channel(shared.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (answer,) = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+    metrics = __import__("httpx").get(f"{shared.url}/metrics").text
+    assert 'route="/inference.GRPCInferenceService/ModelMetadata",status="NOT_FOUND"' in metrics
+    assert 'model="unknown"' in metrics and 'model="no-such-model"' not in metrics
+
+
+# -- infer ----------------------------------------------------------------------------------
+
+
+def test_infer_raw_and_typed_match_onnxruntime(shared, reference):
+    ref = reference("tiny-lstm")
+    x = RNG.normal(size=(3, 6, 3)).astype(np.float32)
+    expected = np.stack([ref.run(row)[0] for row in x])
+
+    client = grpcclient.InferenceServerClient(shared.grpc)
+    try:
+        result = client.infer(
+            "tiny-lstm", [x_input(x)], outputs=[grpcclient.InferRequestedOutput("y")],
+            request_id="raw-1",
+        )
+        y = result.as_numpy("y")
+        assert y.dtype == np.float32 and y.shape == (3, 6, 2)
+        np.testing.assert_allclose(y, expected, atol=1e-5)
+        response = result.get_response()
+        assert response.id == "raw-1" and response.model_version == "1"
+
+        # lengths: row 1 ends after 4 steps; its padded outputs are zeros.
+        lengths = grpcclient.InferInput("lengths", [3], "INT32")
+        lengths.set_data_from_numpy(np.array([6, 4, 6], np.int32))
+        y = client.infer("tiny-lstm", [x_input(x), lengths], model_version="1").as_numpy("y")
+        np.testing.assert_allclose(y[1, :4], ref.run(x[1, :4])[0], atol=1e-5)
+        assert not y[1, 4:].any()
+
+        with pytest.raises(InferenceServerException) as bad:
+            client.infer("tiny-lstm", [x_input(x[:, :, :2])])
+        assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "[batch, time, 3]" in bad.value.message()
+    finally:
+        client.close()
+
+    # Typed contents (what clients other than tritonclient send), through the bare stub.
+    request = service_pb2.ModelInferRequest(model_name="tiny-lstm", id="typed-1")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    with grpc.insecure_channel(shared.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request)
+        assert response.id == "typed-1" and response.outputs[0].datatype == "FP32"
+        assert list(response.outputs[0].shape) == [3, 6, 2]
+        y = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, 6, 2)
+        np.testing.assert_allclose(y, expected, atol=1e-5)
+
+        del tensor.contents.fp32_contents[-1]
+        with pytest.raises(grpc.RpcError) as short:
+            stub.ModelInfer(request)
+        assert short.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert dict(short.value.trailing_metadata())["rnnserve-error-code"] == "invalid_input"
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+
+def test_stream_sequence_step_by_step_equals_whole(shared, reference):
+    ref = reference("tiny-lstm")
+    x = RNG.normal(size=(12, 3)).astype(np.float32)
+    whole = ref.run(x)[0]
+    client = grpcclient.InferenceServerClient(shared.grpc)
+    answers = Collector()
+    client.start_stream(callback=answers)
+    try:
+        for t in range(12):
+            client.async_stream_infer(
+                "tiny-lstm", [x_input(x[None, t : t + 1])], request_id=f"s{t}",
+                sequence_id=4242, sequence_start=t == 0, sequence_end=t == 11,
+            )
+        got = []
+        for t in range(12):
+            result, error = answers.next()
+            assert error is None, error
+            assert result.get_response().id == f"s{t}"  # in request order
+            got.append(result.as_numpy("y")[0, 0])
+        np.testing.assert_allclose(np.stack(got), whole, atol=1e-5)
+        last = result.get_response().parameters
+        assert last["step_count"].int64_param == 12 and last["sequence_end"].bool_param
+
+        # Without START on the ended sequence and on an unknown one: an error response each,
+        # and the stream still answers the next request.
+        for sequence_id in (4242, "never-started"):
+            client.async_stream_infer(
+                "tiny-lstm", [x_input(x[None, :1])], sequence_id=sequence_id
+            )
+            result, error = answers.next()
+            assert result is None and "START" in error.message()
+        client.async_stream_infer(
+            "tiny-lstm", [x_input(x[None, :3])], sequence_id="fresh", sequence_start=True,
+            sequence_end=True,
+        )
+        result, error = answers.next()
+        assert error is None
+        np.testing.assert_allclose(result.as_numpy("y")[0], whole[:3], atol=1e-5)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_64_sequences_interleaved_on_one_stream(shared, reference):
+    ref = reference("tiny-rnn")
+    steps = 4
+    xs = RNG.normal(size=(64, steps, 1)).astype(np.float32)
+    solo = [ref.run(x)[0] for x in xs]
+    ids = [i + 1 if i % 2 else f"seq-{i}" for i in range(64)]
+
+    async def drive():
+        client = aioclient.InferenceServerClient(shared.grpc)
+
+        async def requests():
+            for t in range(steps):
+                for i, sequence_id in enumerate(ids):
+                    yield {
+                        "model_name": "tiny-rnn",
+                        "inputs": [x_input(xs[i, None, t : t + 1], module=aioclient)],
+                        "request_id": f"{i}/{t}",
+                        "sequence_id": sequence_id,
+                        "sequence_start": t == 0,
+                        "sequence_end": t == steps - 1,
+                    }
+
+        got: dict[int, list] = {i: [] for i in range(64)}
+        try:
+            async for result, error in client.stream_infer(requests()):
+                assert error is None, error
+                i, t = map(int, result.get_response().id.split("/"))
+                assert t == len(got[i])  # each sequence answered in its own order
+                got[i].append(result.as_numpy("y")[0, 0])
+                if sum(map(len, got.values())) == 64 * steps:
+                    break
+        finally:
+            await client.close()
+        return got
+
+    got = asyncio.run(asyncio.wait_for(drive(), 60))
+    for i in range(64):
+        np.testing.assert_allclose(np.stack(got[i]), solo[i], atol=1e-5)
+
+
+def test_sequence_moves_between_grpc_and_http(shared, reference):
+    ref = reference("tiny-relu")
+    x = RNG.normal(size=(6, 2)).astype(np.float32)
+    whole = ref.run(x)[0]
+    g = grpcclient.InferenceServerClient(shared.grpc)
+    h = httpclient.InferenceServerClient(f"127.0.0.1:{shared.port}")
+    try:
+        def over_grpc(t, **flags):
+            result = g.infer("tiny-relu", [x_input(x[None, t : t + 2])], sequence_id=77, **flags)
+            return result.as_numpy("y")[0]
+
+        def over_http(t, **flags):
+            tensor = httpclient.InferInput("x", [1, 2, 2], "FP32")
+            tensor.set_data_from_numpy(x[None, t : t + 2])
+            return h.infer("tiny-relu", [tensor], sequence_id=77, **flags).as_numpy("y")[0]
+
+        parts = [
+            over_grpc(0, sequence_start=True),
+            over_http(2),
+            over_grpc(4, sequence_end=True),
+        ]
+        np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
+        with pytest.raises(InferenceServerException):  # ended over gRPC: gone for HTTP too
+            over_http(0)
+    finally:
+        g.close()
+        h.close()
+
+
+# -- API keys --------------------------------------------------------------------------------
+
+
+def test_api_keys(server_factory, model_repo, reference):
+    server = grpc_server(server_factory, model_repo, rnnserve_api_keys=f"{KEY_A},{KEY_B}")
+    x = RNG.normal(size=(1, 2, 3)).astype(np.float32)
+    client = grpcclient.InferenceServerClient(server.grpc)
+    a = {"authorization": f"Bearer {KEY_A}"}
+    b = {"x-api-key": KEY_B}
+    try:
+        assert client.is_server_live() and client.is_model_ready("tiny-lstm")  # open
+        for headers in (None, {"authorization": "Bearer nope"}):
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("tiny-lstm", [x_input(x)], headers=headers)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+            with pytest.raises(InferenceServerException) as refused:
+                client.get_model_metadata("tiny-lstm", headers=headers)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+
+        first = client.infer(
+            "tiny-lstm", [x_input(x)], sequence_id=9, sequence_start=True, headers=a
+        ).as_numpy("y")
+        with pytest.raises(InferenceServerException) as other:
+            client.infer("tiny-lstm", [x_input(x)], sequence_id=9, headers=b)
+        assert "START" in other.value.message()
+        second = client.infer("tiny-lstm", [x_input(x)], sequence_id=9, headers=a).as_numpy("y")
+        expected = reference("tiny-lstm").run(np.concatenate([x[0], x[0]]))[0]
+        np.testing.assert_allclose(np.concatenate([first[0], second[0]]), expected, atol=1e-5)
+
+        # A stream without a key is refused as a whole.
+        answers = Collector()
+        client.start_stream(callback=answers)
+        try:
+            client.async_stream_infer("tiny-lstm", [x_input(x)])
+        except InferenceServerException:
+            pass  # the client may already know the stream was refused
+        result, error = answers.next()
+        assert result is None and "StatusCode.UNAUTHENTICATED" in str(error.status())
+        client.stop_stream()
+    finally:
+        client.close()
+
+
+# -- a replica killed mid-stream --------------------------------------------------------------
+
+
+def test_replica_killed_mid_stream_continues_on_another(
+    server_factory, model_repo, reference, redis_db
+):
+    store = redis_db(5)
+    with ThreadPoolExecutor(2) as pool:  # start both replicas at once
+        a, b = pool.map(
+            lambda _: grpc_server(server_factory, model_repo, rnnserve_session_store=store), "ab"
+        )
+    ref = reference("tiny-lstm")
+    x = RNG.normal(size=(12, 3)).astype(np.float32)
+    whole = ref.run(x)[0]
+
+    def request(t, **extra):
+        return {
+            "model_name": "tiny-lstm",
+            "inputs": [x_input(x[None, t : t + 1], module=aioclient)],
+            "sequence_id": "kill-me",
+            "sequence_start": t == 0,
+            "parameters": {"seq": t + 1},  # the step count once this request is applied
+            **extra,
+        }
+
+    async def drive():
+        got: dict[int, np.ndarray] = {}
+        client = aioclient.InferenceServerClient(a.grpc)
+        sent = asyncio.Queue()
+
+        async def requests():
+            while (item := await sent.get()) is not None:
+                yield item
+
+        stream = client.stream_infer(requests())
+        for t in range(6):
+            await sent.put(request(t))
+            result, error = await anext(stream)
+            assert error is None, error
+            got[t] = result.as_numpy("y")[0, 0]
+        await sent.put(request(6))
+        await asyncio.sleep(0.01)
+        os.kill(a.proc.pid, signal.SIGKILL)  # step 6 may or may not have been applied
+        with pytest.raises(Exception):  # noqa: B017 - whatever the broken stream raises
+            while True:  # the answer to step 6 may have been sent just before the kill
+                await asyncio.wait_for(anext(stream), 20)
+        await client.close()
+
+        client = aioclient.InferenceServerClient(b.grpc)
+        sent = asyncio.Queue()
+        stream = client.stream_infer(requests())
+        replays = 0
+        for t in [6, 6, *range(7, 12)]:  # step 6 again (applied once), and once more
+            await sent.put(request(t, sequence_end=t == 11))
+            result, error = await anext(stream)
+            assert error is None, error
+            params = result.get_response().parameters
+            assert params["step_count"].int64_param == t + 1
+            replays += "replayed" in params
+            if t in got:
+                np.testing.assert_array_equal(result.as_numpy("y")[0, 0], got[t])
+            got[t] = result.as_numpy("y")[0, 0]
+        await sent.put(None)
+        await client.close()
+        assert replays >= 1
+        return got
+
+    got = asyncio.run(asyncio.wait_for(drive(), 60))
+    np.testing.assert_allclose(np.stack([got[t] for t in range(12)]), whole, atol=1e-5)
+
+
+def test_no_grpc_extra_serves_http_only(tmp_path, model_repo):
+    """Without grpcio importable the server logs a warning and serves HTTP."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "grpc.py").write_text("raise ImportError('grpcio is not installed')\n")
+    port = free_port()
+    server = start_server(
+        model_repo, tmp_path,
+        {
+            "RNNSERVE_GRPC_PORT": str(port),
+            "RNNSERVE_LOG_LEVEL": "info",
+            "PYTHONPATH": os.pathsep.join([str(blocker), str(Path(__file__).parents[2])]),
+        },
+    )
+    try:
+        assert "gRPC is off" in server.log.read_text()
+        with pytest.raises(InferenceServerException):
+            grpcclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live(
+                client_timeout=2
+            )
+    finally:
+        server.stop()
+
+
