@@ -295,7 +295,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             who = self._owner(context) if secured else None
             return await work(who)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+        except Exception as exc:
             code, message, error_code = status_of(exc)
             await context.abort(code, message, (("rnnserve-error-code", error_code),))
             raise  # unreachable: abort raises
