@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api import health, rest, stream, v2
+from service.api import health, playground, rest, stream, v2
 from service.api.common import ORJSONResponse
 from service.api.middleware import RequestContext
 from service.config import Settings
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
     app.include_router(rest.router)
     app.include_router(stream.router)
     app.include_router(v2.router)
+    app.include_router(playground.router)
     _install_error_handlers(app)
     app.add_middleware(
         RequestContext, metrics=engine.metrics, max_body_bytes=settings.max_body_bytes
