@@ -111,6 +111,7 @@ export class SymbolPanel {
   }
 
   renderKeys(candidates) {
+    this.keys.dataset.step = String(this.session.stepCount); // the step these guesses follow
     this.keys.replaceChildren(
       ...candidates.map((c) => {
         const item = document.createElement("li");

@@ -1,0 +1,226 @@
+"""The playground page in a real Chromium against real server processes.
+
+Numbers shown by the page are compared with onnxruntime run directly on the model files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from playwright.sync_api import expect
+
+from tests.conftest import DEMO_MODELS, Reference
+
+REBER = "reber-gru"
+SINE = "sine-lstm"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reber() -> Reference:
+    return Reference(DEMO_MODELS / REBER / "1")
+
+
+def one_hot(reference: Reference, text: str) -> np.ndarray:
+    vocabulary = reference.card["vocabulary"]
+    x = np.zeros((len(text), len(vocabulary)), np.float32)
+    for t, symbol in enumerate(text):
+        x[t, vocabulary.index(symbol)] = 1.0
+    return x
+
+
+def shown_candidates(page, step: int) -> list[tuple[str, float]]:
+    keys = page.get_by_test_id("next-keys")
+    expect(keys).to_have_attribute("data-step", str(step))
+    return [
+        (item.get_attribute("data-symbol"), float(item.get_attribute("data-probability")))
+        for item in keys.locator("li").all()
+    ]
+
+
+def assert_top5(reference: Reference, prefix: str, shown: list[tuple[str, float]]) -> None:
+    y, _ = reference.run(one_hot(reference, prefix))
+    probabilities = y[-1].astype(np.float64)
+    vocabulary = reference.card["vocabulary"]
+    order = sorted(range(len(vocabulary)), key=lambda i: (-probabilities[i], i))[:5]
+    assert [s for s, _ in shown] == [vocabulary[i] for i in order], prefix
+    for symbol, p in shown:
+        assert abs(p - probabilities[vocabulary.index(symbol)]) <= TOL, (prefix, symbol)
+
+
+def open_model(page, name: str) -> str:
+    page.get_by_test_id(f"model-{name}").click()
+    expect(page.get_by_test_id("session-model")).to_have_text(f"{name} v1")
+    session_id = page.get_by_test_id("session-id")
+    expect(session_id).not_to_have_text("—")
+    return session_id.inner_text()
+
+
+def test_model_list_shows_every_loaded_model(demo_server, open_page):
+    page = open_page(demo_server)
+    listed = httpx.get(f"{demo_server.url}/v1/models").json()["models"]
+    assert {m["name"] for m in listed} == {"adding-rnn", REBER, SINE, "broken-gru"}
+    models = page.get_by_test_id("model-list")
+    expect(models.locator(":scope > li")).to_have_count(len(listed))
+    for model in listed:
+        entry = page.get_by_test_id(f"model-{model['name']}")
+        expect(entry).to_be_visible()
+        version = model["versions"][0]
+        if version["ready"]:
+            card = version["card"]
+            for fact in (card["cell"], card["task"], f"{card['input_size']} in", next(iter(card["metrics"]))):
+                expect(entry).to_contain_text(fact)
+        else:
+            expect(entry).to_contain_text("failed to load")
+            expect(entry.locator(".model-error")).to_have_text(version["error"])
+
+
+def test_typing_steps_the_session_once_per_key(demo_server, open_page, reber, tmp_path):
+    page = open_page(demo_server)
+    session_id = open_model(page, REBER)
+    box = page.get_by_test_id("type-input")
+    text = ""
+    for key in "BtSX":  # a lower-case key is taken as its symbol
+        box.press(key)
+        text += key.upper()
+        expect(page.get_by_test_id("step-count")).to_have_text(str(len(text)))
+        assert_top5(reber, text, shown_candidates(page, len(text)))
+    expect(box).to_have_value(text)
+
+    # The server's state is the reference's state for the typed text...
+    _, finals = reber.run(one_hot(reber, text))
+    export = httpx.get(f"{demo_server.url}/v1/sessions/{session_id}/state").json()
+    assert export["step_count"] == len(text)
+    np.testing.assert_allclose(np.asarray(export["state"]["h0"])[:, None, :], finals["h0"], atol=TOL)
+    # ... and the export button saves the same as a JSON file.
+    with page.expect_download() as download:
+        page.get_by_test_id("export-state").click()
+    saved = tmp_path / "export.json"
+    download.value.save_as(saved)
+    exported = json.loads(saved.read_text())
+    assert exported["session_id"] == session_id and exported["step_count"] == len(text)
+    np.testing.assert_allclose(np.asarray(exported["state"]["h0"])[:, None, :], finals["h0"], atol=TOL)
+
+    # An edit before the end: the session restarts and is fed the remaining text.
+    box.press("Backspace")
+    expect(page.get_by_test_id("step-count")).to_have_text(str(len(text) - 1))
+    assert_top5(reber, text[:-1], shown_candidates(page, len(text) - 1))
+
+    page.get_by_test_id("reset").click()
+    expect(page.get_by_test_id("step-count")).to_have_text("0")
+    expect(box).to_have_value("")
+    expect(page.get_by_test_id("next-keys").locator("li")).to_have_count(0)
+
+
+def test_generate_continues_the_text(demo_server, open_page, reber):
+    page = open_page(demo_server)
+    open_model(page, REBER)
+    box = page.get_by_test_id("type-input")
+    box.press("B")
+    box.press("T")
+    expect(page.get_by_test_id("step-count")).to_have_text("2")
+    page.get_by_test_id("generate-temperature").fill("0")
+    page.get_by_test_id("generate-steps").fill("12")
+    page.get_by_test_id("generate").click()
+    expect(box).not_to_have_value("BT")
+    text = box.input_value()
+    expect(page.get_by_test_id("step-count")).to_have_text(str(len(text)))
+    assert text.startswith("BT") and 2 < len(text) <= 14
+    vocabulary = reber.card["vocabulary"]
+    for t in range(2, len(text)):  # temperature 0: each symbol is the argmax after its prefix
+        y, _ = reber.run(one_hot(reber, text[:t]))
+        assert text[t] == vocabulary[int(np.argmax(y[-1]))], (text, t)
+    # Typing goes on from the generated text.
+    box.press("End")
+    box.press("T")
+    expect(page.get_by_test_id("step-count")).to_have_text(str(len(text) + 1))
+    assert_top5(reber, text + "T", shown_candidates(page, len(text) + 1))
+
+
+def chart_points(page) -> dict[str, int]:
+    data = page.get_by_test_id("chart").evaluate("c => ({...c.dataset})")
+    return {name: int(data[name]) for name in ("inputs", "predictions", "forecast")}
+
+
+def coloured_pixels(page, rgb: tuple[int, int, int]) -> int:
+    return page.get_by_test_id("chart").evaluate(
+        """(canvas, rgb) => {
+            const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            let n = 0;
+            for (let i = 0; i < data.length; i += 4) {
+                if (Math.abs(data[i] - rgb[0]) < 8 && Math.abs(data[i + 1] - rgb[1]) < 8
+                    && Math.abs(data[i + 2] - rgb[2]) < 8 && data[i + 3] > 200) n++;
+            }
+            return n;
+        }""",
+        list(rgb),
+    )
+
+
+def test_streaming_and_forecasting_the_sine(demo_server, open_page):
+    page = open_page(demo_server)
+    open_model(page, SINE)
+    blue, green = (0x25, 0x63, 0xEB), (0x16, 0xA3, 0x4A)
+    legend_only = coloured_pixels(page, blue)
+    page.get_by_test_id("stream-start").click()
+    page.wait_for_function(
+        "() => Number(document.querySelector('[data-testid=step-count]').textContent) >= 12"
+    )
+    page.get_by_test_id("stream-stop").click()
+    expect(page.get_by_test_id("stream-start")).to_be_enabled()
+    steps = int(page.get_by_test_id("step-count").inner_text())
+    assert steps >= 12
+    assert chart_points(page) == {"inputs": steps, "predictions": steps, "forecast": 0}
+    assert coloured_pixels(page, blue) > legend_only + 10 * steps  # lines and dots were drawn
+    time.sleep(0.2)  # stopped: nothing more is sent
+    assert page.get_by_test_id("step-count").inner_text() == str(steps)
+
+    before_forecast = coloured_pixels(page, green)
+    page.get_by_test_id("forecast-steps").fill("9")
+    page.get_by_test_id("forecast").click()
+    expect(page.get_by_test_id("step-count")).to_have_text(str(steps + 9))
+    assert chart_points(page) == {"inputs": steps, "predictions": steps, "forecast": 9}
+    assert coloured_pixels(page, green) > before_forecast + 50
+    page.get_by_test_id("forecast").click()
+    expect(page.get_by_test_id("step-count")).to_have_text(str(steps + 18))
+    assert chart_points(page)["forecast"] == 18
+    expect(page.get_by_test_id("error")).to_be_empty()
+
+
+def test_expired_session_shows_its_error_code(demo_repo, server_factory, open_page):
+    server = server_factory(demo_repo, RNNSERVE_SESSION_TTL_S="1")
+    page = open_page(server)
+    open_model(page, REBER)
+    box = page.get_by_test_id("type-input")
+    box.press("B")
+    expect(page.get_by_test_id("step-count")).to_have_text("1")
+    time.sleep(1.3)
+    box.press("T")
+    error = page.get_by_test_id("error")
+    expect(error).to_have_attribute("data-code", "session_expired")
+    expect(error).to_contain_text("session_expired")
+    expect(page.get_by_test_id("step-count")).to_have_text("1")
+    expect(page.get_by_test_id("session-expiry")).to_contain_text("expired")
+    # A new session works again.
+    page.get_by_test_id("new-session").click()
+    expect(error).to_be_empty()
+    expect(page.get_by_test_id("step-count")).to_have_text("0")
+    box = page.get_by_test_id("type-input")
+    box.press("B")
+    expect(page.get_by_test_id("step-count")).to_have_text("1")
+
+
+def test_the_page_is_public_and_its_calls_carry_the_key(demo_repo, server_factory, open_page):
+    server = server_factory(demo_repo, RNNSERVE_API_KEYS="s3cret")
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    page = open_page(server, api_key="s3cret")
+    expect(page.get_by_test_id("api-key")).to_have_value("s3cret")
+    session_id = open_model(page, REBER)
+    page.get_by_test_id("type-input").press("B")
+    expect(page.get_by_test_id("step-count")).to_have_text("1")
+    info = httpx.get(f"{server.url}/v1/sessions/{session_id}", headers={"X-API-Key": "s3cret"})
+    assert info.status_code == 200 and info.json()["step_count"] == 1
