@@ -86,12 +86,13 @@ export class Session {
     }
   }
 
-  /** One message of ``inputs`` (a list of time steps); ``seq`` makes a resend safe. */
-  async step(inputs) {
+  /** One message of ``inputs`` (a list of time steps); ``seq`` makes a resend safe.
+   * ``options`` adds message fields, e.g. ``{top_k: 5}``. */
+  async step(inputs, options = {}) {
     const stream = await this.connected();
     let answer;
     try {
-      answer = await stream.send({ inputs, seq: this.stepCount + inputs.length });
+      answer = await stream.send({ ...options, inputs, seq: this.stepCount + inputs.length });
     } catch (error) {
       return this.fail(error);
     }

@@ -22,13 +22,35 @@ function probabilities(card, row) {
   return exp.map((v) => v / total);
 }
 
+function outputNames(card) {
+  if (card.labels) return card.labels;
+  return card.vocabulary && card.vocabulary.length === card.output_size ? card.vocabulary : null;
+}
+
+/** The best ``k`` of one step's full output row, best first (ties by index). */
 export function topCandidates(card, row, k = TOP) {
-  const names = card.labels && card.labels.length === row.length ? card.labels : card.vocabulary;
+  const names = outputNames(card);
   const p = probabilities(card, row);
   return p
     .map((probability, index) => ({ symbol: names ? names[index] : String(index), probability, index }))
     .sort((a, b) => b.probability - a.probability || a.index - b.index)
     .slice(0, k);
+}
+
+/** Softmax outputs are probabilities: the server picks the best k (``top_k``). Other
+ * outputs come in full and are turned into probabilities here. */
+function askTopK(card) {
+  return card.output_activation === "softmax" ? { top_k: TOP } : {};
+}
+
+function candidatesOf(card, answer) {
+  if (!answer.top_k) return topCandidates(card, answer.outputs[answer.outputs.length - 1]);
+  const names = outputNames(card);
+  return answer.top_k[answer.top_k.length - 1].map((c) => ({
+    symbol: c.label ?? (names ? names[c.index] : String(c.index)),
+    probability: c.score,
+    index: c.index,
+  }));
 }
 
 export class SymbolPanel {
@@ -91,9 +113,9 @@ export class SymbolPanel {
           }
           const character = [...wanted.slice(this.applied.length)][0];
           try {
-            const answer = await this.session.step([character]);
+            const answer = await this.session.step([character], askTopK(this.card));
             this.applied += character;
-            this.renderKeys(topCandidates(this.card, answer.outputs[answer.outputs.length - 1]));
+            this.renderKeys(candidatesOf(this.card, answer));
             this.showError(null);
           } catch (error) {
             // Refused (e.g. an unknown symbol): the state is untouched, so drop the key.
