@@ -24,6 +24,8 @@ KEY_A, KEY_B = "key-alpha-0123456789", "key-beta-9876543210"
 PUBLIC = {"/healthz", "/readyz", "/metrics"}
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 """FastAPI's own documentation routes are public: they describe the API, they serve nothing."""
+PLAYGROUND = {"/", "/playground/{name}"}
+"""The browser playground's page and files are public; its API calls carry the key."""
 
 
 V2_PUBLIC = re.compile(
@@ -33,7 +35,7 @@ V2_PUBLIC = re.compile(
 
 
 def _is_public(path: str) -> bool:
-    return path in PUBLIC or path in DOCS or bool(V2_PUBLIC.match(path))
+    return path in PUBLIC or path in DOCS or path in PLAYGROUND or bool(V2_PUBLIC.match(path))
 
 
 def _all_routes(routes, prefix: str = ""):
