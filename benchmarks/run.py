@@ -33,6 +33,8 @@ from typing import Any
 
 from benchmarks.loadgen import ROOT, ServerProcess, drive
 from benchmarks.memory import idle_sessions, startup
+from benchmarks.payload import render as render_payload
+from benchmarks.payload import top_k_payload
 
 DEMO_DIR = ROOT / "models" / "sine-lstm"
 BENCH = "bench-lstm"
@@ -566,6 +568,9 @@ def render(res: dict[str, Any]) -> str:
             lines.append("  top self time:")
             lines.extend(f"    {pct:5.1f}%  {name}" for name, pct in prof["self"][:10])
             lines.append("")
+    if res.get("payload"):
+        lines.extend(render_payload(res["payload"]))
+        lines.append("")
     if res.get("targets"):
         lines.append("Targets")
         for t in res["targets"]:
@@ -635,7 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--only", default="", help="regex: run only the server scenarios it matches")
     p.add_argument(
-        "--skip", default="", help="comma list of parts to skip: inprocess,server,memory,startup"
+        "--skip",
+        default="",
+        help="comma list of parts to skip: inprocess,server,memory,startup,payload",
     )
     p.add_argument("--procs", type=int, default=None, help="load generator processes per scenario")
     p.add_argument(
@@ -732,6 +739,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else repo
             )
             res["startup"] = startup(startup_repo, 1 if args.smoke else 3, log_dir=log_dir)
+        if "payload" not in skip:
+            say("top-k payload over WebSocket ...")
+            res["payload"] = top_k_payload(root, log_dir=log_dir, steps=20 if args.smoke else 200)
     res["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res["meta"]["total_s"] = time.monotonic() - started
     res["targets"] = targets(res)

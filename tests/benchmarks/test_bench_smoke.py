@@ -60,6 +60,10 @@ def test_suite_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert mem["errors"] == 0 and mem["sessions"] == 300
     assert mem["rss_after_bytes"] > 0 and mem["state_bytes"] > 0
     assert res["startup"]["median_s"] > 0
+    payload = res["payload"]["modes"]  # answers checked for shape inside the measurement
+    assert payload["binary-top_k"]["bytes_out_per_step"] == 20 + 20 * 8
+    assert payload["binary-full"]["bytes_out_per_step"] == 20 + 4 * res["payload"]["classes"]
+    assert payload["json-top_k"]["bytes_out_per_step"] < payload["json-full"]["bytes_out_per_step"]
 
     verdicts = {t["verdict"] for t in res["targets"]}
     assert verdicts <= {"PASS", "MISS", "INFO"}
