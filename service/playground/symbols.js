@@ -1,13 +1,36 @@
-// Symbol and token models: each key typed is one step of the session over the WebSocket,
-// and the model's five most probable next symbols are shown after every answer.
+// Symbol and token models: what is typed is cut into units (one character per symbol, or
+// space-separated ids and symbols), each unit is one step of the session over the
+// WebSocket, and the model's five most probable next symbols are shown after every answer.
 
 const TOP = 5;
 
-/** Whether a card is driven by typing: one character per symbol of its vocabulary. */
+/** Whether a card is driven by typing: it has a vocabulary or takes token ids. */
 export function typeable(card) {
-  const vocabulary = card.vocabulary || [];
-  return vocabulary.length > 0 && vocabulary.every((s) => [...s].length === 1);
+  return Boolean(card.vocabulary && card.vocabulary.length) || (card.inputs && card.inputs.kind === "tokens");
 }
+
+/** One character per step when every symbol is one character, else space-separated words. */
+function unitsOf(card) {
+  const vocabulary = card.vocabulary || [];
+  return vocabulary.length > 0 && vocabulary.every((s) => [...s].length === 1) ? CHARACTERS : WORDS;
+}
+
+const CHARACTERS = {
+  split: (text) => ({ units: [...text], tail: "" }),
+  join: (units) => units.join(""),
+  input: (unit) => unit,
+};
+
+const WORDS = {
+  // A word is complete once a space (or newline) follows it; the last one may be unfinished.
+  split(text) {
+    const words = text.split(/\s+/);
+    const tail = /\s$/.test(text) ? "" : words.pop();
+    return { units: words.filter((w) => w !== ""), tail };
+  },
+  join: (units) => units.map((u) => `${u} `).join(""),
+  input: (unit) => (/^\d+$/.test(unit) ? Number(unit) : unit), // an id, else a symbol
+};
 
 function visible(symbol) {
   return { " ": "␣", "\n": "⏎", "\t": "⇥" }[symbol] ?? symbol;
@@ -58,10 +81,10 @@ export class SymbolPanel {
     this.session = session;
     this.card = session.card;
     this.showError = showError;
-    this.applied = ""; // what the session has consumed since it was opened or reset
+    this.units = unitsOf(this.card);
+    this.applied = []; // the units the session has consumed since it was opened or reset
     this.pumping = false;
-    this.symbols = new Map();
-    for (const symbol of this.card.vocabulary) this.symbols.set(symbol, symbol);
+    this.symbols = new Set(this.card.vocabulary || []);
     root.replaceChildren(this.build());
   }
 
@@ -73,7 +96,12 @@ export class SymbolPanel {
     this.generateButton = panel.querySelector('[data-testid="generate"]');
     this.steps = panel.querySelector('[data-testid="generate-steps"]');
     this.temperature = panel.querySelector('[data-testid="generate-temperature"]');
-    panel.querySelector(".vocabulary").textContent = this.card.vocabulary.map(visible).join(" ");
+    const vocabulary = this.card.vocabulary;
+    panel.querySelector(".typing-hint").textContent =
+      this.units === CHARACTERS
+        ? `Vocabulary: ${vocabulary.map(visible).join(" ")}. Each key is one step.`
+        : `Token ids 0 to ${this.card.input_size - 1}${vocabulary ? " or symbols" : ""}, ` +
+          "separated by spaces: each one is a step once a space follows it.";
     this.input.addEventListener("input", () => this.pump());
     this.generateButton.disabled = !this.card.generation;
     this.generateButton.addEventListener("click", () => this.generate());
@@ -88,39 +116,47 @@ export class SymbolPanel {
     return character; // unknown: the server refuses it with invalid_input
   }
 
-  normalise() {
-    const text = [...this.input.value].map((c) => this.symbolOf(c)).join("");
-    if (text !== this.input.value) this.input.value = text;
-    return text;
+  /** The text box cut into units (characters mapped onto the vocabulary's case). */
+  wanted() {
+    if (this.units === CHARACTERS) {
+      const text = [...this.input.value].map((c) => this.symbolOf(c)).join("");
+      if (text !== this.input.value) this.input.value = text;
+    }
+    return this.units.split(this.input.value);
   }
 
-  /** Brings the session level with the text box, one step (one message) per character. */
+  level() {
+    const { units } = this.wanted();
+    return units.length === this.applied.length && units.every((u, i) => u === this.applied[i]);
+  }
+
+  /** Brings the session level with the text box, one step (one message) per unit. */
   pump() {
     if (this.pumping) return;
     this.pumping = true;
     this.session
       .exclusive(async () => {
         for (;;) {
-          const wanted = this.normalise();
-          if (wanted === this.applied) return;
-          if (!wanted.startsWith(this.applied)) {
+          const { units, tail } = this.wanted();
+          const n = this.applied.length;
+          if (!this.applied.every((u, i) => u === units[i])) {
             // An edit before the end: the state cannot step back, so start over and
             // feed the text again.
             await this.session.reset();
-            this.applied = "";
+            this.applied = [];
             this.renderKeys([]);
             continue;
           }
-          const character = [...wanted.slice(this.applied.length)][0];
+          if (units.length === n) return;
+          const unit = units[n];
           try {
-            const answer = await this.session.step([character], askTopK(this.card));
-            this.applied += character;
+            const answer = await this.session.step([this.units.input(unit)], askTopK(this.card));
+            this.applied.push(unit);
             this.renderKeys(candidatesOf(this.card, answer));
             this.showError(null);
           } catch (error) {
-            // Refused (e.g. an unknown symbol): the state is untouched, so drop the key.
-            const text = this.input.value;
-            this.input.value = this.applied + text.slice(this.applied.length + character.length);
+            // Refused (e.g. an unknown symbol): the state is untouched, so drop the unit.
+            this.input.value = this.units.join([...this.applied, ...units.slice(n + 1)]) + tail;
             throw error;
           }
         }
@@ -128,7 +164,7 @@ export class SymbolPanel {
       .catch((error) => this.showError(error))
       .finally(() => {
         this.pumping = false;
-        if (!this.session.dead && this.normalise() !== this.applied) this.pump();
+        if (!this.session.dead && !this.level()) this.pump();
       });
   }
 
@@ -167,9 +203,9 @@ export class SymbolPanel {
         });
         // A fresh session starts from the start symbol, which the server feeds first.
         const fed = answer.step_count - before - answer.generated.length;
-        const start = fed === 1 && this.card.generation.start_symbol ? this.card.generation.start_symbol : "";
-        this.applied += start + answer.generated.join("");
-        this.input.value = this.applied;
+        const start = fed === 1 && this.card.generation.start_symbol ? [this.card.generation.start_symbol] : [];
+        this.applied.push(...start, ...answer.generated.map(String));
+        this.input.value = this.units.join(this.applied);
         this.renderKeys([]);
         this.showError(null);
       })
@@ -181,7 +217,7 @@ export class SymbolPanel {
 
   /** After a reset or on a new session: nothing typed yet. */
   clear() {
-    this.applied = "";
+    this.applied = [];
     this.input.value = "";
     this.renderKeys([]);
   }

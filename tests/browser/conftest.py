@@ -101,12 +101,13 @@ def broken_model(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo models beside one broken model."""
+def demo_repo(tmp_path_factory: pytest.TempPathFactory, token_repo: Path) -> Path:
+    """The demo models, the tiny token-input models and one broken model."""
     repo = tmp_path_factory.mktemp("playground-repo")
-    for model in DEMO_MODELS.iterdir():
-        if (model / "1" / "card.json").exists():
-            shutil.copytree(model, repo / model.name, ignore=shutil.ignore_patterns("*.png", "history.json"))
+    for source in (DEMO_MODELS, token_repo):
+        for model in source.iterdir():
+            if (model / "1" / "card.json").exists():
+                shutil.copytree(model, repo / model.name, ignore=shutil.ignore_patterns("*.png", "history.json"))
     broken_model(repo)
     return repo
 

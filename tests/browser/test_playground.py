@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import DEMO_MODELS, Reference
+from tests.conftest import DEMO_MODELS, TOKEN_VOCABULARY, Reference
 
 REBER = "reber-gru"
 SINE = "sine-lstm"
@@ -44,12 +44,26 @@ def shown_candidates(page, step: int) -> list[tuple[str, float]]:
 
 def assert_top5(reference: Reference, prefix: str, shown: list[tuple[str, float]]) -> None:
     y, _ = reference.run(one_hot(reference, prefix))
-    probabilities = y[-1].astype(np.float64)
-    vocabulary = reference.card["vocabulary"]
-    order = sorted(range(len(vocabulary)), key=lambda i: (-probabilities[i], i))[:5]
-    assert [s for s, _ in shown] == [vocabulary[i] for i in order], prefix
+    assert_shown(y[-1], reference.card["vocabulary"], shown, prefix)
+
+
+def assert_shown(row: np.ndarray, names: list[str], shown: list[tuple[str, float]], prefix) -> None:
+    """The page shows the five most probable symbols of ``row``, best first, with their
+    probabilities."""
+    probabilities = row.astype(np.float64)
+    order = sorted(range(len(names)), key=lambda i: (-probabilities[i], i))[:5]
+    assert [s for s, _ in shown] == [names[i] for i in order], prefix
     for symbol, p in shown:
-        assert abs(p - probabilities[vocabulary.index(symbol)]) <= TOL, (prefix, symbol)
+        assert abs(p - probabilities[names.index(symbol)]) <= TOL, (prefix, symbol)
+
+
+def token_outputs(folder, ids: list[int]) -> np.ndarray:
+    """onnxruntime on int64 ids [1, T] from the zero state: the last step's output row."""
+    reference = Reference(folder)
+    feed = {name: state for name, state in reference.zero_states().items()}
+    feed["x"] = np.asarray([ids], np.int64)
+    feed["lengths"] = np.array([len(ids)], np.int32)
+    return reference.session.run(["y"], feed)[0][0, -1]
 
 
 def open_model(page, name: str) -> str:
@@ -63,7 +77,7 @@ def open_model(page, name: str) -> str:
 def test_model_list_shows_every_loaded_model(demo_server, open_page):
     page = open_page(demo_server)
     listed = httpx.get(f"{demo_server.url}/v1/models").json()["models"]
-    assert {m["name"] for m in listed} == {"adding-rnn", REBER, SINE, "broken-gru"}
+    assert {m["name"] for m in listed} == {"adding-rnn", REBER, SINE, "tiny-chars", "tiny-items", "broken-gru"}
     models = page.get_by_test_id("model-list")
     expect(models.locator(":scope > li")).to_have_count(len(listed))
     for model in listed:
@@ -72,7 +86,10 @@ def test_model_list_shows_every_loaded_model(demo_server, open_page):
         version = model["versions"][0]
         if version["ready"]:
             card = version["card"]
-            for fact in (card["cell"], card["task"], f"{card['input_size']} in", next(iter(card["metrics"]))):
+            facts = [card["cell"], f"{card['input_size']} in", f"{card['output_size']} out"]
+            facts += [card[k] for k in ("task",) if k in card] + list(card.get("metrics", {}))[:1]
+            facts += [f"{layer['cell']} {layer['hidden_size']}" for layer in card.get("layers") or []]
+            for fact in facts:
                 expect(entry).to_contain_text(fact)
         else:
             expect(entry).to_contain_text("failed to load")
@@ -139,6 +156,32 @@ def test_generate_continues_the_text(demo_server, open_page, reber):
     box.press("T")
     expect(page.get_by_test_id("step-count")).to_have_text(str(len(text) + 1))
     assert_top5(reber, text + "T", shown_candidates(page, len(text) + 1))
+
+
+def test_token_models_take_symbols_or_ids(demo_server, demo_repo, open_page):
+    page = open_page(demo_server)
+    open_model(page, "tiny-chars")
+    box = page.get_by_test_id("type-input")
+    for n, key in enumerate("abcA", start=1):
+        box.press(key)
+        expect(page.get_by_test_id("step-count")).to_have_text(str(n))
+        ids = [TOKEN_VOCABULARY.index(c) for c in "abca"[:n]]
+        row = token_outputs(demo_repo / "tiny-chars" / "1", ids)
+        assert_shown(row, TOKEN_VOCABULARY, shown_candidates(page, n), ids)
+
+    # Unnamed items: ids separated by spaces, each one a step once a space follows it.
+    open_model(page, "tiny-items")
+    expect(page.get_by_test_id("generate")).to_be_disabled()  # no generation in its card
+    box = page.get_by_test_id("type-input")
+    box.press_sequentially("3 17 4")
+    expect(page.get_by_test_id("step-count")).to_have_text("2")
+    names = [str(i) for i in range(50)]
+    assert_shown(token_outputs(demo_repo / "tiny-items" / "1", [3, 17]), names, shown_candidates(page, 2), "3 17")
+    box.press(" ")
+    expect(page.get_by_test_id("step-count")).to_have_text("3")
+    assert_shown(
+        token_outputs(demo_repo / "tiny-items" / "1", [3, 17, 4]), names, shown_candidates(page, 3), "3 17 4"
+    )
 
 
 def chart_points(page) -> dict[str, int]:
