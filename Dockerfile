@@ -1,7 +1,7 @@
-# rnnserve server image: base install only (onnxruntime + FastAPI), no torch, no training code.
+# rnnserve server image: the base install plus the grpc extra (onnxruntime, FastAPI, grpcio), no torch, no training code.
 #
 #   docker build -t rnnserve:0.1.0 .
-#   docker run --rm -p 8000:8000 rnnserve:0.1.0
+#   docker run --rm -p 8000:8000 -p 8001:8001 rnnserve:0.1.0    # 8001: gRPC
 #   docker run --rm -p 8000:8000 -v "$PWD/my-models:/models:ro" rnnserve:0.1.0
 #
 # /models is the model repository (<name>/<version>/model.onnx + card.json). The image ships
@@ -23,10 +23,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ service/
 
-# `pip install .` resolves the base dependencies only (the [train] and [dev] extras are not
-# requested), within the version ranges pinned in pyproject.toml. rnn-train is the console
-# script of the training extra and cannot run without torch, so it is removed.
-RUN /opt/rnnserve/bin/pip install --no-cache-dir . \
+# `pip install '.[grpc]'` resolves the base dependencies and the gRPC server's (grpcio,
+# health, reflection, tritonclient's message classes); the [train] and [dev] extras are not
+# requested. Versions stay within the ranges pinned in pyproject.toml. rnn-train is the
+# console script of the training extra and cannot run without torch, so it is removed.
+RUN /opt/rnnserve/bin/pip install --no-cache-dir '.[grpc]' \
     && rm -f /opt/rnnserve/bin/rnn-train \
     && /opt/rnnserve/bin/pip check
 
@@ -42,7 +43,8 @@ ENV PATH=/opt/rnnserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RNNSERVE_MODEL_REPO=/models \
     RNNSERVE_HOST=0.0.0.0 \
-    RNNSERVE_PORT=8000
+    RNNSERVE_PORT=8000 \
+    RNNSERVE_GRPC_PORT=8001
 
 # Fixed numeric UID/GID so Kubernetes can check runAsNonRoot and volumes can be chowned to it.
 RUN groupadd --system --gid 10001 rnnserve \
@@ -55,7 +57,8 @@ COPY models/ /models/
 
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP (REST, WebSocket, v2); 8001: the Open Inference Protocol over gRPC.
+EXPOSE 8000 8001
 
 # Liveness only (/healthz answers as soon as the process is up); readiness is /readyz.
 # python:*-slim has no curl, so the check uses the standard library.

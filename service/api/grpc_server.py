@@ -254,7 +254,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
         if not self.settings.api_keys:
             return None
-        return owner_for_key(self.settings, presented_key(dict(context.invocation_metadata() or ())))
+        return owner_for_key(
+            self.settings, presented_key(dict(context.invocation_metadata() or ()))
+        )
 
     def _model_label(self, name: str) -> str:
         return name if name in self.engine.repository.names() else "unknown"
@@ -271,10 +273,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             access.info(
                 "request",
                 extra={
-                    "request_id": request_id,
+                    "request_id": request_id or secrets.token_hex(8),
                     "method": "gRPC",
                     "route": route,
-                    "model": model if model != "unknown" else None,
+                    "model": model if model not in ("", "unknown") else None,
                     "status": code.name,
                     "latency_ms": round(elapsed * 1000, 3),
                 },
@@ -301,8 +303,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise  # unreachable: abort raises
         finally:
             self._record(
-                method, self._model_label(model) if model else "", code, started,
-                request_id or secrets.token_hex(8),
+                method, self._model_label(model) if model else "", code, started, request_id
             )
 
     # -- health and metadata ---------------------------------------------------------
@@ -403,8 +404,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return service_pb2.ModelStreamInferResponse(error_message=text)
         finally:
             self._record(
-                "ModelStreamInfer", self._model_label(message.model_name), code, started,
-                message.id or secrets.token_hex(8),
+                "ModelStreamInfer", self._model_label(message.model_name), code, started, message.id
             )
 
 

@@ -5,6 +5,7 @@ independent onnxruntime run."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import signal
@@ -88,7 +89,11 @@ def test_health_metadata_config_reflection(shared):
         config = client.get_model_config("tiny-lstm").config
         assert [i.name for i in config.input] == ["x", "lengths"]
         assert list(config.input[0].dims) == [-1, -1, 3] and config.input[1].optional
-        assert [o.name for o in config.output] == ["y"] and list(config.output[0].dims) == [-1, -1, 2]
+        assert [o.name for o in config.output] == ["y"] and list(config.output[0].dims) == [
+            -1,
+            -1,
+            2,
+        ]
         assert config.sequence_batching.max_sequence_idle_microseconds > 0
 
         with pytest.raises(InferenceServerException) as missing:
@@ -126,7 +131,9 @@ def test_infer_raw_and_typed_match_onnxruntime(shared, reference):
     client = grpcclient.InferenceServerClient(shared.grpc)
     try:
         result = client.infer(
-            "tiny-lstm", [x_input(x)], outputs=[grpcclient.InferRequestedOutput("y")],
+            "tiny-lstm",
+            [x_input(x)],
+            outputs=[grpcclient.InferRequestedOutput("y")],
             request_id="raw-1",
         )
         y = result.as_numpy("y")
@@ -168,6 +175,42 @@ def test_infer_raw_and_typed_match_onnxruntime(shared, reference):
         assert dict(short.value.trailing_metadata())["rnnserve-error-code"] == "invalid_input"
 
 
+def test_classification_output_over_a_stream(shared, reference):
+    """``class_count`` on the requested output: BYTES "score:index:label" [batch, k] from
+    each step's last output, best first, as over HTTP v2."""
+    ref = reference("tiny-gru")
+    x = RNG.random(size=(5, 7)).astype(np.float32)
+    whole = ref.run(x)[0]
+    labels = ref.card["vocabulary"]
+    client = grpcclient.InferenceServerClient(shared.grpc)
+    answers = Collector()
+    client.start_stream(callback=answers)
+    try:
+        for t in range(5):
+            client.async_stream_infer(
+                "tiny-gru",
+                [x_input(x[None, t : t + 1])],
+                outputs=[grpcclient.InferRequestedOutput("y", class_count=3)],
+                sequence_id=31,
+                sequence_start=t == 0,
+                sequence_end=t == 4,
+                priority=1,
+            )
+        for t in range(5):
+            result, error = answers.next()
+            assert error is None, error
+            classes = result.as_numpy("y")
+            assert classes.shape == (1, 3) and classes.dtype == object
+            parsed = [c.decode().split(":") for c in classes[0]]
+            best = np.argsort(-whole[t], kind="stable")[:3]
+            assert [int(p[1]) for p in parsed] == best.tolist()
+            assert [p[2] for p in parsed] == [labels[i] for i in best]
+            np.testing.assert_allclose([float(p[0]) for p in parsed], whole[t, best], atol=1e-5)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
 # -- streams ----------------------------------------------------------------------------------
 
 
@@ -181,8 +224,12 @@ def test_stream_sequence_step_by_step_equals_whole(shared, reference):
     try:
         for t in range(12):
             client.async_stream_infer(
-                "tiny-lstm", [x_input(x[None, t : t + 1])], request_id=f"s{t}",
-                sequence_id=4242, sequence_start=t == 0, sequence_end=t == 11,
+                "tiny-lstm",
+                [x_input(x[None, t : t + 1])],
+                request_id=f"s{t}",
+                sequence_id=4242,
+                sequence_start=t == 0,
+                sequence_end=t == 11,
             )
         got = []
         for t in range(12):
@@ -197,13 +244,14 @@ def test_stream_sequence_step_by_step_equals_whole(shared, reference):
         # Without START on the ended sequence and on an unknown one: an error response each,
         # and the stream still answers the next request.
         for sequence_id in (4242, "never-started"):
-            client.async_stream_infer(
-                "tiny-lstm", [x_input(x[None, :1])], sequence_id=sequence_id
-            )
+            client.async_stream_infer("tiny-lstm", [x_input(x[None, :1])], sequence_id=sequence_id)
             result, error = answers.next()
             assert result is None and "START" in error.message()
         client.async_stream_infer(
-            "tiny-lstm", [x_input(x[None, :3])], sequence_id="fresh", sequence_start=True,
+            "tiny-lstm",
+            [x_input(x[None, :3])],
+            sequence_id="fresh",
+            sequence_start=True,
             sequence_end=True,
         )
         result, error = answers.next()
@@ -261,6 +309,7 @@ def test_sequence_moves_between_grpc_and_http(shared, reference):
     g = grpcclient.InferenceServerClient(shared.grpc)
     h = httpclient.InferenceServerClient(f"127.0.0.1:{shared.port}")
     try:
+
         def over_grpc(t, **flags):
             result = g.infer("tiny-relu", [x_input(x[None, t : t + 2])], sequence_id=77, **flags)
             return result.as_numpy("y")[0]
@@ -287,7 +336,9 @@ def test_sequence_moves_between_grpc_and_http(shared, reference):
 
 
 def test_api_keys(server_factory, model_repo, reference):
-    server = grpc_server(server_factory, model_repo, rnnserve_api_keys=f"{KEY_A},{KEY_B}")
+    server = grpc_server(
+        server_factory, model_repo, rnnserve_api_keys=f"{KEY_A},{KEY_B}", rnnserve_log_level="info"
+    )
     x = RNG.normal(size=(1, 2, 3)).astype(np.float32)
     client = grpcclient.InferenceServerClient(server.grpc)
     a = {"authorization": f"Bearer {KEY_A}"}
@@ -324,6 +375,16 @@ def test_api_keys(server_factory, model_repo, reference):
         client.stop_stream()
     finally:
         client.close()
+
+    # JSON access logs cover gRPC calls like HTTP ones (and never carry the key).
+    lines = [
+        json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")
+    ]
+    calls = [e for e in lines if e.get("method") == "gRPC"]
+    statuses = {(e["route"].rsplit("/", 1)[1], e["status"]) for e in calls}
+    assert {("ModelInfer", "UNAUTHENTICATED"), ("ModelInfer", "OK")} <= statuses
+    assert all(e.get("model") in (None, "tiny-lstm") and e["latency_ms"] >= 0 for e in calls)
+    assert KEY_A not in server.log.read_text()
 
 
 # -- a replica killed mid-stream --------------------------------------------------------------
@@ -404,7 +465,8 @@ def test_no_grpc_extra_serves_http_only(tmp_path, model_repo):
     (blocker / "grpc.py").write_text("raise ImportError('grpcio is not installed')\n")
     port = free_port()
     server = start_server(
-        model_repo, tmp_path,
+        model_repo,
+        tmp_path,
         {
             "RNNSERVE_GRPC_PORT": str(port),
             "RNNSERVE_LOG_LEVEL": "info",
@@ -414,10 +476,6 @@ def test_no_grpc_extra_serves_http_only(tmp_path, model_repo):
     try:
         assert "gRPC is off" in server.log.read_text()
         with pytest.raises(InferenceServerException):
-            grpcclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live(
-                client_timeout=2
-            )
+            grpcclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live(client_timeout=2)
     finally:
         server.stop()
-
-
