@@ -408,6 +408,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
 
 
+def _unimplemented(name: str) -> Callable[..., Awaitable[None]]:
+    async def method(self: InferenceServicer, request: Any, context: Any) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{name} is not served by rnnserve (see docs/v2.md)"
+        )
+
+    return method
+
+
+# Statistics, repository, shared memory, trace and log settings: see docs/v2.md for why.
+for _method in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+    if _method.name not in InferenceServicer.__dict__:
+        setattr(InferenceServicer, _method.name, _unimplemented(_method.name))
+
+
 class _Stream:
     """One ``ModelStreamInfer`` call: reads requests, runs them, hands answers back in order
     per sequence, with bounded requests and bytes in flight."""

@@ -114,6 +114,10 @@ def test_health_metadata_config_reflection(shared):
         )
         names = {s.name for s in answer.list_services_response.service}
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as absent:
+            stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="tiny-lstm"))
+        assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     metrics = __import__("httpx").get(f"{shared.url}/metrics").text
     assert 'route="/inference.GRPCInferenceService/ModelMetadata",status="NOT_FOUND"' in metrics
