@@ -70,7 +70,10 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
     app.include_router(playground.router)
     _install_error_handlers(app)
     app.add_middleware(
-        RequestContext, metrics=engine.metrics, max_body_bytes=settings.max_body_bytes
+        RequestContext,
+        metrics=engine.metrics,
+        max_body_bytes=settings.max_body_bytes,
+        known_models=lambda: engine.repository.known_names,
     )
     return app
 

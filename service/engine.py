@@ -35,6 +35,7 @@ from service.repository import ModelRepository, ModelVersion, ReloadReport
 from service.sessions import SessionRecord, SessionStore, make_store
 
 log = logging.getLogger("service.engine")
+_UNKNOWN_OWNER = object()
 _COMMIT_ATTEMPTS = 3
 
 
@@ -213,7 +214,16 @@ class Engine:
     async def _owned(
         self, session_id: str, owner: str | None, *, fresh: bool = False
     ) -> SessionRecord:
-        record = await self.store.get(session_id, fresh=fresh)
+        """The caller's session; anything not the caller's answers as an unknown id does."""
+        try:
+            record = await self.store.get(session_id, fresh=fresh)
+        except SessionExpired as exc:
+            # Stores set ``owner`` on the exception when they know it. Without API keys
+            # (owner None) every caller is the same owner; with keys an unknown owner
+            # could be anyone's, so it is not revealed either.
+            if owner is not None and getattr(exc, "owner", _UNKNOWN_OWNER) != owner:
+                raise SessionNotFound(f"no session {session_id}") from None
+            raise
         if record.owner != owner:
             # Another key's session: answer exactly as if it did not exist.
             raise SessionNotFound(f"no session {session_id}")
@@ -623,10 +633,17 @@ def _symbol_input(card, index: int) -> np.ndarray:
 
 
 def _sample(probabilities: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """A symbol drawn from ``probabilities`` sharpened by ``temperature`` (0: greedy).
+
+    Numerically stable for every finite temperature >= 0: float64 log-probabilities with
+    the maximum subtracted (so the largest weight is exactly 1 and the sum is >= 1), and a
+    temperature whose inverse does not fit a float64 is greedy.
+    """
     p = np.asarray(probabilities, np.float64)
-    if temperature == 0:
+    if temperature == 0 or not np.isfinite(1.0 / temperature) or not np.all(np.isfinite(p)):
         return int(np.argmax(p))
-    logits = np.log(np.clip(p, 1e-12, None)) / temperature
+    logits = np.log(np.clip(p, np.finfo(np.float64).tiny, None))
     logits -= logits.max()
-    weights = np.exp(logits)
+    with np.errstate(over="ignore", under="ignore"):
+        weights = np.exp(logits * (1.0 / temperature))
     return int(rng.choice(len(weights), p=weights / weights.sum()))

@@ -53,6 +53,16 @@ class ModelNotReady(ServeError):
     status, code = 503, "model_not_ready"
 
 
+class ModelChanged(ServeError):
+    """The session's version now serves a different model than the one it was created on."""
+
+    status, code = 409, "model_changed"
+
+
+class UnsupportedMediaType(ServeError):
+    status, code = 415, "unsupported_media_type"
+
+
 class NotSupported(ServeError):
     status, code = 400, "not_supported"
 

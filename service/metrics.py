@@ -2,16 +2,28 @@
 
 Run one server process per container or pod and scale with replicas: every process then
 exports its own correct numbers and Prometheus sums them.
+
+Label values come only from fixed sets: route templates, loaded model names (anything else
+is ``UNKNOWN_MODEL``), status codes, error codes. Nothing a caller writes becomes a label,
+so the number of series is bounded whatever clients send.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+UNKNOWN_MODEL = "unknown"
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -30,6 +42,9 @@ class _SessionCollector:
 
 class Metrics:
     def __init__(self) -> None:
+        # The ``_created`` series double every counter and histogram for a timestamp
+        # Prometheus does not need (the switch is the library's, process-wide).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

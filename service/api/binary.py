@@ -22,6 +22,7 @@ import orjson
 from service.api.common import dumps
 
 HEADER = "Inference-Header-Content-Length"
+CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -44,6 +45,10 @@ INTEGERS = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "IN
 
 class TensorError(ValueError):
     """A malformed request body or tensor; always the client's fault (400)."""
+
+
+class InflatedTooLarge(TensorError):
+    """A compressed body that inflates past the body limit."""
 
 
 @dataclass(slots=True)
@@ -88,18 +93,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     if not encoding or encoding.strip().lower() == "identity":
         return body
     kind = encoding.strip().lower()
+    if kind not in CONTENT_ENCODINGS:
+        raise TensorError(f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
     if kind == "gzip":
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    elif kind == "deflate":
-        inflater = zlib.decompressobj(zlib.MAX_WBITS)
     else:
-        raise TensorError(f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
+        inflater = zlib.decompressobj(zlib.MAX_WBITS)
     try:
         out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
         raise TensorError(f"the {kind} body cannot be decompressed: {exc}") from None
     if len(out) > limit:
-        raise TensorError(f"the decompressed body exceeds the limit of {limit} bytes")
+        raise InflatedTooLarge(f"the decompressed body exceeds the limit of {limit} bytes")
     if not inflater.eof:
         raise TensorError(f"the {kind} body is truncated")
     return out

@@ -1,25 +1,38 @@
-"""One ASGI middleware for every HTTP request: request id, body limit, metrics, one log line."""
+"""One ASGI middleware for every HTTP request: request id, body limit, metrics, one log line.
+
+It also undoes ``Content-Encoding: gzip|deflate`` on v1 bodies (v2 does so in its own codec),
+within the same body limit after inflating.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import time
+from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.common import dumps
-from service.errors import PayloadTooLarge
-from service.metrics import Metrics
+from service.api.binary import CONTENT_ENCODINGS, InflatedTooLarge, TensorError, decompress
+from service.api.common import MODEL_LABEL_KEY, dumps
+from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType
+from service.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger("service.access")
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        known_models: Callable[[], Collection[str]] = frozenset,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.known_models = known_models
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,8 +81,19 @@ class RequestContext:
                 message = {**message, "headers": headers}
             await send(message)
 
+        app_receive: Receive = counted_receive
+        encoding = _header(scope, b"content-encoding")
+        if encoding is not None and scope.get("path", "").startswith("/v1/"):
+            try:
+                scope, app_receive = await _inflated(scope, counted_receive, encoding, limit)
+            except ServeError as exc:
+                failure = too_large or exc
+                await _reject(scope, send, request_id, failure)
+                self._record(scope, failure.status, started, request_id)
+                return
+
         try:
-            await self.app(scope, counted_receive, send_with_id)
+            await self.app(scope, app_receive, send_with_id)
         finally:
             self._record(scope, status, started, request_id)
 
@@ -78,7 +102,9 @@ class RequestContext:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         params = scope.get("path_params") or {}
-        model = params.get("name") or params.get("model_name") or ""
+        named = scope.get(MODEL_LABEL_KEY) or params.get("name") or params.get("model_name")
+        # Only loaded model names become labels: a caller's text never creates a series.
+        model = named if named in self.known_models() else UNKNOWN_MODEL
         self.metrics.requests.labels(template, model, str(status)).inc()
         self.metrics.latency.labels(template, model).observe(elapsed)
         if log.isEnabledFor(logging.INFO):
@@ -88,7 +114,7 @@ class RequestContext:
                     "request_id": request_id,
                     "method": scope.get("method"),
                     "route": template,
-                    "model": model or None,
+                    "model": model,
                     "session": params.get("session_id"),
                     "status": status,
                     "latency_ms": round(elapsed * 1000, 3),
@@ -105,17 +131,66 @@ def _request_id(scope: Scope) -> str:
     return secrets.token_hex(8)
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, wanted: bytes) -> str | None:
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if name == wanted:
+            return value.decode("latin-1")
     return None
 
 
-async def _reject(scope: Scope, send: Send, request_id: str, error: PayloadTooLarge) -> None:
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+async def _inflated(
+    scope: Scope, receive: Receive, encoding: str, limit: int
+) -> tuple[Scope, Receive]:
+    """The request with its compressed body read whole and inflated (within ``limit``)."""
+    kind = encoding.strip().lower()
+    if kind not in CONTENT_ENCODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:40]!r} is not supported: send the body "
+            "uncompressed, or compressed with gzip or deflate"
+        )
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    try:
+        body = decompress(b"".join(chunks), kind, limit)
+    except InflatedTooLarge as exc:
+        raise PayloadTooLarge(str(exc), limit=limit) from None
+    except TensorError as exc:
+        raise InvalidInput(f"{exc}; send the body uncompressed or as valid {kind}") from None
+    headers = [
+        (name, value)
+        for name, value in scope.get("headers", [])
+        if name not in (b"content-encoding", b"content-length")
+    ]
+    headers.append((b"content-length", str(len(body)).encode()))
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return {**scope, "headers": headers}, replay
+
+
+async def _reject(scope: Scope, send: Send, request_id: str, error: ServeError) -> None:
     # The Open Inference Protocol's error body is a bare message.
     v2 = scope.get("path", "").startswith("/v2")
     body = dumps({"error": error.message} if v2 else error.body())

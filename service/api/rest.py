@@ -13,6 +13,7 @@ from service.api.common import (
     engine_of,
     error_responses,
     owner,
+    served,
     session_info,
 )
 from service.api.schemas import (
@@ -31,7 +32,7 @@ from service.api.schemas import (
 )
 from service.engine import Engine
 from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
-from service.repository import ModelVersion
+from service.repository import ModelVersion, parse_version
 from service.topk import top_k
 
 router = APIRouter(
@@ -44,9 +45,10 @@ _INPUT_ERRORS = error_responses(401, 404, 409, 413, 422, 429, 503)
 
 def model_info(engine: Engine, name: str) -> dict[str, Any]:
     versions = engine.repository.versions_of(name)
+    ready = [v for v in versions if v.ready]
     return {
         "name": name,
-        "default_version": versions[-1].version,
+        "default_version": (ready or versions)[-1].version,
         "versions": [
             {
                 "version": v.version,
@@ -116,10 +118,10 @@ async def predict(name: str, body: PredictRequest, request: Request) -> ORJSONRe
     responses=_INPUT_ERRORS,
 )
 async def predict_version(
-    name: str, version: int, body: PredictRequest, request: Request
+    name: str, version: str, body: PredictRequest, request: Request
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    return await _predict(engine.model(name, version), body, engine)
+    return await _predict(engine.model(name, parse_version(version)), body, engine)
 
 
 async def _create_session(
@@ -157,13 +159,13 @@ async def create_session(
 )
 async def create_session_version(
     name: str,
-    version: int,
+    version: str,
     request: Request,
     body: CreateSessionRequest | None = Body(None),
     who: str | None = Depends(owner),
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    return await _create_session(engine.model(name, version), body, engine, who)
+    return await _create_session(engine.model(name, parse_version(version)), body, engine, who)
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, responses=_MODEL_ERRORS)
@@ -171,7 +173,7 @@ async def get_session(
     session_id: str, request: Request, who: str | None = Depends(owner)
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    record = await engine.session(session_id, who)
+    record = served(request, await engine.session(session_id, who))
     return ORJSONResponse(session_info(record, engine.store.ttl_s))
 
 
@@ -180,9 +182,10 @@ async def export_state(
     session_id: str, request: Request, who: str | None = Depends(owner)
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    record = await engine.session(session_id, who)
-    card = engine.session_model(record).card
-    assert card is not None
+    record = served(request, await engine.session(session_id, who))
+    # Only the card is needed: a session whose model was replaced or removed can still
+    # export its state and move it elsewhere.
+    card = engine.repository.card_for_session(record.model, record.version, record.fingerprint)
     return ORJSONResponse(
         {
             "session_id": record.session_id,
@@ -200,6 +203,7 @@ async def step(
 ) -> ORJSONResponse:
     engine = engine_of(request)
     result = await engine.step(session_id, who, body.inputs, body.seq)
+    served(request, result.record)
     return ORJSONResponse(
         step_content(engine, result.record, result.outputs, result.replayed, body.top_k)
     )
@@ -239,6 +243,7 @@ async def generate(
         seed=body.seed,
         prime=body.prime,
     )
+    served(request, result.record)
     content: dict[str, Any] = {
         "generated": result.generated,
         "step_count": result.record.step_count,
@@ -257,7 +262,7 @@ async def reset(
     session_id: str, request: Request, who: str | None = Depends(owner)
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    record = await engine.reset(session_id, who)
+    record = served(request, await engine.reset(session_id, who))
     return ORJSONResponse(session_info(record, engine.store.ttl_s))
 
 

@@ -109,7 +109,9 @@ class StateExport(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"steps": 20, "temperature": 1.0, "seed": 7}]})
     steps: StrictInt = Field(ge=1, description="Steps to generate (symbol models stop early at the end symbol)")
-    temperature: float = Field(1.0, ge=0, description="0 is greedy (argmax)")
+    temperature: StrictFloat = Field(
+        1.0, ge=0, allow_inf_nan=False, description="0 is greedy (argmax); any finite number >= 0"
+    )
     seed: StrictInt | None = Field(None, ge=0)
     prime: list[Step] | None = Field(None, description="Inputs fed before generating")
     top_k: TopK = Field(

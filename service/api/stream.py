@@ -24,6 +24,7 @@ from service.engine import Engine
 from service.errors import InvalidInput, PayloadTooLarge, RateLimited, ServeError
 from service.frames import FrameError, decode_request, encode_response, encode_top_k_response
 from service.topk import check_k, top_indices
+from service.repository import parse_version
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("service.stream")
@@ -42,7 +43,7 @@ async def stream_new(websocket: WebSocket, name: str) -> None:
 
 
 @router.websocket("/v1/models/{name}/versions/{version}/stream")
-async def stream_new_version(websocket: WebSocket, name: str, version: int) -> None:
+async def stream_new_version(websocket: WebSocket, name: str, version: str) -> None:
     await _open(websocket, name=name, version=version)
 
 
@@ -55,7 +56,7 @@ async def _open(
     websocket: WebSocket,
     *,
     name: str | None = None,
-    version: int | None = None,
+    version: str | None = None,
     session_id: str | None = None,
 ) -> None:
     engine: Engine = websocket.app.state.engine
@@ -63,7 +64,8 @@ async def _open(
     try:
         who = websocket_owner(websocket)
         if session_id is None:
-            record = await engine.create_session(engine.model(name, version), who)
+            number = None if version is None else parse_version(version)
+            record = await engine.create_session(engine.model(name, number), who)
         else:
             record = await engine.session(session_id, who)
     except ServeError as exc:
@@ -71,10 +73,12 @@ async def _open(
         await websocket.close(_CLOSE_CODES.get(exc.status, CLOSE_POLICY))
         return
     await websocket.send_text(dumps(session_info(record, engine.store.ttl_s)).decode())
-    await _serve(websocket, engine, record.session_id, who)
+    await _serve(websocket, engine, record.session_id, record.model, who)
 
 
-async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str | None) -> None:
+async def _serve(
+    websocket: WebSocket, engine: Engine, session_id: str, model: str, who: str | None
+) -> None:
     settings = engine.settings
     metrics = engine.metrics
     limiter = _RateLimiter(settings.ws_max_messages_per_s)
@@ -90,7 +94,6 @@ async def _serve(websocket: WebSocket, engine: Engine, session_id: str, who: str
         binary = message.get("bytes")
         text = message.get("text")
         kind = "binary" if binary is not None else "json"
-        model = entry.name if entry is not None else ""
         try:
             size = len(binary) if binary is not None else len(text or "")
             if binary is None and size * 4 > settings.ws_max_message_bytes:
