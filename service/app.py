@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.api import health, playground, rest, stream, v2
-from service.api.common import ORJSONResponse
+from service.api.common import ORJSONResponse, json_problem
 from service.api.middleware import RequestContext
 from service.config import Settings
 from service.engine import Engine
@@ -97,6 +97,14 @@ async def _start_grpc(engine: Engine):
     return server
 
 
+def _problem(error: dict, body: object) -> str:
+    loc = error.get("loc", ())
+    if error.get("type") == "json_invalid" and isinstance(body, str) and len(loc) == 2:
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        return f"the body is not valid JSON: {json_problem(str(reason), body, int(loc[1]))}"
+    return f"{'.'.join(str(p) for p in loc if p != 'body') or 'body'}: {error.get('msg')}"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> ORJSONResponse:
@@ -106,10 +114,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
-        problems = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-            for e in exc.errors()[:5]
-        ]
+        problems = [_problem(e, exc.body) for e in exc.errors()[:5]]
         return ORJSONResponse(
             {"error": {"code": "invalid_input", "message": "; ".join(problems)}},
             status_code=422,

@@ -202,6 +202,7 @@ class Reference:
     def __init__(self, folder: Path) -> None:
         import json
 
+        self.folder = folder
         self.card = json.loads((folder / "card.json").read_text())
         self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
         self.names = {i.name for i in self.session.get_inputs()}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.api.common import dumps
+from service.api.common import dumps, json_problem
 
 HEADER = "Inference-Header-Content-Length"
 CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
@@ -141,7 +141,13 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     try:
         doc = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
-        raise TensorError(f"the request is not valid JSON: {exc}") from None
+        if header_length is None and b"binary_data_size" in head:
+            raise TensorError(
+                "the body carries binary tensor data (an input has binary_data_size) but no "
+                f"{HEADER} header: send that header with the length in bytes of the JSON "
+                "part of the body"
+            ) from None
+        raise TensorError(f"the request is not valid JSON: {json_problem(exc.msg, exc.doc, exc.pos)}") from None
     if not isinstance(doc, dict):
         raise TensorError("the request must be a JSON object")
 

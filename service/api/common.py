@@ -30,6 +30,15 @@ def dumps(content: Any) -> bytes:
     return orjson.dumps(content, option=_ORJSON_OPTIONS)
 
 
+def json_problem(message: str, doc: str, pos: int) -> str:
+    """A JSON parser's complaint for people, with a hint for the literals Python's json
+    module writes by default."""
+    problem = f"{message} at character {pos}"
+    if any(word in doc[max(pos - 1, 0) : pos + 9] for word in ("NaN", "Infinity")):
+        problem += " (NaN and Infinity are not JSON numbers: send finite numbers)"
+    return problem
+
+
 class ORJSONResponse(JSONResponse):
     media_type = "application/json"
 

@@ -57,7 +57,7 @@ from service.errors import (
     SessionNotFound,
 )
 from service.inputs import sequence_array
-from service.repository import ModelVersion
+from service.repository import ModelVersion, parse_version
 from service.topk import classification_strings
 
 log = logging.getLogger("service.v2")
@@ -123,11 +123,7 @@ fallback = APIRouter(prefix="/v2", route_class=V2Route)
 
 
 def _version(version: str | None) -> int | None:
-    if version is None:
-        return None
-    if not version.isdigit():
-        raise TensorError(f"model version {version!r} is not a non-negative integer")
-    return int(version)
+    return None if version is None else parse_version(version)
 
 
 def lengths_name(card: ModelCard) -> str:
@@ -156,7 +152,7 @@ def _described(
     """All versions of ``name`` and the one asked for (or the latest); it must have a card."""
     versions = engine.repository.versions_of(name)
     if version is None:
-        entry = versions[-1]
+        entry = ([v for v in versions if v.ready] or versions)[-1]
     else:
         entry = next((v for v in versions if v.version == version), None)
         if entry is None:

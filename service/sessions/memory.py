@@ -26,7 +26,8 @@ class MemorySessionStore(SessionStore):
         super().__init__(ttl_s, max_sessions, max_sessions_per_owner)
         self._clock = clock
         self._records: OrderedDict[str, SessionRecord] = OrderedDict()
-        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._expired: OrderedDict[str, str | None] = OrderedDict()
+        """Tombstones of expired sessions: id -> owner (for the engine's privacy check)."""
         self._per_owner: Counter[str | None] = Counter()
         self.expired_total = 0
 
@@ -50,7 +51,9 @@ class MemorySessionStore(SessionStore):
             record = None
         if record is None:
             if session_id in self._expired:
-                raise SessionExpired(f"session {session_id} expired after {self.ttl_s:g} s idle")
+                expired = SessionExpired(f"session {session_id} expired after {self.ttl_s:g} s idle")
+                expired.owner = self._expired[session_id]  # type: ignore[attr-defined]
+                raise expired
             raise SessionNotFound(f"no session {session_id}")
         return record
 
@@ -103,7 +106,7 @@ class MemorySessionStore(SessionStore):
         record = self._records.pop(session_id)
         self._forget_owner(record.owner)
         self.expired_total += 1
-        self._expired[session_id] = None
+        self._expired[session_id] = record.owner
         if len(self._expired) > _TOMBSTONES:
             self._expired.popitem(last=False)
 

@@ -1,0 +1,215 @@
+"""Issue 9, items 6-10: no 5xx, no unbounded metrics and no leak from what a client sends."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import numpy as np
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.websockets import WebSocketDisconnect
+
+from tests.hardening.conftest import app_client
+
+X = [[0.1, -0.2, 0.3], [0.5, 0.0, -1.0]]
+
+
+# -- 6: sampling ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300, 1e-30, 1e300, 1.7e308])
+def test_every_finite_temperature_generates(model_repo, temperature):
+    with app_client(model_repo=model_repo) as client:
+        answers = []
+        for t in (0, temperature):
+            sid = client.post("/v1/models/tiny-gru/sessions").json()["session_id"]
+            r = client.post(
+                f"/v1/sessions/{sid}/generate", json={"steps": 5, "temperature": t, "seed": 3}
+            )
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["generated"])
+        if temperature < 1e-20:  # too small to matter: exactly greedy
+            assert answers[0] == answers[1]
+        # The keep-alive connection still answers.
+        assert client.get("/healthz").status_code == 200
+
+
+# -- 7 and 10: versions parsed as ASCII digits ---------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["%C2%B2", "%D9%A3", "abc", "1_0", "+1", "1.0", "%201", "-1"])
+def test_odd_versions_are_4xx_everywhere(model_repo, version):
+    body = {"inputs": [{"name": "x", "shape": [1, 1, 3], "datatype": "FP32", "data": [0, 0, 0]}]}
+    with app_client(model_repo=model_repo) as client:
+        base = f"/v2/models/tiny-lstm/versions/{version}"
+        for method, path, payload in (
+            ("get", f"{base}/ready", None),
+            ("get", base, None),
+            ("get", f"{base}/config", None),
+            ("post", f"{base}/infer", body),
+        ):
+            r = client.request(method, path, json=payload)
+            assert r.status_code == 400, (path, r.status_code, r.text)
+            assert "ASCII digits" in r.json()["error"]
+        for path, payload in (
+            (f"/v1/models/tiny-lstm/versions/{version}/predict", {"inputs": [X]}),
+            (f"/v1/models/tiny-lstm/versions/{version}/sessions", None),
+        ):
+            r = client.post(path, json=payload)
+            assert r.status_code == 422, (path, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "invalid_input"
+        with client.websocket_connect(f"/v1/models/tiny-lstm/versions/{version}/stream") as ws:
+            frame = ws.receive_json()
+            assert frame["error"]["code"] == "invalid_input", frame
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 1008
+
+
+# -- 8: bounded metrics --------------------------------------------------------------------
+
+
+def _labels(text: str) -> tuple[set[str], set[str]]:
+    models, names = set(), set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names.add(sample.name)
+            if "model" in sample.labels:
+                models.add(sample.labels["model"])
+    return models, names
+
+
+@pytest.mark.parametrize("keys", [None, "k1"])
+def test_metric_labels_come_from_a_fixed_set(model_repo, keys):
+    settings = {"model_repo": model_repo}
+    if keys:
+        settings["api_keys"] = [keys]
+    headers = {"X-API-Key": keys} if keys else {}
+    with app_client(**settings) as client:
+        size_before = len(client.get("/metrics").text)
+        for k in range(200):
+            name = f"{k:03d}" + "x" * 125
+            client.get(f"/v1/models/{name}")  # 401 (with keys, no key sent) or 404
+            client.post(f"/v1/models/{name}/predict", json={"inputs": [X]})
+            client.get(f"/v2/models/{name}/ready")
+            client.get(f"/v1/sessions/{name}")
+        sid = client.post("/v1/models/tiny-lstm/sessions", headers=headers).json()["session_id"]
+        assert client.post(
+            f"/v1/sessions/{sid}/steps", json={"inputs": X}, headers=headers
+        ).status_code == 200
+        text = client.get("/metrics").text
+    models, names = _labels(text)
+    loaded = {"tiny-lstm", "tiny-gru", "tiny-rnn", "tiny-relu", "nolengths-lstm"}
+    assert models <= loaded | {"unknown"}, models - loaded
+    assert "tiny-lstm" in models
+    assert not any(n.endswith("_created") for n in names)
+    assert len(text) < size_before + 20_000  # a few new route/status series, not 800
+    assert 'route="/v1/sessions/{session_id}/steps",status="200"' in text.replace(
+        'model="tiny-lstm",', ""
+    )
+    assert 'model="tiny-lstm",route="/v1/sessions/{session_id}/steps"' in text
+
+
+# -- 9: another key's expired session looks like an unknown id -------------------------------
+
+
+def test_expired_session_of_another_key_is_not_found(model_repo):
+    with app_client(model_repo=model_repo, api_keys=["alice", "bob"], session_ttl_s=0.3) as client:
+        alice, bob = {"X-API-Key": "alice"}, {"X-API-Key": "bob"}
+        sid = client.post("/v1/models/tiny-lstm/sessions", headers=alice).json()["session_id"]
+        time.sleep(0.6)
+        unknown = client.get("/v1/sessions/never-created", headers=bob)
+        theirs = client.get(f"/v1/sessions/{sid}", headers=bob)
+        assert unknown.status_code == theirs.status_code == 404
+        assert theirs.json()["error"]["code"] == unknown.json()["error"]["code"] == "session_not_found"
+        for path in ("steps", "generate", "reset", "state"):
+            method = "get" if path == "state" else "post"
+            r = client.request(method, f"/v1/sessions/{sid}/{path}", json={"inputs": X, "steps": 1}
+                               if path in ("steps",) else None, headers=bob)
+            assert r.json()["error"]["code"] in ("session_not_found", "invalid_input"), r.text
+        mine = client.get(f"/v1/sessions/{sid}", headers=alice)
+        assert mine.status_code == 404 and mine.json()["error"]["code"] == "session_expired"
+
+
+# -- 10: error answers follow the contract ---------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ['"0.5"', "true", "null", "[1]", "-0.5"])
+def test_temperature_is_a_number(model_repo, value):
+    with app_client(model_repo=model_repo) as client:
+        sid = client.post("/v1/models/tiny-gru/sessions").json()["session_id"]
+        r = client.post(
+            f"/v1/sessions/{sid}/generate",
+            content=f'{{"steps": 2, "temperature": {value}}}',
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input", r.text
+        assert client.get(f"/v1/sessions/{sid}").json()["step_count"] == 0
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_literal_says_what_is_wrong(model_repo, literal):
+    with app_client(model_repo=model_repo) as client:
+        r = client.post(
+            "/v1/models/tiny-lstm/predict",
+            content=f'{{"inputs": [[[{literal}, 0, 0]]]}}',
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "not valid JSON" in message and "NaN and Infinity" in message, message
+
+
+def test_v1_accepts_gzip_and_deflate_bodies(model_repo):
+    import zlib
+
+    plain = orjson.dumps({"inputs": [X]})
+    with app_client(model_repo=model_repo) as client:
+        expected = client.post("/v1/models/tiny-lstm/predict", content=plain,
+                               headers={"content-type": "application/json"}).json()
+        for encoding, body in (("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain))):
+            r = client.post("/v1/models/tiny-lstm/predict", content=body, headers={
+                "content-type": "application/json", "content-encoding": encoding})
+            assert r.status_code == 200, r.text
+            assert r.json() == expected
+        r = client.post("/v1/models/tiny-lstm/predict", content=plain, headers={
+            "content-type": "application/json", "content-encoding": "br"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        r = client.post("/v1/models/tiny-lstm/predict", content=b"garbage", headers={
+            "content-type": "application/json", "content-encoding": "gzip"})
+        assert r.status_code == 422 and "gzip" in r.json()["error"]["message"], r.text
+        bomb = gzip.compress(b" " * 20_000_000)  # over the 16 MiB default once inflated
+        r = client.post("/v1/models/tiny-lstm/predict", content=bomb, headers={
+            "content-type": "application/json", "content-encoding": "gzip"})
+        assert r.status_code == 413, r.text
+
+
+def test_binary_v2_without_its_header_says_which_header(model_repo):
+    head = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1, 3], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 12}}]})
+    body = head + np.array([0.1, 0.2, 0.3], np.float32).tobytes() + b"\xff\xfe"
+    with app_client(model_repo=model_repo) as client:
+        r = client.post("/v2/models/tiny-lstm/infer", content=body,
+                        headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 400
+        assert "Inference-Header-Content-Length" in r.json()["error"], r.text
+
+
+def test_not_ready_messages_show_no_server_paths(repo_copy):
+    onnx = repo_copy / "tiny-relu" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:64])
+    (repo_copy / "tiny-rnn" / "1" / "model.onnx").unlink()
+    with app_client(model_repo=repo_copy) as client:
+        texts = [client.get("/v1/models").text]
+        for name in ("tiny-relu", "tiny-rnn"):
+            r = client.post(f"/v1/models/{name}/predict", json={"inputs": [[[0.0]]]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+            texts.append(r.text)
+            texts.append(client.get(f"/v2/models/{name}").text)
+    for text in texts:
+        assert str(repo_copy) not in text and "/tmp" not in text, text
+        assert "Traceback" not in text
+    assert "tiny-rnn/1/model.onnx" in texts[0] or "model.onnx" in texts[0]
