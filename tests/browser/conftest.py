@@ -109,6 +109,10 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory, token_repo: Path) -> Pat
             if (model / "1" / "card.json").exists():
                 shutil.copytree(model, repo / model.name, ignore=shutil.ignore_patterns("*.png", "history.json"))
     broken_model(repo)
+    second = repo / "sine-lstm" / "2"  # a second version: the new default
+    shutil.copytree(repo / "sine-lstm" / "1", second)
+    card = json.loads((second / "card.json").read_text())
+    (second / "card.json").write_text(json.dumps({**card, "version": 2}))
     return repo
 
 

@@ -66,9 +66,10 @@ def token_outputs(folder, ids: list[int]) -> np.ndarray:
     return reference.session.run(["y"], feed)[0][0, -1]
 
 
-def open_model(page, name: str) -> str:
+def open_model(page, name: str, version: int = 1) -> str:
+    """Clicks a model's entry (which opens its default version)."""
     page.get_by_test_id(f"model-{name}").click()
-    expect(page.get_by_test_id("session-model")).to_have_text(f"{name} v1")
+    expect(page.get_by_test_id("session-model")).to_have_text(f"{name} v{version}")
     session_id = page.get_by_test_id("session-id")
     expect(session_id).not_to_have_text("—")
     return session_id.inner_text()
@@ -78,11 +79,16 @@ def test_model_list_shows_every_loaded_model(demo_server, open_page):
     page = open_page(demo_server)
     listed = httpx.get(f"{demo_server.url}/v1/models").json()["models"]
     assert {m["name"] for m in listed} == {"adding-rnn", REBER, SINE, "tiny-chars", "tiny-items", "broken-gru"}
+    assert [v["version"] for v in next(m for m in listed if m["name"] == SINE)["versions"]] == [1, 2]
     models = page.get_by_test_id("model-list")
     expect(models.locator(":scope > li")).to_have_count(len(listed))
     for model in listed:
         entry = page.get_by_test_id(f"model-{model['name']}")
         expect(entry).to_be_visible()
+        for version in model["versions"]:
+            label = f"v{version['version']}" + (" (default)" if version["version"] == model["default_version"] else "")
+            if version["ready"]:
+                expect(entry.get_by_test_id(f"model-{model['name']}-v{version['version']}")).to_contain_text(label)
         version = model["versions"][0]
         if version["ready"]:
             card = version["card"]
@@ -107,6 +113,14 @@ def test_typing_steps_the_session_once_per_key(demo_server, open_page, reber, tm
         expect(page.get_by_test_id("step-count")).to_have_text(str(len(text)))
         assert_top5(reber, text, shown_candidates(page, len(text)))
     expect(box).to_have_value(text)
+    expect(page.get_by_test_id("session-expiry")).to_contain_text("(in 18")  # the 1800 s TTL
+
+    # A symbol outside the vocabulary: the server's error, the key dropped, nothing stepped.
+    box.press("Z")
+    expect(page.get_by_test_id("error")).to_have_attribute("data-code", "invalid_input")
+    expect(page.get_by_test_id("error")).to_contain_text("unknown symbol")
+    expect(box).to_have_value(text)
+    assert page.get_by_test_id("step-count").inner_text() == str(len(text))
 
     # The server's state is the reference's state for the typed text...
     _, finals = reber.run(one_hot(reber, text))
@@ -206,7 +220,7 @@ def coloured_pixels(page, rgb: tuple[int, int, int]) -> int:
 
 def test_streaming_and_forecasting_the_sine(demo_server, open_page):
     page = open_page(demo_server)
-    open_model(page, SINE)
+    open_model(page, SINE, version=2)
     blue, green = (0x25, 0x63, 0xEB), (0x16, 0xA3, 0x4A)
     legend_only = coloured_pixels(page, blue)
     page.get_by_test_id("stream-start").click()
