@@ -328,9 +328,13 @@ async def test_generation_feeds_back_ids(make_client, token_repo, token_ref):
 
 @pytest.fixture(scope="module")
 def token_server(token_repo, tmp_path_factory):
-    from tests.conftest import start_server
+    from tests.conftest import free_port, start_server
 
-    server = start_server(token_repo, tmp_path_factory.mktemp("token-server"))
+    port = free_port()
+    server = start_server(
+        token_repo, tmp_path_factory.mktemp("token-server"), {"RNNSERVE_GRPC_PORT": str(port)}
+    )
+    server.grpc = f"127.0.0.1:{port}"
     yield server
     server.stop()
 
@@ -456,5 +460,28 @@ def test_v2_int64_ids_and_classification(token_server, token_ref):
                 f"{token_server.url}/v2/models/tiny-chars/infer", json={"inputs": [tensor]}, timeout=10
             )
             assert r.status_code == 400 and isinstance(r.json()["error"], str), r.text
+    finally:
+        client.close()
+
+
+def test_grpc_int64_ids_and_class_count(token_server, token_ref):
+    """The same classification through tritonclient.grpc (shares the v2 data plane)."""
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(10).integers(0, 50, (2, 4)).astype(np.int64)
+    client = grpcclient.InferenceServerClient(token_server.grpc)
+    try:
+        meta = client.get_model_metadata("tiny-items", as_json=True)
+        assert meta["inputs"][0]["datatype"] == "INT64"
+        x_in = grpcclient.InferInput("x", list(x.shape), "INT64")
+        x_in.set_data_from_numpy(x)
+        out = grpcclient.InferRequestedOutput("y", class_count=7)
+        classes = client.infer("tiny-items", [x_in], outputs=[out]).as_numpy("y")
+        assert classes.shape == (2, 7)
+        for row in range(2):
+            expected = best(token_ref("tiny-items").run(x[row])[0][-1], 7)[0]
+            assert [int(c.decode().split(":")[1]) for c in classes[row]] == expected.tolist()
+        y = client.infer("tiny-items", [x_in]).as_numpy("y")
+        np.testing.assert_allclose(y[1], token_ref("tiny-items").run(x[1])[0], atol=TOL)
     finally:
         client.close()
