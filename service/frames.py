@@ -49,8 +49,8 @@ def encode_request(x: np.ndarray, seq: int | None = None, top_k: int | None = No
         raise FrameError("steps must be a [steps, features] array or [steps] token ids")
     extra = b""
     if top_k is not None:
-        if not 1 <= top_k <= 0xFFFFFFFF:
-            raise FrameError("top_k must be between 1 and 2**32 - 1")
+        if not 0 <= top_k <= 0xFFFFFFFF:
+            raise FrameError("top_k must fit in uint32")
         flags |= FLAG_TOP_K
         extra = TOP_K.pack(top_k)
     return HEADER.pack(MAGIC, VERSION, flags, steps, features, seq or 0) + extra + payload
@@ -63,9 +63,7 @@ def decode_request(frame: bytes) -> tuple[np.ndarray, int | None, int | None]:
     if flags & FLAG_TOP_K:
         if len(frame) < offset + TOP_K.size:
             raise FrameError("a top-k frame needs k (u32) after the header")
-        (k,) = TOP_K.unpack_from(frame, offset)
-        if k < 1:
-            raise FrameError("top_k must be >= 1")
+        (k,) = TOP_K.unpack_from(frame, offset)  # 0 is well-formed: the stream refuses it
         offset += TOP_K.size
     if flags & FLAG_IDS:
         if features != 1:

@@ -112,6 +112,8 @@ async def _serve(
                     )
                     await websocket.close(CLOSE_UNSUPPORTED)
                     return
+                if k is not None:
+                    check_k(k)
                 result = await engine.step(session_id, who, x, seq)
                 count, replayed = result.record.step_count, result.replayed
                 await websocket.send_bytes(

@@ -381,6 +381,7 @@ def test_websocket_ids_and_top_k_json_and_binary(token_server, token_ref):
             json.dumps({"inputs": [50]}),
             encode_request(np.zeros((1, 50), np.float32)),  # one-hot values to a token model
             encode_request(np.array([50])),
+            encode_request(np.array([1]), top_k=0),
         ):
             ws.send(message)
             error = json.loads(ws.recv(timeout=10))
@@ -449,6 +450,20 @@ def test_v2_int64_ids_and_classification(token_server, token_ref):
             parsed = [c.decode().split(":") for c in result.as_numpy("y")[0]]
             assert all(len(p) == 2 for p in parsed)
             assert [int(p[1]) for p in parsed] == best(y_items[t], 5)[0].tolist()
+
+        # k above the classes is clamped: every class, best first
+        r = httpx.post(
+            f"{token_server.url}/v2/models/tiny-chars/infer",
+            json={
+                "inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 2], "data": [0, 4]}],
+                "outputs": [{"name": "y", "parameters": {"classification": 99}}],
+            },
+            timeout=10,
+        )
+        (out,) = r.json()["outputs"]
+        assert out["datatype"] == "BYTES" and out["shape"] == [1, 10]
+        expected = best(ref.run([0, 4])[0][-1], 10)[0]
+        assert [int(c.split(":")[1]) for c in out["data"]] == expected.tolist()
 
         # floats for a token model, out-of-range ids: 400, nothing run
         for tensor in (
