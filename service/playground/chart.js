@@ -13,6 +13,9 @@ export class Chart {
   constructor(canvas) {
     this.canvas = canvas;
     this.clear();
+    // Redraw at the new size when the page is resized (the canvas's CSS size is fixed by
+    // the style sheet, so drawing does not resize it again).
+    new ResizeObserver(() => this.draw()).observe(canvas);
   }
 
   clear() {

@@ -48,6 +48,14 @@ export class ValuePanel {
     this.run = 0; // bumped by stop(): a loop runs while its number is current
     root.replaceChildren(this.build());
     this.chart = new Chart(this.canvas);
+    session.onChange(() => this.enableForecast());
+    this.enableForecast();
+  }
+
+  /** Generation continues from the model's last answer: there is none before a step. */
+  enableForecast() {
+    const canForecast = this.card.generation && this.card.generation.mode === "value";
+    this.forecastButton.disabled = !canForecast || this.session.stepCount === 0;
   }
 
   build() {
@@ -61,9 +69,10 @@ export class ValuePanel {
     this.stopButton.addEventListener("click", () => this.stop());
     this.forecastButton.addEventListener("click", () => this.forecast());
     const canForecast = this.card.generation && this.card.generation.mode === "value";
-    this.forecastButton.disabled = !canForecast;
     this.forecastSteps.disabled = !canForecast;
-    if (!canForecast) panel.querySelector(".forecast-note").textContent = "this model's card has no value generation";
+    panel.querySelector(".forecast-note").textContent = canForecast
+      ? "Forecasting continues from the last answer: stream first."
+      : "This model's card has no value generation.";
     this.stopButton.disabled = true;
     return panel;
   }

@@ -223,6 +223,7 @@ def test_streaming_and_forecasting_the_sine(demo_server, open_page):
     open_model(page, SINE, version=2)
     blue, green = (0x25, 0x63, 0xEB), (0x16, 0xA3, 0x4A)
     legend_only = coloured_pixels(page, blue)
+    expect(page.get_by_test_id("forecast")).to_be_disabled()  # nothing to continue from yet
     page.get_by_test_id("stream-start").click()
     page.wait_for_function(
         "() => Number(document.querySelector('[data-testid=step-count]').textContent) >= 12"
@@ -246,6 +247,14 @@ def test_streaming_and_forecasting_the_sine(demo_server, open_page):
     expect(page.get_by_test_id("step-count")).to_have_text(str(steps + 18))
     assert chart_points(page)["forecast"] == 18
     expect(page.get_by_test_id("error")).to_be_empty()
+
+    # A narrower window: the chart is redrawn at its new size, with every point.
+    page.set_viewport_size({"width": 900, "height": 900})
+    page.wait_for_function(
+        """() => { const c = document.querySelector('[data-testid=chart]');
+                   return c.width === Math.round(c.clientWidth * devicePixelRatio) && c.clientWidth < 700; }"""
+    )
+    assert coloured_pixels(page, blue) > legend_only + 10 * steps
 
 
 def test_expired_session_shows_its_error_code(demo_repo, server_factory, open_page):
