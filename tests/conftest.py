@@ -281,10 +281,17 @@ class ServerProcess:
                 self.proc.wait(5)
 
 
-def start_server(repo: Path, log_dir: Path, env: dict[str, str] | None = None, timeout: float = 30.0) -> ServerProcess:
-    """A real ``rnn-serve`` process on a free port, returned once /readyz answers 200."""
-    port = free_port()
-    log = log_dir / f"server-{port}.log"
+def start_server(
+    repo: Path,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    port: int | None = None,
+) -> ServerProcess:
+    """A real ``rnn-serve`` process on ``port`` (default: a free one), returned once /readyz
+    answers 200."""
+    port = port or free_port()
+    log = log_dir / f"server-{port}-{time.monotonic_ns()}.log"
     # ``python -m service.cli`` from this checkout (not the installed console script), so a
     # test always runs the server code beside it, whichever checkout installed the venv.
     full_env = {

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import DEMO_MODELS, TOKEN_VOCABULARY, Reference
+from tests.conftest import DEMO_MODELS, TOKEN_VOCABULARY, Reference, start_server
 
 REBER = "reber-gru"
 SINE = "sine-lstm"
@@ -290,3 +290,26 @@ def test_the_page_is_public_and_its_calls_carry_the_key(demo_repo, server_factor
     expect(page.get_by_test_id("step-count")).to_have_text("1")
     info = httpx.get(f"{server.url}/v1/sessions/{session_id}", headers={"X-API-Key": "s3cret"})
     assert info.status_code == 200 and info.json()["step_count"] == 1
+
+
+def test_typing_resumes_the_session_after_a_server_restart(demo_repo, redis_db, open_page, reber, tmp_path):
+    """Sessions in Redis outlive the server process: the page reconnects to the same session
+    on the next key and the state carries on, neither repeated nor lost."""
+    env = {"RNNSERVE_SESSION_STORE": redis_db(3), "RNNSERVE_LOG_LEVEL": "warning"}
+    server = start_server(demo_repo, tmp_path, env)
+    try:
+        page = open_page(server)
+        session_id = open_model(page, REBER)
+        box = page.get_by_test_id("type-input")
+        for n, key in enumerate("BT", start=1):
+            box.press(key)
+            expect(page.get_by_test_id("step-count")).to_have_text(str(n))
+        server.stop()
+        server = start_server(demo_repo, tmp_path, env, port=server.port)
+        box.press("S")
+        expect(page.get_by_test_id("step-count")).to_have_text("3")
+        assert_top5(reber, "BTS", shown_candidates(page, 3))
+        expect(page.get_by_test_id("session-id")).to_have_text(session_id)
+        expect(page.get_by_test_id("error")).to_be_empty()
+    finally:
+        server.stop()
