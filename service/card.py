@@ -105,6 +105,11 @@ class ModelCard(BaseModel):
     vocabulary: list[str] | None = None
     labels: list[str] | None = None
     generation: Generation | None = None
+    return_sequences: bool = True
+    """False for a many-to-one model (e.g. a Keras model whose last recurrent layer has
+    ``return_sequences=False``): it was trained to answer at the last step only. The graph
+    still answers at every step and the state carries on as usual; the last step's output
+    is the model's answer, which predict with ``return_sequences: false`` returns."""
     metrics: dict[str, Any] = Field(default_factory=dict)
     library_versions: dict[str, str] = Field(default_factory=dict)
     sha256: str | None = None

@@ -6,6 +6,10 @@ time axes for all three cells and is ~10 us faster per call, while ``dynamo=True
 fixes y's time axis and silently unrolls ``nn.RNN`` at the example's length. The
 exporter leaves ``sequence_lens`` empty, so we add a ``lengths`` input and wire it into
 every recurrent node ourselves, then check the result against PyTorch before writing.
+
+The verification (``verify_graph``) and the atomic write (``write_version``) are shared by
+every way into the repository: our models here, any PyTorch module
+(``training/module_export.py``) and Keras models (``training/keras_import.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import io
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +35,52 @@ from training.model import RecurrentModel
 PARITY_TOLERANCE = 1e-5
 _RECURRENT_OPS = {"RNN", "LSTM", "GRU"}
 _SEQUENCE_LENS_INDEX = 4  # X, W, R, B, sequence_lens, initial_h, ... for all three ops
+LENGTHS_INPUT = "lengths"
+#: (batch, time) shapes every export is checked on, from zero and from random states.
+VERIFY_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (1, 300), (3, 1), (4, 17), (8, 64), (2, 300))
+
+#: ``reference(x, states)``: the source model's outputs and final states for ``x`` (float32
+#: [batch, time, input_size] or int64 ids [batch, time]) from ``states`` (one array per
+#: state tensor, as the graph takes them; None means zero states). A reference that cannot
+#: report its states returns None for them.
+Reference = Callable[
+    [np.ndarray, "list[np.ndarray] | None"], "tuple[np.ndarray, list[np.ndarray] | None]"
+]
 
 
 class ParityError(RuntimeError):
-    """The exported graph does not reproduce the PyTorch model."""
+    """The exported graph does not reproduce the source model."""
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What verification needs to know of a graph's tensors (the card says the same)."""
+
+    states: list[StateSpec]
+    input_size: int
+    token_inputs: bool = False
+    sequence: str = "x"
+    output: str = "y"
+    lengths: str = LENGTHS_INPUT
+
+    def draw_x(self, rng: np.random.Generator, batch: int, steps: int) -> np.ndarray:
+        if self.token_inputs:
+            return rng.integers(0, self.input_size, (batch, steps)).astype(np.int64)
+        return rng.standard_normal((batch, steps, self.input_size)).astype(np.float32)
+
+    def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        return [tuple(batch if d is None else d for d in s.shape) for s in self.states]
+
+    def zero_states(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros(shape, np.float32) for shape in self.state_shapes(batch)]
+
+    def random_states(self, rng: np.random.Generator, batch: int) -> list[np.ndarray]:
+        return [(0.5 * rng.standard_normal(shape)).astype(np.float32) for shape in self.state_shapes(batch)]
+
+    def rows(self, states: list[np.ndarray], start: int, stop: int) -> list[np.ndarray]:
+        return [
+            np.take(s, range(start, stop), axis=spec.batch_axis) for s, spec in zip(states, self.states)
+        ]
 
 
 class _Exportable(torch.nn.Module):
@@ -49,25 +97,27 @@ def state_io_names(model: RecurrentModel) -> list[tuple[str, str]]:
     return [(f"{s}0", f"{s}n") for s in model.state_names]
 
 
-def to_onnx(model: RecurrentModel) -> onnx.ModelProto:
-    """The ONNX graph of ``model`` with a ``lengths`` input wired to every recurrent node."""
-    model = model.eval()
-    names = state_io_names(model)
-    example_x = torch.zeros(2, 3, model.input_size)
-    example_states = model.zero_states(2)
+def torch_to_onnx(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    state_names: Sequence[tuple[str, str]],
+    state_batch_axes: Sequence[int],
+) -> onnx.ModelProto:
+    """Trace ``module(x, *states) -> (y, *new_states)`` to ONNX with native recurrent ops and
+    a ``lengths`` input wired to every recurrent node."""
     dynamic_axes = {"x": {0: "batch", 1: "time"}, "y": {0: "batch", 1: "time"}}
-    for inp, out in names:
-        dynamic_axes[inp] = {1: "batch"}
-        dynamic_axes[out] = {1: "batch"}
+    for (inp, out), axis in zip(state_names, state_batch_axes):
+        dynamic_axes[inp] = {axis: "batch"}
+        dynamic_axes[out] = {axis: "batch"}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _Exportable(model),
-            (example_x, *example_states),
+            module,
+            example,
             buffer,
-            input_names=["x", *(i for i, _ in names)],
-            output_names=["y", *(o for _, o in names)],
+            input_names=["x", *(i for i, _ in state_names)],
+            output_names=["y", *(o for _, o in state_names)],
             dynamic_axes=dynamic_axes,
             opset_version=17,
             dynamo=False,
@@ -78,35 +128,141 @@ def to_onnx(model: RecurrentModel) -> onnx.ModelProto:
     return proto
 
 
+def to_onnx(model: RecurrentModel) -> onnx.ModelProto:
+    """The ONNX graph of ``model`` with a ``lengths`` input wired to every recurrent node."""
+    model = model.eval()
+    example = (torch.zeros(2, 3, model.input_size), *model.zero_states(2))
+    names = state_io_names(model)
+    return torch_to_onnx(_Exportable(model), example, names, [1] * len(names))
+
+
 def _wire_lengths(proto: onnx.ModelProto) -> None:
     graph = proto.graph
-    graph.input.append(helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"]))
+    graph.input.append(helper.make_tensor_value_info(LENGTHS_INPUT, TensorProto.INT32, ["batch"]))
     wired = 0
     for node in graph.node:
         if node.op_type not in _RECURRENT_OPS:
             continue
         while len(node.input) <= _SEQUENCE_LENS_INDEX:
             node.input.append("")
-        node.input[_SEQUENCE_LENS_INDEX] = "lengths"
+        node.input[_SEQUENCE_LENS_INDEX] = LENGTHS_INPUT
         wired += 1
     if wired == 0:
         raise ParityError("the exported graph has no native RNN/LSTM/GRU node (was it unrolled?)")
 
 
-def _torch_run(model: RecurrentModel, x: np.ndarray, states: list[np.ndarray]):
-    with torch.no_grad():
-        y, new = model.predict(
-            torch.from_numpy(x), tuple(torch.from_numpy(s) for s in states)
-        )
-    return y.numpy(), [s.numpy() for s in new]
+def _model_io(model: RecurrentModel) -> GraphIO:
+    shape: list[int | None] = [model.num_layers, None, model.hidden_size]
+    return GraphIO(
+        states=[
+            StateSpec(name=inp[:-1], input=inp, output=out, shape=shape, batch_axis=1)
+            for inp, out in state_io_names(model)
+        ],
+        input_size=model.input_size,
+    )
 
 
-def _ort_run(sess: ort.InferenceSession, names, x, states, lengths=None):
-    feed = {"x": x, "lengths": np.full(x.shape[0], x.shape[1], np.int32) if lengths is None else lengths}
-    for (inp, _), s in zip(names, states):
-        feed[inp] = s
-    outs = sess.run(None, feed)
-    return outs[0], outs[1:]
+def _model_reference(model: RecurrentModel) -> Reference:
+    def run(x: np.ndarray, states: list[np.ndarray] | None):
+        with torch.no_grad():
+            given = None if states is None else tuple(torch.from_numpy(s) for s in states)
+            y, new = model.predict(torch.from_numpy(x), given)
+        return y.numpy(), [s.numpy() for s in new]
+
+    return run
+
+
+def open_session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def verify_graph(
+    proto: onnx.ModelProto,
+    reference: Reference,
+    graph_io: GraphIO,
+    *,
+    random_states: bool = True,
+    last_step_only: bool = False,
+    shapes: Sequence[tuple[int, int]] = VERIFY_SHAPES,
+    seed: int = 0,
+) -> float:
+    """Max abs difference between onnxruntime and ``reference`` over shapes, chunking and
+    padding; raises ParityError when any check exceeds PARITY_TOLERANCE.
+
+    ``random_states=False``: the reference only runs from zero states (it is given None),
+    so carried states are checked through chunked == whole. ``last_step_only``: the
+    reference answers only at the last step (a many-to-one model); the graph's output at
+    the last step is compared, and chunk boundaries are compared with the reference run
+    on the prefix.
+    """
+    sess = open_session(proto)
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+
+    def ort_run(x: np.ndarray, states: list[np.ndarray], lengths: np.ndarray | None = None):
+        feed = {graph_io.sequence: x}
+        feed[graph_io.lengths] = np.full(x.shape[0], x.shape[1], np.int32) if lengths is None else lengths
+        feed.update({spec.input: s for spec, s in zip(graph_io.states, states)})
+        y, *new = sess.run([graph_io.output, *(s.output for s in graph_io.states)], feed)
+        return y, new
+
+    def ref_run(x: np.ndarray, states: list[np.ndarray]):
+        return reference(x, states if random_states else None)
+
+    def start_states(batch: int) -> list[np.ndarray]:
+        return graph_io.random_states(rng, batch) if random_states else graph_io.zero_states(batch)
+
+    def check(label: str, a: np.ndarray, b: np.ndarray) -> None:
+        nonlocal worst
+        if a.shape != b.shape:
+            raise ParityError(f"{label}: shape {a.shape} != {b.shape}")
+        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        worst = max(worst, diff)
+        if not diff <= PARITY_TOLERANCE:
+            raise ParityError(f"{label}: max abs diff {diff:.3g} > {PARITY_TOLERANCE}")
+
+    def check_states(label: str, ref: list[np.ndarray] | None, got: list[np.ndarray]) -> None:
+        for spec, a, b in zip(graph_io.states, ref or [], got):
+            check(f"{label} state {spec.input}", a, b)
+
+    def answer(y: np.ndarray) -> np.ndarray:
+        return y[:, -1] if last_step_only else y
+
+    for batch, steps in shapes:
+        x = graph_io.draw_x(rng, batch, steps)
+        states = start_states(batch)
+        y_ref, s_ref = ref_run(x, states)
+        y_got, s_got = ort_run(x, states)
+        check(f"y batch={batch} T={steps}", y_ref, answer(y_got))
+        check_states(f"batch={batch} T={steps}", s_ref, s_got)
+
+    # Chunked through the ONNX model == whole through the reference.
+    x = graph_io.draw_x(rng, 2, 40)
+    states = start_states(2)
+    y_whole, s_whole = ref_run(x, states)
+    carried, pieces, start = states, [], 0
+    for size in (1, 7, 13, 19):
+        y_part, carried = ort_run(x[:, start : start + size], carried)
+        start += size
+        if last_step_only:
+            check(f"chunk ending at step {start}", ref_run(x[:, :start], states)[0], y_part[:, -1])
+        pieces.append(y_part)
+    check("chunked y", y_whole, answer(np.concatenate(pieces, axis=1)))
+    check_states("chunked", s_whole, carried)
+
+    # Padded rows with lengths == each row alone.
+    lengths = np.array([5, 1, 12, 9], np.int32)
+    x = graph_io.draw_x(rng, 4, 12)
+    states = start_states(4)
+    y_pad, s_pad = ort_run(x, states, lengths)
+    for row, n in enumerate(lengths):
+        y_alone, s_alone = ref_run(x[row : row + 1, :n], graph_io.rows(states, row, row + 1))
+        got = y_pad[row : row + 1, n - 1] if last_step_only else y_pad[row : row + 1, :n]
+        check(f"padded row {row} y", y_alone, got)
+        check_states(f"padded row {row}", s_alone, graph_io.rows(s_pad, row, row + 1))
+    return worst
 
 
 def verify(model: RecurrentModel, proto: onnx.ModelProto, seed: int = 0) -> float:
@@ -115,57 +271,7 @@ def verify(model: RecurrentModel, proto: onnx.ModelProto, seed: int = 0) -> floa
     Raises ParityError when any check exceeds PARITY_TOLERANCE.
     """
     model = model.eval()
-    names = state_io_names(model)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    worst = 0.0
-
-    def check(label: str, a: np.ndarray, b: np.ndarray) -> None:
-        nonlocal worst
-        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-        worst = max(worst, diff)
-        if not diff <= PARITY_TOLERANCE:
-            raise ParityError(f"{label}: max abs diff {diff:.3g} > {PARITY_TOLERANCE}")
-
-    def random_states(batch: int) -> list[np.ndarray]:
-        shape = (model.num_layers, batch, model.hidden_size)
-        return [(0.5 * rng.standard_normal(shape)).astype(np.float32) for _ in names]
-
-    for batch, steps in [(1, 1), (1, 300), (3, 1), (4, 17), (8, 64), (2, 300)]:
-        x = rng.standard_normal((batch, steps, model.input_size)).astype(np.float32)
-        states = random_states(batch)
-        y_t, s_t = _torch_run(model, x, states)
-        y_o, s_o = _ort_run(sess, names, x, states)
-        check(f"y batch={batch} T={steps}", y_t, y_o)
-        for (inp, _), a, b in zip(names, s_t, s_o):
-            check(f"{inp} batch={batch} T={steps}", a, b)
-
-    # Chunked through the ONNX model == whole through PyTorch.
-    x = rng.standard_normal((2, 40, model.input_size)).astype(np.float32)
-    states = random_states(2)
-    y_whole, s_whole = _torch_run(model, x, states)
-    carried, pieces, start = states, [], 0
-    for size in (1, 7, 13, 19):
-        y_part, carried = _ort_run(sess, names, x[:, start : start + size], carried)
-        pieces.append(y_part)
-        start += size
-    check("chunked y", y_whole, np.concatenate(pieces, axis=1))
-    for a, b in zip(s_whole, carried):
-        check("chunked state", a, b)
-
-    # Padded rows with lengths == each row alone.
-    lengths = np.array([5, 1, 12, 9], np.int32)
-    x = rng.standard_normal((4, 12, model.input_size)).astype(np.float32)
-    states = random_states(4)
-    y_pad, s_pad = _ort_run(sess, names, x, states, lengths)
-    for row, n in enumerate(lengths):
-        y_alone, s_alone = _torch_run(model, x[row : row + 1, :n], [s[:, row : row + 1] for s in states])
-        check(f"padded row {row} y", y_alone[0], y_pad[row, :n])
-        for a, b in zip(s_alone, s_pad):
-            check(f"padded row {row} state", a[:, 0], b[:, row])
-    return worst
+    return verify_graph(proto, _model_reference(model), _model_io(model), seed=seed)
 
 
 def next_version(repo: Path, name: str) -> int:
@@ -174,8 +280,33 @@ def next_version(repo: Path, name: str) -> int:
     return max(versions, default=0) + 1
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+
+def write_version(
+    repo: Path, name: str, proto: onnx.ModelProto, make_card: Callable[[int, str], ModelCard]
+) -> Path:
+    """Write ``repo/name/<next version>/{model.onnx,card.json}`` atomically; return the folder.
+
+    ``make_card(version, sha256)`` builds the card once the version and digest are known.
+    """
+    payload = proto.SerializeToString()
+    repo = Path(repo)
+    version = next_version(repo, name)
+    card = make_card(version, hashlib.sha256(payload).hexdigest())
+    target = repo / name / str(version)
+    (repo / name).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=repo / name))
+    try:
+        (staging / MODEL_FILE).write_bytes(payload)
+        card.write(staging / CARD_FILE)
+        staging.chmod(0o755)  # mkdtemp makes it 0700: a server under another user must read it
+        staging.rename(target)  # a version directory appears complete or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
 
 
 def build_card(
@@ -191,16 +322,6 @@ def build_card(
     extra: dict | None = None,
     sha256: str | None = None,
 ) -> ModelCard:
-    states = [
-        StateSpec(
-            name=inp[:-1],
-            input=inp,
-            output=out,
-            shape=[model.num_layers, None, model.hidden_size],
-            batch_axis=1,
-        )
-        for inp, out in state_io_names(model)
-    ]
     return ModelCard(
         name=name,
         version=version,
@@ -210,15 +331,15 @@ def build_card(
         input_size=model.input_size,
         output_size=model.output_size,
         output_activation=model.output_activation,
-        inputs=CardInputs(sequence="x", lengths="lengths"),
+        inputs=CardInputs(sequence="x", lengths=LENGTHS_INPUT),
         outputs=CardOutputs(sequence="y"),
-        states=states,
+        states=_model_io(model).states,
         parity_max_abs_diff=parity,
         task=task,
         vocabulary=vocabulary,
         generation=generation,
         metrics=metrics or {},
-        library_versions=_library_versions(),
+        library_versions=library_versions(),
         sha256=sha256,
         **(extra or {}),
     )
@@ -242,30 +363,20 @@ def export_model(
     model = model.eval()
     proto = to_onnx(model)
     parity = verify(model, proto)
-    payload = proto.SerializeToString()
-    repo = Path(repo)
-    version = next_version(repo, name)
-    card = build_card(
-        model,
+    return write_version(
+        Path(repo),
         name,
-        version,
-        parity,
-        task=task,
-        vocabulary=vocabulary,
-        generation=generation,
-        metrics=metrics,
-        extra=extra,
-        sha256=hashlib.sha256(payload).hexdigest(),
+        proto,
+        lambda version, sha256: build_card(
+            model,
+            name,
+            version,
+            parity,
+            task=task,
+            vocabulary=vocabulary,
+            generation=generation,
+            metrics=metrics,
+            extra=extra,
+            sha256=sha256,
+        ),
     )
-    target = repo / name / str(version)
-    (repo / name).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=repo / name))
-    try:
-        (staging / MODEL_FILE).write_bytes(payload)
-        card.write(staging / CARD_FILE)
-        staging.chmod(0o755)  # mkdtemp makes it 0700: a server under another user must read it
-        staging.rename(target)  # a version directory appears complete or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
