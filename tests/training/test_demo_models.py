@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from service.card import ModelCard
-from training import reber
+from training import chars, reber, recsys
 from training.data import adding_problem, sine_series
 from training.generate import OnnxStepper, sample_symbols
 
@@ -32,7 +32,7 @@ def model_dir(name: str) -> Path:
     return path
 
 
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+def run_onnx(path: Path, x: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
     """Whole sequences through the exported graph from zero states."""
     card = ModelCard.read(path / "card.json")
     options = ort.SessionOptions()
@@ -40,9 +40,9 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(
         str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
-    feeds = {card.inputs.sequence: x.astype(np.float32)}
+    feeds = {card.inputs.sequence: x if card.token_inputs else x.astype(np.float32)}
     if card.inputs.lengths:
-        feeds[card.inputs.lengths] = np.full(len(x), x.shape[1], np.int32)
+        feeds[card.inputs.lengths] = np.full(len(x), x.shape[1], np.int32) if lengths is None else lengths
     for s in card.states:
         feeds[s.input] = np.zeros([len(x) if d is None else d for d in s.shape], np.float32)
     return session.run([card.outputs.sequence], feeds)[0]
@@ -98,3 +98,66 @@ def test_adding_rnn_accuracy() -> None:
     x, target = adding_problem(np.random.default_rng(777), 1000, length)
     pred = run_onnx(path, x)[:, -1, 0]
     assert float((np.abs(pred - target) < 0.04).mean()) >= 0.85
+
+
+TOKEN_DEMOS = {"python-chars": (128, 1_000_000), "session-recs": (64, 3_000_000)}
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_DEMOS))
+def test_token_demo_cards(name: str) -> None:
+    path = model_dir(name)
+    card = ModelCard.read(path / "card.json")
+    hidden, max_bytes = TOKEN_DEMOS[name]
+    assert (card.name, card.version, card.cell, card.hidden_size) == (name, 1, "gru", hidden)
+    assert card.inputs.kind == "tokens" and card.output_activation == "softmax"
+    assert card.vocabulary is not None and len(card.vocabulary) == card.input_size == card.output_size
+    assert (path / "model.onnx").stat().st_size < max_bytes
+    assert card.metrics["train_seconds"] > 0 and card.parity_max_abs_diff <= 1e-5
+
+
+def test_python_chars_beats_the_unigram_baseline_on_held_out_text() -> None:
+    path = model_dir("python-chars")
+    card = ModelCard.read(path / "card.json")
+    assert card.vocabulary == list(chars.VOCABULARY) and card.generation and card.generation.mode == "symbol"
+    held, base = card.metrics["held_out"], card.metrics["unigram_baseline"]
+    assert held["top1_accuracy"] > 1.5 * base["top1_accuracy"]
+    assert held["top5_accuracy"] > base["top5_accuracy"] and held["perplexity"] < 0.5 * base["perplexity"]
+    # recomputed with onnxruntime on a slice of the held-out text
+    _, ids = chars.load_corpus()
+    streams = ids[: 4 * 2001].reshape(4, 2001)
+    probs = run_onnx(path, streams[:, :-1])
+    target = streams[:, 1:]
+    picked = np.take_along_axis(probs, target[..., None], -1)[..., 0]
+    top1 = float((probs.argmax(-1) == target).mean())
+    perplexity = float(np.exp(-np.log(picked).mean()))
+    assert top1 > 1.5 * base["top1_accuracy"] and perplexity < 0.5 * base["perplexity"]
+    assert abs(top1 - held["top1_accuracy"]) < 0.08
+
+
+def test_session_recs_beats_most_popular_on_fresh_sessions() -> None:
+    path = model_dir("session-recs")
+    card = ModelCard.read(path / "card.json")
+    assert card.vocabulary == recsys.item_labels(5000)
+    held, popular = card.metrics["held_out"], card.metrics["most_popular_baseline"]
+    assert held["recall@20"] > 2 * popular["recall@20"]
+    # fresh sessions from the same world, scored with onnxruntime, against the items most
+    # popular in another fresh sample
+    generator = recsys.ClickGenerator(recsys.ClickWorld(), card.model_extra["click_world"]["seed"])
+    counts = np.bincount([i for s in generator.sessions(3000, seed=777) for i in s], minlength=5000)
+    popular_top = np.argsort(-counts)[:20]
+    sessions = generator.sessions(400, seed=778)
+    longest = max(map(len, sessions))
+    x = np.zeros((len(sessions), longest - 1), np.int64)
+    for i, s in enumerate(sessions):
+        x[i, : len(s) - 1] = s[:-1]
+    lengths = np.array([len(s) - 1 for s in sessions], np.int32)
+    probs = run_onnx(path, x, lengths)
+    hits = popular_hits = total = 0
+    for i, s in enumerate(sessions):
+        top = np.argpartition(-probs[i, : len(s) - 1], 20, axis=-1)[:, :20]
+        for t, nxt in enumerate(s[1:]):
+            hits += int(nxt in top[t])
+            popular_hits += int(nxt in popular_top)
+            total += 1
+    assert hits / total > 2 * popular_hits / total
+    assert abs(hits / total - held["recall@20"]) < 0.08

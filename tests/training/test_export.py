@@ -29,7 +29,7 @@ def _session(proto_or_path) -> ort.InferenceSession:
 
 
 def _ort(sess, state_names, x, states, lengths=None):
-    feed = {"x": x.astype(np.float32), "lengths": np.full(x.shape[0], x.shape[1], np.int32) if lengths is None else lengths}
+    feed = {"x": x if x.dtype == np.int64 else x.astype(np.float32), "lengths": np.full(x.shape[0], x.shape[1], np.int32) if lengths is None else lengths}
     feed.update({name: s for name, s in zip(state_names, states)})
     y, *new = sess.run(None, feed)
     return y, new
@@ -190,8 +190,11 @@ def test_demo_model_chunked_and_batched_equal_whole(path):
     names = [s.input for s in card.states]
     rng = np.random.default_rng(11)
     batch, steps = 4, 60
-    x = rng.standard_normal((batch, steps, card.input_size)).astype(np.float32)
-    zeros = [np.zeros((card.num_layers, batch, card.hidden_size), np.float32) for _ in names]
+    if card.token_inputs:
+        x = rng.integers(0, card.input_size, (batch, steps)).astype(np.int64)
+    else:
+        x = rng.standard_normal((batch, steps, card.input_size)).astype(np.float32)
+    zeros = [np.zeros([batch if d is None else d for d in s.shape], np.float32) for s in card.states]
     y_whole, s_whole = _ort(sess, names, x, zeros)
     carried, pieces, start = zeros, [], 0
     for size in (1, 7, 20, 32):
@@ -202,5 +205,5 @@ def test_demo_model_chunked_and_batched_equal_whole(path):
     for a, b in zip(carried, s_whole):
         assert np.max(np.abs(a - b)) <= TOL
     for row in range(batch):
-        y_row, _ = _ort(sess, names, x[row : row + 1], [z[:, :1] for z in zeros])
+        y_row, _ = _ort(sess, names, x[row : row + 1], [z[:, :1] for z in zeros])  # batch axis 1
         assert np.max(np.abs(y_row[0] - y_whole[row])) <= TOL
