@@ -145,8 +145,8 @@ def build(repo: Path, name: str, cfg: CharConfig = CharConfig(), log=print) -> P
     metrics = {
         "held_out": evaluate(model, held_ids),
         "unigram_baseline": unigram_baseline(train_ids, held_ids),
-        "train_characters": int(len(train_ids)),
-        "held_out_characters": int(len(held_ids)),
+        "train_characters": len(train_ids),
+        "held_out_characters": len(held_ids),
         "train_seconds": round(seconds, 1),
     }
     return export_module(

@@ -161,3 +161,33 @@ def test_session_recs_beats_most_popular_on_fresh_sessions() -> None:
             total += 1
     assert hits / total > 2 * popular_hits / total
     assert abs(hits / total - held["recall@20"]) < 0.08
+
+
+async def test_token_demos_are_served_by_default(make_client) -> None:
+    """The default repository loads every demo; the char model takes characters and the
+    recommender answers top-20 over 5,000 items, both equal to onnxruntime."""
+    char_path, recs_path = model_dir("python-chars"), model_dir("session-recs")
+    text = "def main(argv):\n    return 0\n"
+    ids = np.array([chars.VOCABULARY.index(c) for c in text], np.int64)[None]
+    y_chars = run_onnx(char_path, ids)[0]
+    clicks = np.array([[17, 4021, 4022, 999, 3]], np.int64)
+    y_recs = run_onnx(recs_path, clicks)[0]
+    async with make_client(model_repo=MODELS) as client:
+        health = (await client.get("/readyz")).json()
+        assert health["models_failed"] == 0 and health["models_ready"] >= 5
+        sid = (await client.post("/v1/models/python-chars/sessions")).json()["session_id"]
+        outs = []
+        for a, b in [(0, 3), (3, 4), (4, len(text))]:
+            r = await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": list(text[a:b])})
+            assert r.status_code == 200, r.text
+            outs.extend(r.json()["outputs"])
+        assert np.max(np.abs(np.asarray(outs) - y_chars)) <= 1e-5
+        r = await client.post(
+            "/v1/models/session-recs/predict", json={"inputs": clicks.tolist(), "top_k": 20}
+        )
+        assert r.status_code == 200, r.text
+        top = r.json()["top_k"][0]
+    order = np.argsort(-y_recs, axis=-1, kind="stable")[:, :20]
+    for step, row in enumerate(top):
+        assert [c["index"] for c in row] == order[step].tolist()
+        assert row[0]["label"] == recsys.item_labels(5000)[order[step, 0]]

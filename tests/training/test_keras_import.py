@@ -177,6 +177,29 @@ async def test_served_session_equals_keras(make_client, imported, name):
     assert np.max(np.abs(np.asarray(outputs) - expected)) <= TOL
 
 
+async def test_served_embedding_model_top_k_equals_keras_top_k(make_client, imported):
+    """Symbols in (the card's vocabulary), top-k out: Keras's own ranking and scores."""
+    repo, models = imported
+    vocabulary = [f"w{i}" for i in range(17)]
+    ids = np.random.default_rng(8).integers(0, 17, 15)
+    expected = models["k-embedding"].predict(ids[None], verbose=0)[0]
+    order = np.argsort(-expected, axis=-1, kind="stable")[:, :4]
+    answers = []
+    async with make_client(model_repo=repo) as client:
+        sid = (await client.post("/v1/models/k-embedding/sessions")).json()["session_id"]
+        for a, b in [(0, 1), (1, 6), (6, 15)]:
+            chunk = [vocabulary[i] for i in ids[a:b]]
+            r = await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": chunk, "top_k": 4})
+            assert r.status_code == 200, r.text
+            answers.extend(r.json()["top_k"])
+        r = await client.post("/v1/models/k-embedding/predict", json={"inputs": [ids.tolist()]})
+        assert np.max(np.abs(np.asarray(r.json()["outputs"][0]) - expected)) <= TOL
+    for step, row in enumerate(answers):
+        assert [c["index"] for c in row] == order[step].tolist()
+        assert [c["label"] for c in row] == [vocabulary[i] for i in order[step]]
+        assert np.max(np.abs(np.array([c["score"] for c in row]) - expected[step, order[step]])) <= TOL
+
+
 async def test_served_many_to_one_equals_keras(make_client, imported):
     repo, models = imported
     rng = np.random.default_rng(4)
@@ -239,7 +262,7 @@ def test_console_entry_point_runs_without_tensorflow(tmp_path):
     )
     done = subprocess.run(
         [sys.executable, "-c", code, "keras", str(path), "--out", str(tmp_path / "repo"), "--name", "m"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["model_dir"].endswith("m/1")

@@ -161,7 +161,7 @@ def test_onnx_fed_in_chunks_equals_the_module(exported, name, chunks, seed):
         assert np.max(np.abs(a - b)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["user-gru", "user-lstm", "user-relu", "user-stack"])
+@pytest.mark.parametrize("name", sorted(CASES))
 async def test_served_session_in_chunks_equals_the_module(make_client, exported, name):
     repo, modules = exported
     x = _x(name, np.random.default_rng(3), 25)
