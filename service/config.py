@@ -22,7 +22,18 @@ class Settings(BaseSettings):
     """Poll the model repository for new/removed versions this often; 0 turns polling off."""
 
     session_store: str = "memory"
-    """``memory`` (one process) or ``redis://host:port/db`` (shared by replicas)."""
+    """``memory`` (one process), ``redis://host:port/db`` (shared by replicas) or
+    ``redis-cluster://host:port[,host:port...]`` (a Redis Cluster, any of its nodes)."""
+    redis_max_connections: int = Field(default=64, ge=1)
+    """Redis operations in flight at once per replica (connections per Redis node); more
+    wait for a turn instead of failing."""
+    redis_pool_timeout_s: float = Field(default=5.0, gt=0)
+    """How long an operation waits for a turn before answering 503 ``store_unavailable``."""
+    redis_timeout_s: float = Field(default=1.5, gt=0)
+    """Socket connect/read timeout for one Redis operation."""
+    redis_cache_sessions: int = Field(default=10_000, ge=0)
+    """Records this replica keeps from its last read or commit (LRU), so a step costs one
+    round trip; a stale copy is caught by the commit's compare-and-set."""
     session_ttl_s: float = Field(default=1800.0, gt=0)
     """Idle time after which a session expires (reset by every use)."""
     max_sessions: int = Field(default=1_000_000, ge=1)

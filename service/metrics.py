@@ -83,12 +83,20 @@ class Metrics:
         self.model_load_failures = Counter(
             "rnnserve_model_load_failures", "Model versions that failed to load", ["model"], registry=r
         )
+        self.store_unavailable = Counter(
+            "rnnserve_store_unavailable",
+            "Session store operations that failed to reach the store (answered 503)",
+            ["cause"],
+            registry=r,
+        )
         self.models_ready = Gauge("rnnserve_models_ready", "Model versions ready", registry=r)
         self._sessions = _SessionCollector()
         r.register(self._sessions)
 
     def bind_sessions(self, store) -> None:
         self._sessions.store = store
+        unavailable = self.store_unavailable
+        store.on_unavailable = lambda cause: unavailable.labels(cause=cause).inc()
 
     async def refresh(self) -> None:
         """Update values that need an await (e.g. a Redis count) before a scrape."""

@@ -5,8 +5,9 @@ client leaves at most one message and one answer in server memory (the rest wait
 buffers, whose limits push back on the client), and its session stays for resumption
 until the TTL. A bad message gets an error frame and leaves the stream open and the state untouched.
 Rate and size limits answer with error frames and keep the stream open. Close codes:
-4401 unauthorized, 4404 session or model not found/expired, 1003 a malformed binary frame,
-1009 a message over the transport's hard size cap, 1011 an internal error.
+4401 unauthorized, 4404 session or model not found/expired, 1013 (try again later) a stream
+that could not open its session because the store is unavailable or full, 1003 a malformed
+binary frame, 1009 a message over the transport's hard size cap, 1011 an internal error.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
-_CLOSE_CODES = {401: CLOSE_UNAUTHORIZED, 404: CLOSE_NOT_FOUND, 503: CLOSE_INTERNAL}
+CLOSE_TRY_AGAIN = 1013
+_CLOSE_CODES = {
+    401: CLOSE_UNAUTHORIZED,
+    404: CLOSE_NOT_FOUND,
+    429: CLOSE_TRY_AGAIN,
+    503: CLOSE_TRY_AGAIN,
+}
 
 
 @router.websocket("/v1/models/{name}/stream")

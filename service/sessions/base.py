@@ -8,6 +8,7 @@ replicas) can never both apply a step on top of the same state.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,9 @@ class SessionStore(abc.ABC):
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
         self.max_sessions_per_owner = max_sessions_per_owner
+        self.on_unavailable: Callable[[str], None] | None = None
+        """Called with a short cause (``connection``, ``timeout``, ``pool``...) for every
+        StoreUnavailable the store raises; the metrics count them."""
 
     @abc.abstractmethod
     async def create(self, record: SessionRecord) -> None:

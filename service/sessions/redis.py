@@ -1,25 +1,45 @@
-"""Redis session store: shared by replicas, with native key expiry as the idle TTL.
+"""Redis session store: shared by replicas, one round trip per step, ready for Redis Cluster.
 
-Each session is one Redis string ``{prefix}s:{id}``: a fixed binary header followed by the
-owner, model, output shape, last outputs and the raw little-endian float32 state, so a
-session costs about its state size. The revision sits in the first 8 bytes, which lets the
-commit script compare-and-set with a plain byte comparison and no decoding in Lua.
+Keys. A session lives in a *bucket* (``crc32(id) % 256``) and every key of a session carries
+the bucket as its hash tag, so one script touches one slot and a cluster spreads sessions
+over its primaries by bucket:
 
-Beside it:
-- ``{prefix}t:{id}``: a marker that outlives the session, so a vanished key can be told
-  apart as expired (marker present) or unknown (no marker);
-- ``{prefix}live`` and ``{prefix}o:{owner}``: sorted sets of id -> expiry (Redis clock, ms),
-  which give the session counts for the limits without scanning keys.
-Every write goes through one Lua script, so limits and revisions hold across replicas.
+- ``{prefix}{b}s:{id}``: the record, a fixed binary header followed by the owner, model,
+  fingerprint, output shape, last outputs and raw little-endian float32 state. The revision
+  sits in the first 8 bytes, so the commit script compares and sets with a byte comparison.
+- ``{prefix}{b}t:{id}``: a marker holding the owner digest that outlives the session, so a
+  vanished key is told apart as expired (marker present, and whose it was) or unknown.
+- ``{prefix}{b}live``: the bucket's sorted set of id -> expiry (Redis clock, ms). Counting
+  sessions sums the 256 buckets (lazily: see ``_Limits``); there is no global key.
+- ``{prefix}{o:<owner>}``: the owner's sorted set of id -> last known expiry, written only
+  when a session is created or deleted and verified against the session keys when the
+  owner is at its limit (so steps never touch it).
+
+One round trip per step. ``get`` answers from a bounded per-process cache of the record
+this process last read or committed (``fresh=True`` always reads Redis); ``commit`` is one
+compare-and-set script that also refreshes the TTL and, with ``release=True``, deletes the
+session instead. Concurrent commits are coalesced: whatever commits wait while a pipeline is
+in flight go out together as the next pipeline.
+
+Connections. At most ``max_connections`` operations run at once (one connection each per
+node); the others wait up to ``pool_timeout_s`` for a turn, then answer 503
+``store_unavailable``. Every such answer is logged with its cause and reported through
+``on_unavailable`` (a metric). Nothing is retried by the client: a re-sent commit could
+apply twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 import struct
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,113 +58,124 @@ from service.errors import (
 )
 from service.sessions.base import SessionRecord, SessionStore
 
+log = logging.getLogger("service.sessions.redis")
+
+BUCKETS = 256
 # revision, step_count, last_used, created_at, version, last_seq, state floats,
-# outputs bytes, owner bytes, model bytes, output ndim, flags.
-_HEADER = struct.Struct("<QQddqqIIHHBB")
+# outputs bytes, owner bytes, model bytes, fingerprint bytes, output ndim, flags.
+_HEADER = struct.Struct("<QQddqqIIHHHBB")
 _REVISION = struct.Struct("<Q")
 _LAST_USED = struct.Struct("<d")  # at byte 16, overwritten in place by touch
 _HAS_OWNER, _HAS_SEQ, _HAS_OUTPUTS = 1, 2, 4
 
-_UNAVAILABLE = (
-    rx.ConnectionError,
-    rx.TimeoutError,
-    rx.ReadOnlyError,
-    rx.OutOfMemoryError,
-    rx.BusyLoadingError,
-    OSError,
-    asyncio.TimeoutError,
+_CAUSES: tuple[tuple[type[BaseException], str], ...] = (
+    (rx.MaxConnectionsError, "pool"),
+    (rx.TimeoutError, "timeout"),
+    (asyncio.TimeoutError, "timeout"),
+    (rx.ReadOnlyError, "read_only"),
+    (rx.OutOfMemoryError, "out_of_memory"),
+    (rx.BusyLoadingError, "loading"),
+    (rx.ClusterDownError, "cluster_down"),
+    (rx.TryAgainError, "cluster_down"),
+    (rx.SlotNotCoveredError, "cluster_down"),
+    (rx.ClusterError, "cluster_down"),
+    (rx.RedisClusterException, "cluster_down"),
+    (rx.ConnectionError, "connection"),
+    (OSError, "connection"),
 )
+_UNAVAILABLE = tuple(kind for kind, _ in _CAUSES)
 
 # Codes returned by the scripts.
-_OK, _CONFLICT, _NOT_FOUND, _EXPIRED, _EXISTS, _FULL, _OWNER_FULL = 1, 0, -1, -2, -3, -4, -5
+_OK, _CONFLICT, _NOT_FOUND, _EXPIRED, _EXISTS, _FULL = 1, 0, -1, -2, -3, -4
 
 _LUA_COMMON = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-
+-- {-2, owner} when the marker says the session expired, {-1} when it never existed.
 local function gone(marker)
-  if redis.call('EXISTS', marker) == 1 then return -2 end
-  return -1
-end
-
--- The owner zset of a stored session, read from its header (owner_len at byte 56,
--- flags at byte 61, owner from byte 62); nil without an owner.
-local function stored_owner_key(key, prefix)
-  local h = redis.call('GETRANGE', key, 56, 61)
-  if string.byte(h, 6) % 2 == 0 then return nil end
-  local len = struct.unpack('<H', h)
-  if len == 0 then return prefix .. 'o:' end
-  return prefix .. 'o:' .. redis.call('GETRANGE', key, 62, 61 + len)
-end
-
--- Refresh expiry of the session, its marker and its entries in the count zsets.
-local function mark_used(key, marker, live, okey, id, ttl, marker_ttl, now)
-  redis.call('PEXPIRE', key, ttl)
-  redis.call('SET', marker, '1', 'PX', marker_ttl)
-  redis.call('ZADD', live, now + ttl, id)
-  if okey then
-    redis.call('ZADD', okey, now + ttl, id)
-    -- the owner zset lives as long as its longest-lived member
-    if redis.call('PTTL', okey) < ttl then redis.call('PEXPIRE', okey, ttl) end
-  end
+  local owner = redis.call('GET', marker)
+  if owner then return {-2, owner} end
+  return {-1}
 end
 """
 
-# KEYS: session, marker, live, [owner zset]
-# ARGV: id, blob, ttl_ms, marker_ttl_ms, max_sessions, max_per_owner
+# KEYS: session, marker, bucket live set.  ARGV: id, blob, ttl_ms, marker_ttl_ms, owner
 _CREATE = """
 local now = now_ms()
 local pruned = redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-3, pruned} end
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then return {-4, pruned} end
-local okey = KEYS[4]
-if okey then
-  redis.call('ZREMRANGEBYSCORE', okey, '-inf', now)
-  if redis.call('ZCARD', okey) >= tonumber(ARGV[6]) then return {-5, pruned} end
-end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-mark_used(KEYS[1], KEYS[2], KEYS[3], okey, ARGV[1], tonumber(ARGV[3]), ARGV[4], now)
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 return {1, pruned}
 """
 
-# KEYS: session, marker, live
+# KEYS: session, marker, bucket live set
 # ARGV: id, blob (already carrying revision + 1), ttl_ms, marker_ttl_ms, expected revision
-# (8 bytes), key prefix
+# (8 bytes), release ('1' deletes instead), owner
 _COMMIT = """
 local head = redis.call('GETRANGE', KEYS[1], 0, 15)
-if head == '' then return {gone(KEYS[2])} end
+if head == '' then return gone(KEYS[2]) end
 if string.sub(head, 1, 8) ~= ARGV[5] then return {0, string.sub(head, 9, 16)} end
-local okey = stored_owner_key(KEYS[1], ARGV[6])
-redis.call('SET', KEYS[1], ARGV[2])
-mark_used(KEYS[1], KEYS[2], KEYS[3], okey, ARGV[1], tonumber(ARGV[3]), ARGV[4], now_ms())
+if ARGV[6] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {1}
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[7], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[3]), ARGV[1])
 return {1}
 """
 
-# KEYS: session, marker, live
-# ARGV: id, last_used (8 bytes), ttl_ms, marker_ttl_ms, key prefix
+# KEYS: session, marker, bucket live set.  ARGV: id, last_used (8 bytes), ttl_ms, marker_ttl_ms
 _TOUCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {gone(KEYS[2])} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return gone(KEYS[2]) end
 redis.call('SETRANGE', KEYS[1], 16, ARGV[2])
-local okey = stored_owner_key(KEYS[1], ARGV[5])
-mark_used(KEYS[1], KEYS[2], KEYS[3], okey, ARGV[1], tonumber(ARGV[3]), ARGV[4], now_ms())
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[3]), ARGV[1])
 return {1}
 """
 
-# KEYS: session, marker, live; ARGV: id, key prefix
+# KEYS: session, marker, bucket live set.  ARGV: id.  Returns {deleted, owner}.
 _DELETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local okey = stored_owner_key(KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local owner = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
-if okey then redis.call('ZREM', okey, ARGV[1]) end
-return 1
+return {1, owner}
 """
 
-# KEYS: live
+# KEYS: bucket live set
 _COUNT = "return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')"
 _SWEEP = "return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())"
+
+# KEYS: owner set.  ARGV: id, max, ttl_ms.  Reserves a place for id, or returns
+# {-4, ids whose last known expiry has passed} for the caller to verify.
+_RESERVE = """
+local now = now_ms()
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  end
+  return {1}
+end
+return {-4, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)}
+"""
+
+_SCRIPTS = {
+    "create": _CREATE,
+    "commit": _COMMIT,
+    "touch": _TOUCH,
+    "delete": _DELETE,
+    "count": _COUNT,
+    "sweep": _SWEEP,
+    "reserve": _RESERVE,
+}
 
 
 def encode(
@@ -153,6 +184,7 @@ def encode(
     """The stored form of ``record`` (optionally with another revision / last_used)."""
     owner = b"" if record.owner is None else record.owner.encode()
     model = record.model.encode()
+    fingerprint = record.fingerprint.encode()
     outputs = record.last_outputs or b""
     shape = tuple(int(d) for d in record.last_outputs_shape)
     state = np.ascontiguousarray(record.state, dtype="<f4").reshape(-1)
@@ -172,23 +204,26 @@ def encode(
         len(outputs),
         len(owner),
         len(model),
+        len(fingerprint),
         len(shape),
         flags,
     )
     dims = struct.pack(f"<{len(shape)}q", *shape)
-    return b"".join((header, owner, model, dims, outputs, state.tobytes()))
+    return b"".join((header, owner, model, fingerprint, dims, outputs, state.tobytes()))
 
 
 def decode(session_id: str, blob: bytes) -> SessionRecord:
     (
         revision, step_count, last_used, created_at, version, last_seq,
-        n_state, n_outputs, n_owner, n_model, ndim, flags,
+        n_state, n_outputs, n_owner, n_model, n_fingerprint, ndim, flags,
     ) = _HEADER.unpack_from(blob)  # fmt: skip
     pos = _HEADER.size
     owner = blob[pos : pos + n_owner].decode()
     pos += n_owner
     model = blob[pos : pos + n_model].decode()
     pos += n_model
+    fingerprint = blob[pos : pos + n_fingerprint].decode()
+    pos += n_fingerprint
     shape = struct.unpack_from(f"<{ndim}q", blob, pos)
     pos += 8 * ndim
     outputs = blob[pos : pos + n_outputs]
@@ -207,16 +242,21 @@ def decode(session_id: str, blob: bytes) -> SessionRecord:
         last_seq=last_seq if flags & _HAS_SEQ else None,
         last_outputs=outputs if flags & _HAS_OUTPUTS else None,
         last_outputs_shape=tuple(shape),
+        fingerprint=fingerprint,
     )
 
 
-@contextlib.contextmanager
-def _available() -> Iterator[None]:
-    """Turn any failure to reach Redis into StoreUnavailable: never a guessed answer."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"session store unavailable: {exc}") from exc
+def bucket_of(session_id: str) -> int:
+    return zlib.crc32(session_id.encode()) % BUCKETS
+
+
+@dataclass(slots=True)
+class _Commit:
+    record: SessionRecord
+    release: bool
+    future: asyncio.Future
+    revision: int = 0
+    now: float = 0.0
 
 
 class RedisSessionStore(SessionStore):
@@ -230,142 +270,453 @@ class RedisSessionStore(SessionStore):
         clock: Callable[[], float] = time.time,
         prefix: str = "rnnserve:",
         timeout_s: float = 1.5,
+        max_connections: int = 64,
+        pool_timeout_s: float = 5.0,
+        cache_sessions: int = 10_000,
+        max_pipeline: int = 512,
     ) -> None:
         super().__init__(ttl_s, max_sessions, max_sessions_per_owner)
         self._clock = clock
         self._prefix = prefix
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._marker_ttl_ms = max(self._ttl_ms * 10, 86_400_000)
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._pool_timeout_s = pool_timeout_s
+        self._gate = asyncio.Semaphore(max_connections)
+        self._cache: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._cache_size = cache_sessions
+        self._max_pipeline = max_pipeline
+        self._pending: list[_Commit] = []
+        self._writing = False
+        self._writer: asyncio.Task | None = None
+        self._limits = _Limits(self)
+        self._shas = {
+            name: hashlib.sha1((_LUA_COMMON + body).encode()).hexdigest()
+            for name, body in _SCRIPTS.items()
+        }
         self.expired_total = 0
-        # No client-side retries: a re-sent commit could apply twice. Instead the pool checks
-        # idle connections before use and reconnects dead ones, so a restarted Redis heals by
+        self._client = self._connect(url)
+
+    def _connect(self, url: str) -> Any:
+        # No client-side retries: a re-sent commit could apply twice. The pool checks idle
+        # connections before use and reconnects dead ones, so a restarted Redis heals by
         # itself; maintenance notifications are off because with them on (redis-py 8 default
         # on RESP3) the pool skips that check and hands out connections closed by the server.
-        self._pool = ConnectionPool.from_url(
+        # The gate (``max_connections`` operations at once) keeps the pool below its size.
+        pool = ConnectionPool.from_url(
             url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
+            max_connections=self._max_connections + 1,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=self._timeout_s,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
-        self._redis = Redis(connection_pool=self._pool)
-        self._scripts = {
-            name: self._redis.register_script(_LUA_COMMON + body)
-            for name, body in (
-                ("create", _CREATE),
-                ("commit", _COMMIT),
-                ("touch", _TOUCH),
-                ("delete", _DELETE),
-                ("count", _COUNT),
-                ("sweep", _SWEEP),
-            )
-        }
+        return Redis(connection_pool=pool)
 
-    def _key(self, session_id: str) -> str:
-        return f"{self._prefix}s:{session_id}"
+    # -- keys ----------------------------------------------------------------------
 
-    def _marker(self, session_id: str) -> str:
-        return f"{self._prefix}t:{session_id}"
+    def _tag(self, session_id: str) -> str:
+        return f"{self._prefix}{{{bucket_of(session_id):02x}}}"
 
-    def _session_keys(self, session_id: str) -> list[str]:
-        return [self._key(session_id), self._marker(session_id), f"{self._prefix}live"]
+    def _keys(self, session_id: str) -> list[str]:
+        tag = self._tag(session_id)
+        return [f"{tag}s:{session_id}", f"{tag}t:{session_id}", f"{tag}live"]
 
-    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        with _available():
-            return await self._scripts[script](keys=keys, args=args)
+    def _bucket_sets(self) -> list[str]:
+        return [f"{self._prefix}{{{b:02x}}}live" for b in range(BUCKETS)]
 
-    def _gone(self, session_id: str, code: int) -> Exception:
-        if code == _EXPIRED:
-            return SessionExpired(f"session {session_id} expired after {self.ttl_s:g} s idle")
+    def _owner_set(self, owner: str) -> str:
+        return f"{self._prefix}{{o:{owner}}}"
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _unavailable(self, exc: BaseException, what: str) -> StoreUnavailable:
+        cause = next((c for kind, c in _CAUSES if isinstance(exc, kind)), "connection")
+        log.warning("session store unavailable (%s) during %s: %r", cause, what, exc)
+        if self.on_unavailable is not None:
+            self.on_unavailable(cause)
+        return StoreUnavailable(f"session store unavailable: {exc}")
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, what: str) -> AsyncIterator[Any]:
+        """One operation's turn on the connections; waits up to ``pool_timeout_s``."""
+        if self._gate.locked():
+            try:
+                await asyncio.wait_for(self._gate.acquire(), self._pool_timeout_s)
+            except asyncio.TimeoutError:
+                raise self._unavailable(
+                    rx.MaxConnectionsError(
+                        f"no free Redis connection within {self._pool_timeout_s:g} s "
+                        f"({self._max_connections} in use)"
+                    ),
+                    what,
+                ) from None
+        else:
+            await self._gate.acquire()
+        try:
+            yield self._client
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc, what) from exc
+        finally:
+            self._gate.release()
+
+    async def _load_scripts(self, client: Any) -> None:
+        for body in _SCRIPTS.values():
+            await client.script_load(_LUA_COMMON + body)
+
+    async def _pipeline(self, commands: Sequence[tuple], what: str) -> list[Any]:
+        """Run raw commands as one pipeline; errors come back in place. EVALSHA of a
+        script Redis does not know (after a restart) loads the scripts and runs again:
+        NOSCRIPT means nothing ran."""
+        async with self._turn(what) as client:
+            results = await self._send(client, commands)
+            missing = [i for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
+            if missing:
+                await self._load_scripts(client)
+                again = await self._send(client, [commands[i] for i in missing])
+                for i, result in zip(missing, again):
+                    results[i] = result
+        for result in results:
+            if isinstance(result, _UNAVAILABLE):
+                raise self._unavailable(result, what)
+        return results
+
+    async def _send(self, client: Any, commands: Sequence[tuple]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
+
+    def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple:
+        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        (result,) = await self._pipeline([self._script(name, keys, args)], name)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _gone(self, session_id: str, reply: list) -> Exception:
+        self._cache.pop(session_id, None)
+        if reply[0] == _EXPIRED:
+            exc = SessionExpired(f"session {session_id} expired after {self.ttl_s:g} s idle")
+            exc.owner = reply[1].decode() if len(reply) > 1 and reply[1] else None  # type: ignore[attr-defined]
+            return exc
         return SessionNotFound(f"no session {session_id}")
 
+    # -- local cache ---------------------------------------------------------------
+
+    def _remember(self, record: SessionRecord) -> None:
+        cache = self._cache
+        cache[record.session_id] = record.clone()
+        cache.move_to_end(record.session_id)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def _cached(self, session_id: str) -> SessionRecord | None:
+        record = self._cache.get(session_id)
+        if record is None:
+            return None
+        if record.last_used + self.ttl_s <= self._clock():  # may have expired: ask Redis
+            del self._cache[session_id]
+            return None
+        self._cache.move_to_end(session_id)
+        return record.clone()
+
+    # -- the store -------------------------------------------------------------------
+
     async def create(self, record: SessionRecord) -> None:
-        keys = self._session_keys(record.session_id)
-        if record.owner is not None:
-            keys.append(f"{self._prefix}o:{record.owner}")
-        args = [
-            record.session_id,
-            encode(record),
-            self._ttl_ms,
-            self._marker_ttl_ms,
-            self.max_sessions,
-            self.max_sessions_per_owner,
-        ]
-        code, pruned = await self._run("create", keys, args)
+        await self._limits.admit(record)
+
+    async def _insert(self, record: SessionRecord) -> None:
+        """The create script itself, after the limits admitted ``record``."""
+        owner = record.owner
+        args = [record.session_id, encode(record), self._ttl_ms, self._marker_ttl_ms, owner or ""]
+        code, pruned = await self._eval("create", self._keys(record.session_id), args)
         self.expired_total += pruned
-        if code == _FULL:
-            raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions")
-        if code == _OWNER_FULL:
-            raise TooManySessions(
-                f"this API key holds its maximum of {self.max_sessions_per_owner} sessions"
-            )
         if code == _EXISTS:
             raise SessionConflict(f"session {record.session_id} already exists")
+        self._remember(record)
 
     async def get(self, session_id: str, *, fresh: bool = False) -> SessionRecord:
-        with _available():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(self._key(session_id))
-                pipe.exists(self._marker(session_id))
-                blob, marked = await pipe.execute()
-        if blob is None:
-            raise self._gone(session_id, _EXPIRED if marked else _NOT_FOUND)
-        return decode(session_id, blob)
+        if not fresh:
+            cached = self._cached(session_id)
+            if cached is not None:
+                return cached
+        (result,) = await self.get_many([session_id], fresh=True)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def get_many(
+        self, session_ids: list[str], *, fresh: bool = False
+    ) -> list[SessionRecord | BaseException]:
+        out: list[SessionRecord | BaseException | None] = [None] * len(session_ids)
+        wanted: list[int] = []
+        for i, session_id in enumerate(session_ids):
+            cached = None if fresh else self._cached(session_id)
+            if cached is None:
+                wanted.append(i)
+            else:
+                out[i] = cached
+        if wanted:
+            commands: list[tuple] = []
+            for i in wanted:
+                key, marker, _ = self._keys(session_ids[i])
+                commands += [("GET", key), ("GET", marker)]
+            try:
+                replies = await self._pipeline(commands, "get")
+            except StoreUnavailable as exc:
+                for i in wanted:
+                    out[i] = exc
+                return out  # type: ignore[return-value]
+            for k, i in enumerate(wanted):
+                session_id = session_ids[i]
+                blob, marker = replies[2 * k], replies[2 * k + 1]
+                if isinstance(blob, Exception) or isinstance(marker, Exception):
+                    out[i] = blob if isinstance(blob, Exception) else marker
+                elif blob is None:
+                    out[i] = self._gone(
+                        session_id, [_EXPIRED, marker] if marker is not None else [_NOT_FOUND]
+                    )
+                else:
+                    record = decode(session_id, blob)
+                    self._remember(record)
+                    out[i] = record
+        return out  # type: ignore[return-value]
 
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
-        if release:  # TODO(scale-out issue): fold into the commit script
-            await self.commit(record)
-            await self.delete(record.session_id)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Commit(record, release, future))
+        if not self._writing:
+            self._writing = True
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        await future
+
+    async def commit_many(
+        self, records: list[SessionRecord], release: list[bool] | None = None
+    ) -> list[BaseException | None]:
+        return list(
+            await asyncio.gather(
+                *(self.commit(r, release=bool(release and release[k])) for k, r in enumerate(records)),
+                return_exceptions=True,
+            )
+        )
+
+    async def _write(self) -> None:
+        """Send the waiting commits as pipelines, one at a time, until none wait."""
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_pipeline]
+                del self._pending[: len(batch)]
+                await self._write_batch(batch)
+        finally:
+            self._writing = False
+
+    async def _write_batch(self, batch: list[_Commit]) -> None:
+        commands = []
+        for item in batch:
+            record = item.record
+            item.now = self._clock()
+            item.revision = record.revision + 1
+            blob = b"" if item.release else encode(record, revision=item.revision, last_used=item.now)
+            args = [
+                record.session_id,
+                blob,
+                self._ttl_ms,
+                self._marker_ttl_ms,
+                _REVISION.pack(record.revision),
+                "1" if item.release else "0",
+                record.owner or "",
+            ]
+            commands.append(self._script("commit", self._keys(record.session_id), args))
+        try:
+            replies = await self._pipeline(commands, "commit")
+        except BaseException as exc:
+            for item in batch:
+                self._cache.pop(item.record.session_id, None)  # in doubt: read Redis next
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
             return
-        now = self._clock()
-        revision = record.revision + 1
-        args = [
-            record.session_id,
-            encode(record, revision=revision, last_used=now),
-            self._ttl_ms,
-            self._marker_ttl_ms,
-            _REVISION.pack(record.revision),
-            self._prefix,
-        ]
-        reply = await self._run("commit", self._session_keys(record.session_id), args)
+        released: list[_Commit] = []
+        for item, reply in zip(batch, replies):
+            error = self._commit_outcome(item, reply)
+            if error is None and item.release and item.record.owner is not None:
+                released.append(item)
+            if not item.future.done():
+                if error is None:
+                    item.future.set_result(None)
+                else:
+                    item.future.set_exception(error)
+        if released:
+            await self._forget_owners([(i.record.owner, i.record.session_id) for i in released])
+
+    def _commit_outcome(self, item: _Commit, reply: Any) -> Exception | None:
+        record = item.record
+        session_id = record.session_id
+        if isinstance(reply, Exception):
+            self._cache.pop(session_id, None)
+            return reply
         code = reply[0]
+        if code == _OK:
+            record.revision = item.revision
+            if item.release:
+                self._cache.pop(session_id, None)
+            else:
+                record.last_used = item.now
+                self._remember(record)
+            return None
         if code == _CONFLICT:
+            self._cache.pop(session_id, None)
             (step_count,) = _REVISION.unpack(reply[1])
-            raise SessionConflict(
+            return SessionConflict(
                 "the session was changed by another request", step_count=step_count
             )
-        if code != _OK:
-            raise self._gone(record.session_id, code)
-        record.revision = revision
-        record.last_used = now
+        return self._gone(session_id, reply)
+
+    async def _forget_owners(self, entries: list[tuple[str | None, str]]) -> None:
+        """Drop deleted sessions from their owners' sets (best effort: a leftover entry is
+        verified against the session keys when its owner reaches the limit)."""
+        commands = [("ZREM", self._owner_set(o), sid) for o, sid in entries if o is not None]
+        if commands:
+            with contextlib.suppress(StoreUnavailable):
+                await self._pipeline(commands, "delete")
 
     async def touch(self, session_id: str, now: float) -> None:
-        args = [session_id, _LAST_USED.pack(now), self._ttl_ms, self._marker_ttl_ms, self._prefix]
-        (code,) = await self._run("touch", self._session_keys(session_id), args)
-        if code != _OK:
-            raise self._gone(session_id, code)
+        args = [session_id, _LAST_USED.pack(now), self._ttl_ms, self._marker_ttl_ms]
+        reply = await self._eval("touch", self._keys(session_id), args)
+        if reply[0] != _OK:
+            raise self._gone(session_id, reply)
+        cached = self._cache.get(session_id)
+        if cached is not None:
+            cached.last_used = now
 
     async def delete(self, session_id: str) -> bool:
-        deleted = await self._run(
-            "delete", self._session_keys(session_id), [session_id, self._prefix]
-        )
-        return bool(deleted)
+        self._cache.pop(session_id, None)
+        reply = await self._eval("delete", self._keys(session_id), [session_id])
+        if reply[0] and len(reply) > 1 and reply[1]:
+            await self._forget_owners([(reply[1].decode(), session_id)])
+        return bool(reply[0])
+
+    async def _per_bucket(self, script: str) -> int:
+        commands = [self._script(script, [key], []) for key in self._bucket_sets()]
+        replies = await self._pipeline(commands, script)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return sum(int(r) for r in replies)
 
     async def count(self) -> int:
-        return int(await self._run("count", [f"{self._prefix}live"], []))
+        """Live sessions: the sum of the 256 bucket counts (one pipeline per node)."""
+        total = await self._per_bucket("count")
+        self._limits.observed(total)
+        return total
 
     async def sweep(self, now: float) -> int:
-        """Prune expired entries from the live set. ``now`` is ignored: expiry runs on the
-        Redis clock (the keys' own TTL), which every replica shares."""
-        pruned = int(await self._run("sweep", [f"{self._prefix}live"], []))
+        """Prune expired entries from the bucket sets. ``now`` is ignored: expiry runs on
+        the Redis clock (the keys' own TTL), which every replica shares."""
+        pruned = await self._per_bucket("sweep")
         self.expired_total += pruned
         return pruned
 
     async def ping(self) -> None:
-        with _available():
-            await self._redis.ping()
+        async with self._turn("ping") as client:
+            await client.ping()
 
     async def close(self) -> None:
-        await self._redis.aclose()
-        await self._pool.aclose()
+        await self._client.aclose()
+
+
+class _Limits:
+    """Session limits without a global key.
+
+    The total is the sum of the bucket counts, which costs one pipeline of 256 small scripts.
+    Far from ``max_sessions`` a replica reuses a total summed less than ``_MAX_AGE_S`` ago plus
+    what it created since; within ``margin`` of the limit it re-sums before every create,
+    under a lock, so one replica never goes over, and R replicas creating at the same instant
+    go over by at most R - 1 (each may count before another's create lands).
+
+    The per-owner limit is exact: the owner's set is updated by a script that checks and adds
+    in one step. Its members' expiries are those known at creation, so when an owner is at
+    its limit the stale members are checked against the session keys (re-scored if alive,
+    dropped if gone) and the reservation is tried once more.
+    """
+
+    _MAX_AGE_S = 1.0
+
+    def __init__(self, store: RedisSessionStore) -> None:
+        self.store = store
+        self.margin = max(64, store.max_sessions // 20)
+        self.total = 0
+        self.since = 0
+        self.at = -1e9
+        self.lock = asyncio.Lock()
+
+    def observed(self, total: int) -> None:
+        self.total, self.since, self.at = total, 0, time.monotonic()
+
+    async def admit(self, record: SessionRecord) -> None:
+        store = self.store
+        near = self.total + self.since >= store.max_sessions - self.margin
+        if near or time.monotonic() - self.at > self._MAX_AGE_S:
+            if near:
+                async with self.lock:
+                    await store.count()
+                    self._check_total()
+                    await self._admit_owner(record)
+                    return
+            await store.count()
+        self._check_total()
+        await self._admit_owner(record)
+
+    def _check_total(self) -> None:
+        if self.total + self.since >= self.store.max_sessions:
+            raise TooManySessions(
+                f"the server holds its maximum of {self.store.max_sessions} sessions"
+            )
+
+    async def _admit_owner(self, record: SessionRecord) -> None:
+        store = self.store
+        owner = record.owner
+        if owner is not None:
+            await self._reserve(owner, record.session_id)
+        try:
+            await store._insert(record)
+        except BaseException:
+            if owner is not None:
+                await store._forget_owners([(owner, record.session_id)])
+            raise
+        self.since += 1
+
+    async def _reserve(self, owner: str, session_id: str) -> None:
+        store = self.store
+        key = store._owner_set(owner)
+        args = [session_id, store.max_sessions_per_owner, store._ttl_ms]
+        for attempt in range(2):
+            reply = await store._eval("reserve", [key], args)
+            if reply[0] == _OK:
+                return
+            stale = [m.decode() for m in reply[1]]
+            if attempt or not stale:
+                break
+            await self._verify(key, stale)
+        raise TooManySessions(
+            f"this API key holds its maximum of {store.max_sessions_per_owner} sessions"
+        )
+
+    async def _verify(self, key: str, stale: list[str]) -> None:
+        """Re-score the owner's stale members that are still alive; drop the others."""
+        store = self.store
+        ttls = await store._pipeline([("PTTL", store._keys(s)[0]) for s in stale], "create")
+        now_ms = int(store._clock() * 1000)
+        fixes: list[tuple] = []
+        for session_id, ttl in zip(stale, ttls):
+            if isinstance(ttl, int) and ttl > 0:
+                fixes.append(("ZADD", key, "XX", now_ms + ttl, session_id))
+            else:
+                fixes.append(("ZREM", key, session_id))
+        await store._pipeline(fixes, "create")

@@ -225,7 +225,7 @@ async def test_redis_down_gives_503_everywhere_then_the_server_reconnects(
             assert json.loads(await ws.recv())["error"]["code"] == "store_unavailable"
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
-            assert ws.close_code == 1011
+            assert ws.close_code == 1013
 
         throwaway_redis.start()  # same port, empty
         r = await client.get(f"/v1/sessions/{sid}")

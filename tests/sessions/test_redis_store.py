@@ -20,7 +20,7 @@ from service.config import Settings
 from service.errors import SessionConflict, StoreUnavailable
 from service.sessions import make_store
 from service.sessions.base import SessionRecord
-from service.sessions.redis import RedisSessionStore, decode, encode
+from service.sessions.redis import BUCKETS, RedisSessionStore, bucket_of, decode, encode
 
 REDIS_DB, REPLICA_DB = 12, 13
 LSTM_FLOATS = 2 * 2 * 128  # (h, c) x 2 layers x 128 units
@@ -57,12 +57,13 @@ def raw(db_url: Callable[[int], str]) -> redis.Redis:
     last_seq=st.none() | st.integers(0, 2**40),
     outputs=st.none() | st.binary(max_size=64),
     shape=st.lists(st.integers(0, 2**31), max_size=4).map(tuple),
+    fingerprint=st.text(max_size=80),
     version=st.integers(-(2**40), 2**40),
     step_count=st.integers(0, 2**50),
 )
 @settings(max_examples=200, deadline=None)
 def test_encoding_roundtrip(
-    state, owner, model, last_seq, outputs, shape, version, step_count
+    state, owner, model, last_seq, outputs, shape, fingerprint, version, step_count
 ) -> None:
     rec = SessionRecord(
         session_id="s",
@@ -77,6 +78,7 @@ def test_encoding_roundtrip(
         last_seq=last_seq,
         last_outputs=outputs,
         last_outputs_shape=shape,
+        fingerprint=fingerprint,
     )
     back = decode("s", encode(rec))
     assert back.state.tobytes() == rec.state.tobytes()
@@ -91,10 +93,12 @@ async def test_key_expiry_is_set_and_refreshed(
     store = redis_store(ttl_s=60)
     rec = record("s", owner="alice")
     await store.create(rec)
-    key, marker = f"{key_prefix}s:s", f"{key_prefix}t:s"
+    tag = f"{key_prefix}{{{bucket_of('s'):02x}}}"
+    key, marker = f"{tag}s:s", f"{tag}t:s"
     assert 59_000 < raw.pttl(key) <= 60_000
     assert raw.pttl(marker) >= 86_000_000
-    assert 59_000 < raw.pttl(f"{key_prefix}o:alice") <= 60_000
+    assert raw.get(marker) == b"alice"  # an expired session still says whose it was
+    assert 59_000 < raw.pttl(f"{key_prefix}{{o:alice}}") <= 60_000
 
     raw.pexpire(key, 5_000)
     await store.commit(rec)
@@ -121,10 +125,15 @@ async def test_stored_size_per_session(redis_store, raw: redis.Redis, key_prefix
                 last_outputs_shape=(1, 1, 8),
             )
         )
-    sample = raw.zrange(f"{key_prefix}live", 0, 0)[0].decode()
-    session = raw.memory_usage(f"{key_prefix}s:{sample}", samples=0)
-    marker = raw.memory_usage(f"{key_prefix}t:{sample}", samples=0)
-    sets = sum(raw.memory_usage(f"{key_prefix}{k}", samples=0) for k in ("live", "o:" + "ab" * 32))
+    sample = raw.scan_iter(match=f"{key_prefix}{{*}}s:*", count=1000).__next__().decode()
+    tag, _, session_id = sample.partition("}s:")
+    session = raw.memory_usage(sample, samples=0)
+    marker = raw.memory_usage(f"{tag}}}t:{session_id}", samples=0)
+    sets = sum(
+        raw.memory_usage(k, samples=0) or 0
+        for k in [f"{key_prefix}{{o:{'ab' * 32}}}"]
+        + [f"{key_prefix}{{{b:02x}}}live" for b in range(BUCKETS)]
+    )
     total = session + marker + sets / sessions
     print(
         f"\nbytes per session: session key {session}, marker {marker}, "
@@ -255,17 +264,18 @@ async def test_recovers_when_redis_comes_back() -> None:
     )
     try:
         await store.create(record("s"))
-        await asyncio.gather(*(store.get("s") for _ in range(4)))  # several pooled connections
+        await asyncio.gather(*(store.get("s", fresh=True) for _ in range(4)))  # pooled connections
         server.terminate()
         server.wait()
         with pytest.raises(StoreUnavailable):
-            await store.get("s")
+            await store.get("s", fresh=True)
         with pytest.raises(StoreUnavailable):
             await store.ping()
         server = _start_redis(port)  # empty again: no persistence
         await store.ping()
         await store.create(record("t"))
-        assert (await asyncio.gather(*(store.get("t") for _ in range(4))))[0].session_id == "t"
+        again = await asyncio.gather(*(store.get("t", fresh=True) for _ in range(4)))
+        assert again[0].session_id == "t"
     finally:
         await store.close()
         server.terminate()

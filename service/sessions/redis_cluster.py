@@ -1,0 +1,46 @@
+"""Redis Cluster session store: the Redis store's keys and scripts on a sharded deployment.
+
+Every key of a session carries its bucket as a hash tag and every key a script touches is
+passed in KEYS, so each script runs on one slot; counts are summed over the buckets with
+one pipeline per primary. The client follows MOVED/ASK redirections itself but retries
+nothing else (a re-sent commit could apply twice).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
+from redis.retry import Retry
+
+from service.sessions.redis import RedisSessionStore
+
+SCHEME = "redis-cluster://"
+
+
+def parse_nodes(url: str) -> list[tuple[str, int]]:
+    """``redis-cluster://host:port[,host:port...]`` -> [(host, port), ...]."""
+    if not url.startswith(SCHEME):
+        raise ValueError(f"a cluster URL starts with {SCHEME}: {url!r}")
+    nodes = []
+    for part in url[len(SCHEME) :].rstrip("/").split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"cluster node {part!r} is not host:port in {url!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
+class RedisClusterSessionStore(RedisSessionStore):
+    def _connect(self, url: str) -> Any:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in parse_nodes(url)],
+            max_connections=self._max_connections + 1,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=self._timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+
