@@ -355,7 +355,8 @@ class Engine:
         raise SessionConflict("the session kept being re-created by other requests; retry it")
 
     async def session(self, session_id: str, owner: str | None) -> SessionRecord:
-        record = await self._owned(session_id, owner)
+        # fresh: what a client reads back must not come from this replica's cached copy
+        record = await self._owned(session_id, owner, fresh=True)
         now = time.time()
         await self.store.touch(session_id, now)
         record.last_used = now
@@ -493,7 +494,8 @@ class Engine:
             raise InvalidInput("seed must be an integer >= 0")
         rng = np.random.default_rng(seed)
         async with self._session_lock(session_id):
-            record = await self._owned(session_id, owner)
+            # fresh: generation commits once without a retry, so start from the stored state
+            record = await self._owned(session_id, owner, fresh=True)
             entry = self.session_model(record)
             card = entry.card
             assert card is not None and entry.runner is not None
