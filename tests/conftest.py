@@ -373,3 +373,23 @@ def redis_db() -> Callable[[int], str]:
     yield get
     for db in used:
         redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=db).flushdb()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real local Redis Cluster of 3 primaries, started once for the whole run."""
+    from tests.redis_servers import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster) -> str:
+    """The cluster's ``redis-cluster://`` URL, every node flushed before the test."""
+    redis_cluster.flush()
+    return redis_cluster.url

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from service.sessions.redis import RedisSessionStore
+from service.sessions.redis_cluster import RedisClusterSessionStore
 
 REDIS_URL = os.environ.get(
     "RNNSERVE_TEST_REDIS", f"redis://127.0.0.1:{os.environ.get('RNNSERVE_TEST_REDIS_PORT', '6379')}"
@@ -85,6 +86,35 @@ async def redis_store(
     ) -> RedisSessionStore:
         store = RedisSessionStore(
             db_url(db),
+            ttl_s=ttl_s,
+            max_sessions=max_sessions,
+            max_sessions_per_owner=max_sessions_per_owner,
+            prefix=key_prefix,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+@pytest.fixture
+async def cluster_store(
+    cluster_url: str, key_prefix: str
+) -> AsyncIterator[Callable[..., RedisClusterSessionStore]]:
+    """``cluster_store(ttl_s=..., ...)``: a store on the local 3-primary Redis Cluster."""
+    stores: list[RedisClusterSessionStore] = []
+
+    def make(
+        ttl_s: float = 60.0,
+        max_sessions: int = 1000,
+        max_sessions_per_owner: int = 1000,
+        **kwargs: object,
+    ) -> RedisClusterSessionStore:
+        store = RedisClusterSessionStore(
+            cluster_url,
             ttl_s=ttl_s,
             max_sessions=max_sessions,
             max_sessions_per_owner=max_sessions_per_owner,

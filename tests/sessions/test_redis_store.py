@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.config import Settings
-from service.errors import SessionConflict, StoreUnavailable
+from service.errors import SessionConflict, SessionExpired, SessionNotFound, StoreUnavailable
 from service.sessions import make_store
 from service.sessions.base import SessionRecord
 from service.sessions.redis import BUCKETS, RedisSessionStore, bucket_of, decode, encode
@@ -306,3 +306,192 @@ async def test_make_store_builds_redis(db_url: Callable[[int], str]) -> None:
         await store.ping()
     finally:
         await store.close()
+
+
+class CountingStore(RedisSessionStore):
+    """Counts round trips (pipelines sent) and the commands in them."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.round_trips = 0
+        self.commands: list[str] = []
+
+    async def _send(self, client, commands):
+        self.round_trips += 1
+        self.commands += [str(c[0]) for c in commands]
+        return await super()._send(client, commands)
+
+
+@pytest.fixture
+def counting_store(db_url: Callable[[int], str], key_prefix: str):
+    def make(**kwargs: object) -> CountingStore:
+        limits = {"ttl_s": 60, "max_sessions": 10_000, "max_sessions_per_owner": 10_000}
+        return CountingStore(db_url(REDIS_DB), prefix=key_prefix, **{**limits, **kwargs})
+
+    return make
+
+
+async def test_a_step_is_one_round_trip(counting_store) -> None:
+    """After the first read, get() answers from the cache and commit() is one script."""
+    store = counting_store()
+    try:
+        rec = record("s")
+        await store.create(rec)
+        before = store.round_trips, len(store.commands)
+        for n in range(20):
+            got = await store.get("s")
+            assert got.step_count == n and got.revision == n
+            got.step_count += 1
+            await store.commit(got)
+        assert store.round_trips - before[0] == 20
+        assert store.commands[before[1] :] == ["EVALSHA"] * 20
+        assert (await store.get("s", fresh=True)).step_count == 20
+    finally:
+        await store.close()
+
+
+async def test_concurrent_commits_share_pipelines(counting_store) -> None:
+    store = counting_store()
+    try:
+        records = [record(f"s{n}") for n in range(64)]
+        for rec in records:
+            await store.create(rec)
+        got = [await store.get(r.session_id) for r in records]
+        for rec in got:
+            rec.step_count = 7
+        before = store.round_trips
+        await asyncio.gather(*(store.commit(rec) for rec in got))
+        assert store.round_trips - before <= 2  # the first alone at once, the rest together
+        assert all(r.revision == 1 for r in got)
+        before = store.round_trips
+        assert await store.commit_many(got) == [None] * 64
+        assert store.round_trips - before <= 2
+        fresh = await store.get_many([r.session_id for r in records] + ["nope"], fresh=True)
+        assert [f.step_count for f in fresh[:-1]] == [7] * 64
+        assert [f.revision for f in fresh[:-1]] == [2] * 64
+        assert isinstance(fresh[-1], SessionNotFound)
+    finally:
+        await store.close()
+
+
+async def test_a_stale_cached_copy_is_caught_and_dropped(redis_store) -> None:
+    """Replica one caches revision 0; replica two moves on; one's commit conflicts, and
+    its next read (not asked fresh) comes from Redis again."""
+    one, two = redis_store(REPLICA_DB), redis_store(REPLICA_DB)
+    await one.create(record("s"))
+    stale = await one.get("s")
+    moved = await two.get("s")
+    moved.step_count = 5
+    await two.commit(moved)
+    assert (await one.get("s")).step_count == 0  # the cached copy, by contract
+    stale.step_count = 1
+    with pytest.raises(SessionConflict) as conflict:
+        await one.commit(stale)
+    assert conflict.value.details["step_count"] == 5
+    again = await one.get("s")
+    assert (again.step_count, again.revision) == (5, 1)
+    again.step_count = 6
+    await one.commit(again)
+    assert (await two.get("s", fresh=True)).step_count == 6
+
+
+async def test_release_is_part_of_the_compare_and_set(
+    redis_store, raw: redis.Redis, key_prefix: str
+) -> None:
+    store = redis_store(max_sessions_per_owner=1)
+    await store.create(record("s", owner="alice"))
+    stale = await store.get("s")
+    current = await store.get("s", fresh=True)
+    current.step_count = 3
+    await store.commit(current)
+    with pytest.raises(SessionConflict):  # an END on a stale revision ends nothing
+        await store.commit(stale, release=True)
+    assert (await store.get("s", fresh=True)).step_count == 3
+    latest = await store.get("s")
+    latest.step_count = 4
+    await store.commit(latest, release=True)
+    assert latest.revision == 2
+    with pytest.raises(SessionNotFound):
+        await store.get("s")
+    with pytest.raises(SessionNotFound):
+        await store.get("s", fresh=True)
+    assert raw.keys(f"{key_prefix}*") == []  # session, marker, bucket and owner entries
+    await store.create(record("t", owner="alice"))  # the owner's place was given back
+
+
+async def test_expired_says_whose_session_it_was(redis_store) -> None:
+    store = redis_store(ttl_s=0.2)
+    await store.create(record("mine", owner="digest-a"))
+    await store.create(record("anon"))
+    await asyncio.sleep(0.35)
+    with pytest.raises(SessionExpired) as expired:
+        await store.get("mine")
+    assert expired.value.owner == "digest-a"
+    with pytest.raises(SessionExpired) as expired:
+        await store.get("anon", fresh=True)
+    assert expired.value.owner is None
+
+
+async def test_many_waiters_share_a_small_pool(redis_store) -> None:
+    """More concurrent operations than connections wait for a turn instead of failing."""
+    store = redis_store(max_connections=2, pool_timeout_s=10)
+    await store.create(record("s"))
+    results = await asyncio.gather(*(store.get("s", fresh=True) for _ in range(300)))
+    assert {r.session_id for r in results} == {"s"}
+    created = await asyncio.gather(
+        *(store.create(record(f"c{n}")) for n in range(100)), return_exceptions=True
+    )
+    assert created == [None] * 100
+
+
+async def test_a_pool_wait_timeout_is_unavailable_logged_and_counted(
+    silent_server: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{silent_server}/0",
+        ttl_s=60,
+        max_sessions=10,
+        max_sessions_per_owner=10,
+        timeout_s=1.0,
+        max_connections=1,
+        pool_timeout_s=0.1,
+    )
+    causes: list[str] = []
+    store.on_unavailable = causes.append
+    try:
+        results = await asyncio.gather(
+            store.get("s", fresh=True), store.get("t", fresh=True), return_exceptions=True
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        assert sorted(causes) == ["pool", "timeout"]
+        assert "no free Redis connection within 0.1 s" in str(results[1])
+        logged = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+        assert len(logged) == 2 and any("(pool)" in m for m in logged)
+    finally:
+        await store.close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+async def test_a_cached_record_never_resurrects_a_session_after_an_empty_restart() -> None:
+    port = _free_port()
+    server = _start_redis(port)
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{port}/0", ttl_s=60, max_sessions=10, max_sessions_per_owner=10
+    )
+    try:
+        await store.create(record("s", owner="alice"))
+        cached = await store.get("s")
+        server.terminate()
+        server.wait()
+        server = _start_redis(port)  # empty: no persistence
+        await asyncio.sleep(0.05)  # the loop sees the old connections closed, as in a server
+        cached.step_count = 1
+        with pytest.raises(SessionNotFound):
+            await store.commit(cached)
+        assert redis.Redis(port=port).dbsize() == 0  # nothing was written
+        with pytest.raises(SessionNotFound):
+            await store.get("s")
+    finally:
+        await store.close()
+        server.terminate()
+        server.wait()

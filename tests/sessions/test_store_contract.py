@@ -55,7 +55,7 @@ class Harness:
         return record
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def harness(request: pytest.FixtureRequest) -> Harness:
     if request.param == "memory":
         clock = FakeClock()
@@ -70,6 +70,8 @@ def harness(request: pytest.FixtureRequest) -> Harness:
 
         return Harness(make_memory, clock, forward)
 
+    if request.param == "cluster":
+        return Harness(request.getfixturevalue("cluster_store"), time.time, asyncio.sleep)
     redis_store = request.getfixturevalue("redis_store")
 
     def make_redis(ttl_s: float = 60.0, max_sessions: int = 100, max_sessions_per_owner: int = 100):
