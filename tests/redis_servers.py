@@ -99,6 +99,13 @@ class ThrowawayRedis:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
 
+    def pause(self, mode: str, ms: int = 3000) -> None:
+        self.client().execute_command("CLIENT", "PAUSE", ms, mode)
+
+    def wait_unpaused(self) -> None:
+        """Blocks until a pause is over (a paused Redis holds the command until then)."""
+        self.client().set("probe", "1")
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final save."""
         if self.proc is not None and self.proc.poll() is None:
@@ -142,9 +149,9 @@ class LocalCluster:
             proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.procs.append(proc)
             _wait_ping(port, proc)
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],  # fmt: skip
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,

@@ -345,7 +345,7 @@ class RedisSessionStore(SessionStore):
         if self._gate.locked():
             try:
                 await asyncio.wait_for(self._gate.acquire(), self._pool_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._unavailable(
                     rx.MaxConnectionsError(
                         f"no free Redis connection within {self._pool_timeout_s:g} s "

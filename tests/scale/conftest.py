@@ -73,3 +73,24 @@ def rng(request) -> np.random.Generator:
     import zlib
 
     return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_redis(request) -> Callable[[int], str]:
+    """``shared_redis(n)``: the URL of the test Redis's db n (flushed), or of the local
+    3-primary Redis Cluster (flushed); tests using it run on both."""
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("cluster_url")
+        return lambda db: url
+    return request.getfixturevalue("redis_db")
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path):
+    """A ``redis-server`` of the test's own on a free port, nothing persisted."""
+    from tests.redis_servers import ThrowawayRedis
+
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -11,9 +11,9 @@ DB_LOAD = 9
 
 
 async def test_two_replicas_40_sessions_rest_and_websocket_mixed(
-    server_factory, model_repo, redis_db, reference
+    server_factory, model_repo, shared_redis, reference
 ):
-    url = redis_db(DB_LOAD)
+    url = shared_redis(DB_LOAD)
     replicas = [server_factory(model_repo, RNNSERVE_SESSION_STORE=url) for _ in range(2)]
     ref = reference(LSTM)
     inputs = make_inputs(sessions=40, steps=100, input_size=3, seed=40)

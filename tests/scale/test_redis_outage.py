@@ -8,82 +8,17 @@ it can be paused, shut down and restarted without touching the shared Redis.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import redis
 import websockets
 
-from tests.conftest import free_port
 from tests.scale.conftest import LSTM, TOL, assert_state
 
 PAUSE_MS = 3000  # twice the store's 1.5 s socket timeout
-
-
-class ThrowawayRedis:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("CI"):
-                pytest.fail("redis-server is not installed on CI")
-            pytest.skip("redis-server is not installed")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)]  # fmt: skip
-        if _major_version(binary) >= 7:  # DEBUG is off by default since Redis 7
-            args += ["--enable-debug-command", "local"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if self.client().ping():
-                    return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start")
-                time.sleep(0.05)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
-
-    def pause(self, mode: str, ms: int = PAUSE_MS) -> None:
-        self.client().execute_command("CLIENT", "PAUSE", ms, mode)
-
-    def wait_unpaused(self) -> None:
-        """Blocks until the pause is over (a paused Redis holds the command until then)."""
-        self.client().set("probe", "1")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-def _major_version(binary: str) -> int:
-    out = subprocess.run([binary, "--version"], check=False, capture_output=True, text=True).stdout
-    match = re.search(r"v=(\d+)\.", out)
-    return int(match.group(1)) if match else 0
-
-
-@pytest.fixture
-def throwaway_redis(tmp_path: Path):
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def _assert_unavailable(r: httpx.Response) -> None:
