@@ -35,6 +35,30 @@ export class Chart {
     this.draw();
   }
 
+  /** The points as a table inside the canvas: what screen readers (and scripts) get. */
+  describe() {
+    const table = document.createElement("table");
+    const caption = document.createElement("caption");
+    caption.textContent = "Chart data: step index and value of each point";
+    table.append(caption);
+    for (const [name, style] of Object.entries(SERIES)) {
+      for (const p of this.points[name]) {
+        const row = document.createElement("tr");
+        row.dataset.series = name;
+        row.dataset.index = String(p.index);
+        row.dataset.value = String(p.value);
+        const cells = [style.label, String(p.index), String(p.value)].map((text) => {
+          const cell = document.createElement("td");
+          cell.textContent = text;
+          return cell;
+        });
+        row.append(...cells);
+        table.append(row);
+      }
+    }
+    this.canvas.replaceChildren(table);
+  }
+
   draw() {
     const canvas = this.canvas;
     const ratio = window.devicePixelRatio || 1;
@@ -46,6 +70,7 @@ export class Chart {
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.clearRect(0, 0, width, height);
     for (const name of Object.keys(SERIES)) canvas.dataset[name] = String(this.points[name].length);
+    this.describe();
 
     const all = Object.values(this.points).flat();
     const maxIndex = all.length ? Math.max(...all.map((p) => p.index)) : WINDOW;

@@ -203,6 +203,34 @@ def chart_points(page) -> dict[str, int]:
     return {name: int(data[name]) for name in ("inputs", "predictions", "forecast")}
 
 
+def chart_series(page) -> dict[str, dict[int, float]]:
+    """The chart's points, from the table the page keeps inside the canvas."""
+    rows = page.get_by_test_id("chart").evaluate(
+        "c => [...c.querySelectorAll('tr')].map(r => [r.dataset.series, Number(r.dataset.index), Number(r.dataset.value)])"
+    )
+    series: dict[str, dict[int, float]] = {"inputs": {}, "predictions": {}, "forecast": {}}
+    for name, index, value in rows:
+        series[name][index] = value
+    return series
+
+
+def assert_sine_numbers(page) -> None:
+    """Predictions and forecasts drawn equal onnxruntime run on the inputs drawn."""
+    reference = Reference(DEMO_MODELS / SINE / "1")
+    series = chart_series(page)
+    n = len(series["inputs"])
+    x = np.asarray([series["inputs"][i] for i in range(n)], np.float32)[:, None]
+    y, state = reference.run(x)
+    np.testing.assert_allclose([series["predictions"][i + 1] for i in range(n)], y[:, 0], atol=TOL)
+    last, expected = y[-1], {}
+    for index in range(n, n + len(series["forecast"])):  # each forecast fed back as the next input
+        expected[index] = float(last[0])
+        out, state = reference.run(last[None, :], state)
+        last = out[-1]
+    assert sorted(series["forecast"]) == sorted(expected)
+    np.testing.assert_allclose([series["forecast"][i] for i in sorted(expected)], list(expected.values()), atol=TOL)
+
+
 def coloured_pixels(page, rgb: tuple[int, int, int]) -> int:
     return page.get_by_test_id("chart").evaluate(
         """(canvas, rgb) => {
@@ -246,6 +274,7 @@ def test_streaming_and_forecasting_the_sine(demo_server, open_page):
     page.get_by_test_id("forecast").click()
     expect(page.get_by_test_id("step-count")).to_have_text(str(steps + 18))
     assert chart_points(page)["forecast"] == 18
+    assert_sine_numbers(page)
     expect(page.get_by_test_id("error")).to_be_empty()
 
     # A narrower window: the chart is redrawn at its new size, with every point.
