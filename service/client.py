@@ -53,7 +53,7 @@ import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect as _ws_connect
 
-from service.frames import decode_response, encode_request
+from service.frames import decode_response, decode_top_k_response, encode_request
 
 try:  # websockets >= 13: the new asyncio implementation
     from websockets.asyncio.client import connect as _ws_aconnect
@@ -234,20 +234,25 @@ class StepResult:
     """The answer to one step request: ``outputs`` is a float32 ``[steps, output_size]``
     array, ``step_count`` the session's count after it, ``symbols`` the most probable symbol
     per step (softmax models with a vocabulary; JSON only), ``replayed`` True when the server
-    answered a retry of an already applied request from its copy."""
+    answered a retry of an already applied request from its copy. Asked with ``top_k``,
+    ``outputs`` is None and ``top_k`` holds per step the best classes, best first:
+    ``{"index", "score", "label"?}`` (labels in JSON answers only)."""
 
-    outputs: np.ndarray
+    outputs: np.ndarray | None
     step_count: int
     symbols: list[str] | None = None
     replayed: bool = False
+    top_k: list[list[dict[str, Any]]] | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepResult:
+        outputs = data.get("outputs")
         return cls(
-            outputs=np.asarray(data["outputs"], np.float32),
+            outputs=None if outputs is None else np.asarray(outputs, np.float32),
             step_count=int(data["step_count"]),
             symbols=data.get("symbols"),
             replayed=bool(data.get("replayed", False)),
+            top_k=data.get("top_k"),
         )
 
 
@@ -259,10 +264,12 @@ class GenerateResult:
     generated: list[Any]
     step_count: int
     text: str | None = None
+    top_k: list[list[dict[str, Any]]] | None = None
+    """With ``top_k``: per generated step, the best classes it was drawn from."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GenerateResult:
-        return cls(data["generated"], int(data["step_count"]), data.get("text"))
+        return cls(data["generated"], int(data["step_count"]), data.get("text"), data.get("top_k"))
 
 
 @dataclass(slots=True)
@@ -273,21 +280,25 @@ class Prediction:
 
     model: str
     version: int
-    outputs: list[np.ndarray]
+    outputs: list[np.ndarray] | None
+    """None when asked with ``top_k``."""
     symbols: list[Any] | None = None
     states: list[dict[str, np.ndarray]] | None = None
+    top_k: list[Any] | None = None
+    """With ``top_k``: per sequence ``[steps][k]`` (or ``[k]``) of ``{"index", "score", "label"?}``."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Prediction:
-        states = data.get("states")
+        states, outputs = data.get("states"), data.get("outputs")
         return cls(
             model=data["model"],
             version=int(data["version"]),
-            outputs=[np.asarray(y, np.float32) for y in data["outputs"]],
+            outputs=None if outputs is None else [np.asarray(y, np.float32) for y in outputs],
             symbols=data.get("symbols"),
             states=None
             if states is None
             else [{k: np.asarray(v, np.float32) for k, v in s.items()} for s in states],
+            top_k=data.get("top_k"),
         )
 
 
@@ -319,8 +330,19 @@ def _check_steps(inputs: Any) -> int:
     raise TypeError(f"inputs must be a list of time steps or an array, not {type(inputs).__name__}")
 
 
-def _steps_array(inputs: Any, vocabulary: Sequence[str] | None) -> np.ndarray:
-    """A [steps, features] float32 array for a binary frame (symbols one-hot encoded)."""
+def _steps_array(inputs: Any, vocabulary: Sequence[str] | None, tokens: bool = False) -> np.ndarray:
+    """A [steps, features] float32 array for a binary frame (symbols one-hot encoded), or
+    for a token model [steps] integer ids (symbols looked up in the vocabulary)."""
+    if tokens:
+        if isinstance(inputs, np.ndarray):
+            return inputs
+        index = {s: i for i, s in enumerate(vocabulary or ())}
+        ids = []
+        for t, step in enumerate(inputs):
+            if isinstance(step, str) and step not in index:
+                raise ValueError(f"step {t}: {step!r} is not in the model's vocabulary")
+            ids.append(index[step] if isinstance(step, str) else step)
+        return np.asarray(ids, np.int64)
     if not isinstance(inputs, np.ndarray) and len(inputs) and isinstance(inputs[0], str):
         if vocabulary is None:
             raise ValueError("symbol inputs in binary frames need the model's vocabulary")
@@ -338,9 +360,6 @@ def _steps_array(inputs: Any, vocabulary: Sequence[str] | None) -> np.ndarray:
         raise ValueError(f"a binary frame needs [steps, features] values, got shape {list(x.shape)}")
     return x
 
-
-def _needs_vocabulary(inputs: Any) -> bool:
-    return not isinstance(inputs, np.ndarray) and bool(len(inputs)) and isinstance(inputs[0], str)
 
 
 def _sid(session: Any) -> str:
@@ -460,6 +479,7 @@ class _Api(Generic[_S]):
         backoff: float = 0.1,
         timeout: float | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        top_k: int | None = None,
     ) -> _S:
         """A WebSocket stream: iterate it to send each item of ``steps`` as one message and get
         its :class:`StepResult` (iterator in, iterator out), or call ``.step(inputs)``; on an
@@ -468,6 +488,7 @@ class _Api(Generic[_S]):
 
         ``target`` is a model name (a new session is opened) or a session (SessionInfo,
         Session, or ``session_id=``) to resume. See :class:`Stream` for reconnection.
+        With ``top_k`` every answer holds the best k classes per step instead of outputs.
         """
         name, sid, tracker = _stream_target(target, session_id)
         if timeout is None:
@@ -484,6 +505,7 @@ class _Api(Generic[_S]):
             timeout=timeout,
             max_message_bytes=max_message_bytes,
             tracker=tracker,
+            top_k=top_k,
         )
 
     def _new_stream(self, **options: Any) -> _S:
@@ -498,7 +520,9 @@ class _Api(Generic[_S]):
         return _Call("GET", _model_path(name, None))
 
     @staticmethod
-    def _c_predict(name, inputs, version, return_sequences, return_states, initial_states) -> _Call:
+    def _c_predict(
+        name, inputs, version, return_sequences, return_states, initial_states, top_k=None
+    ) -> _Call:
         if isinstance(inputs, np.ndarray) and inputs.ndim < 2:
             raise TypeError("predict takes a batch: a [batch, steps, features] array or a list")
         body: dict[str, Any] = {
@@ -508,6 +532,8 @@ class _Api(Generic[_S]):
         }
         if initial_states is not None:
             body["initial_states"] = list(initial_states)
+        if top_k is not None:
+            body["top_k"] = int(top_k)
         return _Call("POST", _model_path(name, version) + "/predict", body, Prediction.from_json)
 
     @staticmethod
@@ -534,18 +560,22 @@ class _Api(Generic[_S]):
         return _Call("GET", f"/v1/sessions/{_seg(_sid(session))}/state")
 
     @staticmethod
-    def _c_step(session: Any, inputs: Any, seq: int | None) -> _Call:
+    def _c_step(session: Any, inputs: Any, seq: int | None, top_k: int | None = None) -> _Call:
         _check_steps(inputs)
         body: dict[str, Any] = {"inputs": inputs}
         if seq is not None:
             body["seq"] = int(seq)
+        if top_k is not None:
+            body["top_k"] = int(top_k)
         return _Call("POST", f"/v1/sessions/{_seg(_sid(session))}/steps", body, StepResult.from_json)
 
     @staticmethod
-    def _c_generate(session, steps, temperature, seed, prime) -> _Call:
+    def _c_generate(session, steps, temperature, seed, prime, top_k=None) -> _Call:
         body: dict[str, Any] = {"steps": int(steps), "temperature": float(temperature)}
         if seed is not None:
             body["seed"] = int(seed)
+        if top_k is not None:
+            body["top_k"] = int(top_k)
         if prime is not None:
             _check_steps(prime)
             body["prime"] = prime
@@ -652,11 +682,14 @@ class Client(_Api["Stream"]):
         return_sequences: bool = True,
         return_states: bool = False,
         initial_states: Sequence[Mapping[str, Any]] | None = None,
+        top_k: int | None = None,
     ) -> Prediction:
         """Run independent sequences (lists or arrays, lengths may differ) from zero state or
         ``initial_states`` (one per sequence); no session is involved."""
         return self._run(
-            self._c_predict(name, inputs, version, return_sequences, return_states, initial_states)
+            self._c_predict(
+                name, inputs, version, return_sequences, return_states, initial_states, top_k
+            )
         )
 
     # sessions
@@ -681,10 +714,13 @@ class Client(_Api["Stream"]):
         step_count starts again at 0)."""
         return self._run(self._c_import_state(exported))
 
-    def step(self, session_id: Any, inputs: Any, *, seq: int | None = None) -> StepResult:
+    def step(
+        self, session_id: Any, inputs: Any, *, seq: int | None = None, top_k: int | None = None
+    ) -> StepResult:
         """Advance the session by the given steps. With ``seq`` (the step_count once this is
-        applied) a repeat of the request is answered from the server's copy, not re-applied."""
-        return self._run(self._c_step(session_id, inputs, seq))
+        applied) a repeat of the request is answered from the server's copy, not re-applied.
+        With ``top_k`` the answer holds the best k classes per step instead of outputs."""
+        return self._run(self._c_step(session_id, inputs, seq, top_k))
 
     def generate(
         self,
@@ -694,9 +730,10 @@ class Client(_Api["Stream"]):
         temperature: float = 1.0,
         seed: int | None = None,
         prime: Any = None,
+        top_k: int | None = None,
     ) -> GenerateResult:
         """Feed the model its own outputs for ``steps`` steps (after ``prime``, if given)."""
-        return self._run(self._c_generate(session_id, steps, temperature, seed, prime))
+        return self._run(self._c_generate(session_id, steps, temperature, seed, prime, top_k))
 
     def reset(self, session_id: Any) -> SessionInfo:
         """Zero the session's state and step_count."""
@@ -807,23 +844,31 @@ class Session(_SessionBase):
     def __exit__(self, *exc: object) -> None:
         self.delete(missing_ok=True)
 
-    def step(self, inputs: Any) -> StepResult:
+    def step(self, inputs: Any, *, top_k: int | None = None) -> StepResult:
         seq = self._seq(inputs)
         attempt = 0
         while True:
             try:
-                return self._track(self.client.step(self.session_id, inputs, seq=seq))
+                return self._track(
+                    self.client.step(self.session_id, inputs, seq=seq, top_k=top_k)
+                )
             except RnnServeError as exc:
                 time.sleep(self._pause(exc, attempt))
             attempt += 1
 
     def generate(
-        self, steps: int, *, temperature: float = 1.0, seed: int | None = None, prime: Any = None
+        self,
+        steps: int,
+        *,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        prime: Any = None,
+        top_k: int | None = None,
     ) -> GenerateResult:
         """Generation carries no seq, so it is never retried."""
         return self._track(
             self.client.generate(
-                self.session_id, steps, temperature=temperature, seed=seed, prime=prime
+                self.session_id, steps, temperature=temperature, seed=seed, prime=prime, top_k=top_k
             )
         )
 
@@ -868,6 +913,7 @@ class _StreamBase(_Retrying):
         timeout: float | None,
         max_message_bytes: int | None,
         tracker: Any = None,
+        top_k: int | None = None,
     ) -> None:
         if model is None and session_id is None:
             raise TypeError("a stream needs a model name or a session id")
@@ -878,6 +924,9 @@ class _StreamBase(_Retrying):
         self.steps = steps
         self.binary = binary
         self.vocabulary = list(vocabulary) if vocabulary is not None else None
+        self.top_k = top_k
+        self.tokens: bool | None = None
+        """Whether the model takes token ids (binary frames then carry ids); None: not known."""
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
@@ -931,9 +980,12 @@ class _StreamBase(_Retrying):
         assert self.info is not None
         return self.info
 
-    def _lacks_vocabulary(self, inputs: Any) -> bool:
-        """True when symbol inputs need a vocabulary (for binary frames) not yet fetched."""
-        return _needs_vocabulary(inputs) and self.binary and self.vocabulary is None
+    def _lacks_card(self, inputs: Any) -> bool:
+        """True when binary frames need the model's card (token inputs, vocabulary) first:
+        for anything but a float array, once per stream."""
+        if not self.binary or self.tokens is not None:
+            return False
+        return not (isinstance(inputs, np.ndarray) and inputs.dtype.kind == "f")
 
     def _frame(self, pending: list[str | bytes], inputs: Any, n: int) -> str | bytes:
         """The message for ``n`` steps of ``inputs``, encoded on the first attempt (once the
@@ -945,11 +997,22 @@ class _StreamBase(_Retrying):
 
     def _encode(self, inputs: Any, seq: int) -> str | bytes:
         if self.binary:
-            return encode_request(_steps_array(inputs, self.vocabulary), seq)
-        return _dumps({"inputs": inputs, "seq": seq}).decode()
+            x = _steps_array(inputs, self.vocabulary, bool(self.tokens))
+            return encode_request(x, seq, top_k=self.top_k)
+        message: dict[str, Any] = {"inputs": inputs, "seq": seq}
+        if self.top_k is not None:
+            message["top_k"] = self.top_k
+        return _dumps(message).decode()
 
     def _answer(self, answer: str | bytes) -> StepResult:
-        if isinstance(answer, bytes):
+        if isinstance(answer, bytes) and self.top_k is not None:
+            indices, scores, step_count, replayed = decode_top_k_response(answer)
+            best = [
+                [{"index": i, "score": p} for i, p in zip(ir, sr)]
+                for ir, sr in zip(indices.tolist(), scores.tolist())
+            ]
+            result = StepResult(None, step_count, None, replayed, best)
+        elif isinstance(answer, bytes):
             y, step_count, replayed = decode_response(answer)
             result = StepResult(y.copy(), step_count, None, replayed)
         else:
@@ -983,13 +1046,15 @@ class _StreamBase(_Retrying):
         error.__cause__ = exc
         return error
 
-    def _vocabulary_from(self, model: Mapping[str, Any]) -> None:
+    def _card_from(self, model: Mapping[str, Any]) -> None:
         assert self.info is not None
+        card: Mapping[str, Any] = {}
         for entry in model.get("versions", []):
             if entry.get("version") == self.info.version and entry.get("card"):
-                self.vocabulary = entry["card"].get("vocabulary")
+                card = entry["card"]
         if self.vocabulary is None:
-            raise ValueError(f"model {self.info.model!r} has no vocabulary: send numbers")
+            self.vocabulary = card.get("vocabulary")
+        self.tokens = card.get("inputs", {}).get("kind") == "tokens"
 
 
 _DROPPED = (ConnectionClosed, OSError, TimeoutError, EOFError)
@@ -1031,8 +1096,8 @@ class Stream(_StreamBase):
 
     def step(self, inputs: Any) -> StepResult:
         n = _check_steps(inputs)
-        if self._lacks_vocabulary(inputs):
-            self._vocabulary_from(self.client.model(self.open().model))
+        if self._lacks_card(inputs):
+            self._card_from(self.client.model(self.open().model))
         pending: list[str | bytes] = []
 
         def exchange() -> StepResult:
@@ -1120,8 +1185,8 @@ class AsyncStream(_StreamBase):
 
     async def step(self, inputs: Any) -> StepResult:
         n = _check_steps(inputs)
-        if self._lacks_vocabulary(inputs):
-            self._vocabulary_from(await self.client.model((await self.open()).model))
+        if self._lacks_card(inputs):
+            self._card_from(await self.client.model((await self.open()).model))
         pending: list[str | bytes] = []
 
         async def exchange() -> StepResult:
@@ -1234,9 +1299,12 @@ class AsyncClient(_Api["AsyncStream"]):
         return_sequences: bool = True,
         return_states: bool = False,
         initial_states: Sequence[Mapping[str, Any]] | None = None,
+        top_k: int | None = None,
     ) -> Prediction:
         return await self._run(
-            self._c_predict(name, inputs, version, return_sequences, return_states, initial_states)
+            self._c_predict(
+                name, inputs, version, return_sequences, return_states, initial_states, top_k
+            )
         )
 
     async def create_session(
@@ -1253,8 +1321,10 @@ class AsyncClient(_Api["AsyncStream"]):
     async def import_state(self, exported: Mapping[str, Any]) -> SessionInfo:
         return await self._run(self._c_import_state(exported))
 
-    async def step(self, session_id: Any, inputs: Any, *, seq: int | None = None) -> StepResult:
-        return await self._run(self._c_step(session_id, inputs, seq))
+    async def step(
+        self, session_id: Any, inputs: Any, *, seq: int | None = None, top_k: int | None = None
+    ) -> StepResult:
+        return await self._run(self._c_step(session_id, inputs, seq, top_k))
 
     async def generate(
         self,
@@ -1264,8 +1334,9 @@ class AsyncClient(_Api["AsyncStream"]):
         temperature: float = 1.0,
         seed: int | None = None,
         prime: Any = None,
+        top_k: int | None = None,
     ) -> GenerateResult:
-        return await self._run(self._c_generate(session_id, steps, temperature, seed, prime))
+        return await self._run(self._c_generate(session_id, steps, temperature, seed, prime, top_k))
 
     async def reset(self, session_id: Any) -> SessionInfo:
         return await self._run(self._c_reset(session_id))
@@ -1308,22 +1379,30 @@ class AsyncSession(_SessionBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.delete(missing_ok=True)
 
-    async def step(self, inputs: Any) -> StepResult:
+    async def step(self, inputs: Any, *, top_k: int | None = None) -> StepResult:
         seq = self._seq(inputs)
         attempt = 0
         while True:
             try:
-                return self._track(await self.client.step(self.session_id, inputs, seq=seq))
+                return self._track(
+                    await self.client.step(self.session_id, inputs, seq=seq, top_k=top_k)
+                )
             except RnnServeError as exc:
                 await asyncio.sleep(self._pause(exc, attempt))
             attempt += 1
 
     async def generate(
-        self, steps: int, *, temperature: float = 1.0, seed: int | None = None, prime: Any = None
+        self,
+        steps: int,
+        *,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        prime: Any = None,
+        top_k: int | None = None,
     ) -> GenerateResult:
         return self._track(
             await self.client.generate(
-                self.session_id, steps, temperature=temperature, seed=seed, prime=prime
+                self.session_id, steps, temperature=temperature, seed=seed, prime=prime, top_k=top_k
             )
         )
 

@@ -500,3 +500,51 @@ def test_grpc_int64_ids_and_class_count(token_server, token_ref):
         np.testing.assert_allclose(y[1], token_ref("tiny-items").run(x[1])[0], atol=TOL)
     finally:
         client.close()
+
+
+def test_python_client_ids_symbols_and_top_k(token_server, token_ref):
+    """service.client: ids and symbols over REST and streams (binary frames carry ids)."""
+    import asyncio
+
+    from service.client import AsyncClient, Client
+
+    ref = token_ref("tiny-chars")
+    word = list("^abcd$ba")
+    ids = [TOKEN_VOCABULARY.index(c) for c in word]
+    y_ref, _ = ref.run(ids)
+    with Client(token_server.url) as client:
+        prediction = client.predict("tiny-chars", [word], top_k=3)
+        assert prediction.outputs is None
+        assert_top_k(prediction.top_k[0], y_ref, 3, TOKEN_VOCABULARY)
+
+        session = client.open_session("tiny-chars")
+        first = session.step(word[:3])
+        np.testing.assert_allclose(first.outputs, y_ref[:3], atol=TOL)
+        second = session.step(ids[3:], top_k=2)
+        assert second.outputs is None and second.step_count == len(word)
+        assert_top_k(second.top_k, y_ref[3:], 2, TOKEN_VOCABULARY)
+        generated = session.generate(2, temperature=0, top_k=1)
+        assert len(generated.top_k) == len(generated.generated)
+        assert generated.top_k[0][0]["label"] == generated.generated[0]
+
+        for binary in (False, True):
+            with client.stream("tiny-chars", binary=binary) as stream:
+                a = stream.step(word[:5])  # symbols: ids in binary frames
+                b = stream.step(np.asarray(ids[5:]))  # an integer array: ids
+            np.testing.assert_allclose(np.concatenate([a.outputs, b.outputs]), y_ref, atol=TOL)
+            with client.stream("tiny-chars", binary=binary, top_k=4) as stream:
+                answers = [stream.step(ids[:2]), stream.step(word[2:])]
+            assert answers[1].step_count == len(word)
+            top = answers[0].top_k + answers[1].top_k
+            labels = None if binary else TOKEN_VOCABULARY  # binary answers carry no labels
+            assert_top_k(top, y_ref, 4, labels)
+
+    async def run_async():
+        async with AsyncClient(token_server.url) as client:
+            step = await (await client.open_session("tiny-items")).step([3, 1, 4], top_k=5)
+            assert_top_k(step.top_k, token_ref("tiny-items").run([3, 1, 4])[0], 5, None)
+            async with client.stream("tiny-items", binary=True, top_k=5) as stream:
+                answer = await stream.step([3, 1, 4])
+            assert_top_k(answer.top_k, token_ref("tiny-items").run([3, 1, 4])[0], 5, None)
+
+    asyncio.run(run_async())
