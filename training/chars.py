@@ -95,12 +95,18 @@ def evaluate(model: CharModel, ids: np.ndarray, streams: int = 16, chunk: int = 
         for start in range(0, per, chunk):
             logits, state = model(x[:, start : start + chunk], state)
             target = y[:, start : start + chunk]
-            nll += float(nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
+            nll += float(
+                nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+            )
             best = logits.topk(5, dim=-1).indices
             top1 += int((best[..., 0] == target).sum())
             top5 += int((best == target[..., None]).any(-1).sum())
             count += target.numel()
-    return {"top1_accuracy": top1 / count, "top5_accuracy": top5 / count, "perplexity": math.exp(nll / count)}
+    return {
+        "top1_accuracy": top1 / count,
+        "top5_accuracy": top5 / count,
+        "perplexity": math.exp(nll / count),
+    }
 
 
 def unigram_baseline(train: np.ndarray, held: np.ndarray) -> dict:

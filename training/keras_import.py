@@ -125,10 +125,15 @@ def _linear_layers(keras: Any, model: Any) -> list[Any]:
     previous = model.inputs[0]
     for layer in layers:
         if len(layer._inbound_nodes) != 1:
-            raise _refuse(layer, "the layer is used more than once; only a linear chain is supported")
+            raise _refuse(
+                layer, "the layer is used more than once; only a linear chain is supported"
+            )
         inputs = layer._inbound_nodes[0].input_tensors
         if len(inputs) != 1 or inputs[0] is not previous:
-            raise _refuse(layer, "its input is not the previous layer's output; only a linear chain is supported")
+            raise _refuse(
+                layer,
+                "its input is not the previous layer's output; only a linear chain is supported",
+            )
         previous = layer.output
     if previous is not model.outputs[0]:
         raise UnsupportedKerasModel("the model's output is not its last layer's output")
@@ -163,7 +168,9 @@ def _recurrent(keras: Any, layer: Any, input_dim: int) -> _Recurrent:
     bias = (
         np.asarray(keras.ops.convert_to_numpy(cell.bias), np.float32)
         if cell.use_bias
-        else np.zeros((2, 3 * units) if name == "gru" and cell.reset_after else gates * units, np.float32)
+        else np.zeros(
+            (2, 3 * units) if name == "gru" and cell.reset_after else gates * units, np.float32
+        )
     )
     linear_before_reset = 0
     if name == "gru" and cell.reset_after:
@@ -194,7 +201,9 @@ def _recurrent(keras: Any, layer: Any, input_dim: int) -> _Recurrent:
 def _dense(keras: Any, layer: Any, owner: Any) -> _Dense:
     act = _activation(layer.activation)
     if act not in _OUTPUT_ACTIVATIONS:
-        raise _refuse(owner, f"activation {act!r}; a Dense head supports linear, softmax or sigmoid")
+        raise _refuse(
+            owner, f"activation {act!r}; a Dense head supports linear, softmax or sigmoid"
+        )
     kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)
     bias = (
         np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)
@@ -220,7 +229,9 @@ def plan(keras: Any, model: Any) -> _Plan:
             if layer.mask_zero:
                 raise _refuse(layer, "mask_zero=True: masking is not supported")
             if len(in_shape) != 2:
-                raise _refuse(layer, f"the Embedding's input must be [batch, time] ids, got {in_shape}")
+                raise _refuse(
+                    layer, f"the Embedding's input must be [batch, time] ids, got {in_shape}"
+                )
             table = np.asarray(keras.ops.convert_to_numpy(layer.embeddings), np.float32)
             result = _Plan(input_size=int(table.shape[0]), embedding=table)
             width = int(table.shape[1])
@@ -253,7 +264,10 @@ def plan(keras: Any, model: Any) -> _Plan:
         elif isinstance(layer, layers.Bidirectional):
             raise _refuse(layer, "a bidirectional layer needs the whole sequence first")
         else:
-            raise _refuse(layer, "not one of Input, Embedding, SimpleRNN, LSTM, GRU, Dropout, Dense, TimeDistributed(Dense)")
+            raise _refuse(
+                layer,
+                "not one of Input, Embedding, SimpleRNN, LSTM, GRU, Dropout, Dense, TimeDistributed(Dense)",
+            )
         if not result.recurrent:
             raise _refuse(layer, "Dense layers must follow the recurrent layers")
         if dense.kernel.shape[0] != width:
@@ -271,7 +285,13 @@ def state_specs(p: _Plan) -> list[StateSpec]:
         for kind in ("h", "c") if layer.cell == "lstm" else ("h",):
             name = f"layer{k}_{kind}"
             specs.append(
-                StateSpec(name=name, input=f"{name}_in", output=f"{name}_out", shape=[1, None, layer.units], batch_axis=1)
+                StateSpec(
+                    name=name,
+                    input=f"{name}_in",
+                    output=f"{name}_out",
+                    shape=[1, None, layer.units],
+                    batch_axis=1,
+                )
             )
     return specs
 
@@ -287,10 +307,14 @@ def build_graph(p: _Plan) -> onnx.ModelProto:
 
     if p.embedding is not None:
         x_info = helper.make_tensor_value_info("x", TensorProto.INT64, ["batch", "time"])
-        nodes.append(helper.make_node("Gather", [init("embedding", p.embedding), "x"], ["embedded"], axis=0))
+        nodes.append(
+            helper.make_node("Gather", [init("embedding", p.embedding), "x"], ["embedded"], axis=0)
+        )
         current = "embedded"
     else:
-        x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", p.input_size])
+        x_info = helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, ["batch", "time", p.input_size]
+        )
         current = "x"
     nodes.append(helper.make_node("Transpose", [current], ["x_tbf"], perm=[1, 0, 2]))
     current = "x_tbf"
@@ -300,14 +324,29 @@ def build_graph(p: _Plan) -> onnx.ModelProto:
     for k, layer in enumerate(p.recurrent):
         h = next(specs)
         c = next(specs) if layer.cell == "lstm" else None
-        inputs = [current, init(f"W{k}", layer.W), init(f"R{k}", layer.R), init(f"B{k}", layer.B), LENGTHS_INPUT, h.input]
+        inputs = [
+            current,
+            init(f"W{k}", layer.W),
+            init(f"R{k}", layer.R),
+            init(f"B{k}", layer.B),
+            LENGTHS_INPUT,
+            h.input,
+        ]
         outputs = [f"Y{k}", h.output]
         if c is not None:
             inputs.append(c.input)
             outputs.append(c.output)
         for spec in (h, c) if c is not None else (h,):
-            state_inputs.append(helper.make_tensor_value_info(spec.input, TensorProto.FLOAT, [1, "batch", layer.units]))
-            state_outputs.append(helper.make_tensor_value_info(spec.output, TensorProto.FLOAT, [1, "batch", layer.units]))
+            state_inputs.append(
+                helper.make_tensor_value_info(
+                    spec.input, TensorProto.FLOAT, [1, "batch", layer.units]
+                )
+            )
+            state_outputs.append(
+                helper.make_tensor_value_info(
+                    spec.output, TensorProto.FLOAT, [1, "batch", layer.units]
+                )
+            )
         attrs: dict[str, Any] = {"hidden_size": layer.units}
         if layer.cell.startswith("rnn"):
             op = "RNN"
@@ -323,8 +362,16 @@ def build_graph(p: _Plan) -> onnx.ModelProto:
     nodes.append(helper.make_node("Transpose", [current], ["hidden_btf"], perm=[1, 0, 2]))
     current = "hidden_btf"
     for k, dense in enumerate(p.dense):
-        nodes.append(helper.make_node("MatMul", [current, init(f"dense{k}_kernel", dense.kernel)], [f"dense{k}_mm"]))
-        nodes.append(helper.make_node("Add", [f"dense{k}_mm", init(f"dense{k}_bias", dense.bias)], [f"dense{k}"]))
+        nodes.append(
+            helper.make_node(
+                "MatMul", [current, init(f"dense{k}_kernel", dense.kernel)], [f"dense{k}_mm"]
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "Add", [f"dense{k}_mm", init(f"dense{k}_bias", dense.bias)], [f"dense{k}"]
+            )
+        )
         current = f"dense{k}"
         if dense.activation != "identity":
             op = "Softmax" if dense.activation == "softmax" else "Sigmoid"
@@ -335,21 +382,30 @@ def build_graph(p: _Plan) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "keras_import",
-        [x_info, helper.make_tensor_value_info(LENGTHS_INPUT, TensorProto.INT32, ["batch"]), *state_inputs],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "time", p.output_size]), *state_outputs],
+        [
+            x_info,
+            helper.make_tensor_value_info(LENGTHS_INPUT, TensorProto.INT32, ["batch"]),
+            *state_inputs,
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "time", p.output_size]),
+            *state_outputs,
+        ],
         inits,
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="rnnserve-keras-import")
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="rnnserve-keras-import"
+    )
     proto.ir_version = 8
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
 
 def _reference(keras: Any, model: Any) -> Reference:
-    """Keras's ``predict``; a model declared with a fixed time length is re-wrapped with a
-    free time axis around the same layers, so it can be checked on other lengths too."""
+    """Keras's ``predict``; a model declared with a fixed batch size or time length is
+    re-wrapped with free axes around the same layers, so it can be checked on others too."""
     shape = model.inputs[0].shape
-    if shape[1] is not None:
+    if shape[0] is not None or shape[1] is not None:
         free = keras.Input(shape=(None, *shape[2:]), dtype=model.inputs[0].dtype)
         out = free
         for layer in _linear_layers(keras, model):
@@ -376,7 +432,10 @@ def import_keras(model_or_path: Any, repo: Path | str, name: str, **card_fields:
     model = model_or_path
     if isinstance(model_or_path, (str, Path)):
         source = Path(model_or_path).name
-        model = keras.saving.load_model(model_or_path, compile=False)
+        try:
+            model = keras.saving.load_model(model_or_path, compile=False)
+        except (OSError, ValueError) as exc:
+            raise UnsupportedKerasModel(f"cannot load {model_or_path}: {exc}") from exc
     p = plan(keras, model)
     proto = build_graph(p)
     specs = state_specs(p)
@@ -404,7 +463,11 @@ def import_keras(model_or_path: Any, repo: Path | str, name: str, **card_fields:
             input_size=p.input_size,
             output_size=p.output_size,
             output_activation=p.output_activation,
-            inputs=CardInputs(sequence="x", lengths=LENGTHS_INPUT, kind="tokens" if p.embedding is not None else "values"),
+            inputs=CardInputs(
+                sequence="x",
+                lengths=LENGTHS_INPUT,
+                kind="tokens" if p.embedding is not None else "values",
+            ),
             outputs=CardOutputs(sequence="y"),
             states=specs,
             parity_max_abs_diff=parity,

@@ -167,7 +167,11 @@ def discover_states(
             raise ModuleConventionError(f"state tensor {name} is {a.dtype}, expected float32")
         axis = axes[0]
         shape: list[int | None] = [None if i == axis else int(d) for i, d in enumerate(a.shape)]
-        specs.append(StateSpec(name=name, input=f"{name}_in", output=f"{name}_out", shape=shape, batch_axis=axis))
+        specs.append(
+            StateSpec(
+                name=name, input=f"{name}_in", output=f"{name}_out", shape=shape, batch_axis=axis
+            )
+        )
     return structure, specs, int(y2.shape[-1])
 
 

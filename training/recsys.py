@@ -48,18 +48,25 @@ class ClickGenerator:
             self.theme_of[row] = t
             self.position[row] = np.arange(per_theme)
         self.related = np.stack(
-            [rng.choice(np.delete(np.arange(world.themes), t), world.related, replace=False) for t in range(world.themes)]
+            [
+                rng.choice(np.delete(np.arange(world.themes), t), world.related, replace=False)
+                for t in range(world.themes)
+            ]
         )
         theme_pop = 1.0 / np.arange(1, world.themes + 1) ** 0.8
         self.theme_pop = rng.permutation(theme_pop / theme_pop.sum())
         item_pop = 1.0 / np.arange(1, per_theme + 1) ** 1.1
-        self.item_pop = np.stack([rng.permutation(item_pop / item_pop.sum()) for _ in range(world.themes)])
+        self.item_pop = np.stack(
+            [rng.permutation(item_pop / item_pop.sum()) for _ in range(world.themes)]
+        )
 
     def session(self, rng: np.random.Generator) -> list[int]:
         w = self.world
         length = min(w.max_length, 2 + rng.geometric(1.0 / (w.mean_length - 1)))
         theme = rng.choice(w.themes, p=self.theme_pop)
-        item = self.theme_items[theme, rng.choice(self.theme_items.shape[1], p=self.item_pop[theme])]
+        item = self.theme_items[
+            theme, rng.choice(self.theme_items.shape[1], p=self.item_pop[theme])
+        ]
         clicks = [int(item)]
         per_theme = self.theme_items.shape[1]
         while len(clicks) < length:
@@ -138,7 +145,9 @@ def evaluate(model: SessionGRU, sessions: list[list[int]], k: int = 20) -> dict:
     return {f"recall@{k}": hits / n, f"mrr@{k}": rr / n, "predictions": n}
 
 
-def popular_baseline(train: list[list[int]], held: list[list[int]], items: int, k: int = 20) -> dict:
+def popular_baseline(
+    train: list[list[int]], held: list[list[int]], items: int, k: int = 20
+) -> dict:
     counts = np.bincount([i for s in train for i in s], minlength=items)
     scores = torch.from_numpy(counts.astype(np.float32))
     _, y = pad(held)
@@ -146,7 +155,9 @@ def popular_baseline(train: list[list[int]], held: list[list[int]], items: int, 
     return {f"recall@{k}": h / n, f"mrr@{k}": r / n, "predictions": n}
 
 
-def train_sessions(cfg: RecConfig, train: list[list[int]], items: int, log=print) -> tuple[SessionGRU, float]:
+def train_sessions(
+    cfg: RecConfig, train: list[list[int]], items: int, log=print
+) -> tuple[SessionGRU, float]:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = SessionGRU(items, cfg.embedding, cfg.hidden)
@@ -166,7 +177,9 @@ def train_sessions(cfg: RecConfig, train: list[list[int]], items: int, log=print
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             total += loss.item()
-        log(f"recsys epoch {epoch} loss {total / len(batches):.3f} ({time.perf_counter() - started:.0f}s)")
+        log(
+            f"recsys epoch {epoch} loss {total / len(batches):.3f} ({time.perf_counter() - started:.0f}s)"
+        )
     return model.eval(), time.perf_counter() - started
 
 

@@ -42,10 +42,16 @@ def _builders():
             (None, 3), L.SimpleRNN(5, return_sequences=True), L.TimeDistributed(L.Dense(2))
         ),
         "k-simple-relu": lambda: _seq(
-            (None, 2), L.SimpleRNN(6, activation="relu", return_sequences=True), L.Dense(1, activation="sigmoid")
+            (None, 2),
+            L.SimpleRNN(6, activation="relu", return_sequences=True),
+            L.Dense(1, activation="sigmoid"),
         ),
         "k-lstm-stack": lambda: _seq(
-            (None, 3), L.LSTM(7, return_sequences=True), L.Dropout(0.3), L.LSTM(4, return_sequences=True), L.Dense(3)
+            (None, 3),
+            L.LSTM(7, return_sequences=True),
+            L.Dropout(0.3),
+            L.LSTM(4, return_sequences=True),
+            L.Dense(3),
         ),
         "k-gru-reset-before": lambda: _seq(
             (None, 3), L.GRU(6, reset_after=False, return_sequences=True), L.Dense(2)
@@ -60,9 +66,15 @@ def _builders():
             L.TimeDistributed(L.Dense(3, activation="softmax")),
         ),
         "k-embedding": lambda: _seq(
-            (None,), L.Embedding(17, 5), L.LSTM(9, return_sequences=True), L.Dense(17, activation="softmax"), dtype="int32"
+            (None,),
+            L.Embedding(17, 5),
+            L.LSTM(9, return_sequences=True),
+            L.Dense(17, activation="softmax"),
+            dtype="int32",
         ),
-        "k-many-to-one": lambda: _seq((12, 3), L.GRU(6, return_sequences=True), L.LSTM(5), L.Dense(1)),
+        "k-many-to-one": lambda: _seq(
+            (12, 3), L.GRU(6, return_sequences=True), L.LSTM(5), L.Dense(1)
+        ),
     }
 
 
@@ -117,7 +129,9 @@ def _x(card: ModelCard, rng: np.random.Generator, batch: int, steps: int) -> np.
 def _ort(folder: Path, x: np.ndarray, chunks: list[int]) -> np.ndarray:
     card = ModelCard.read(folder / "card.json")
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    states = [np.zeros([len(x) if d is None else d for d in s.shape], np.float32) for s in card.states]
+    states = [
+        np.zeros([len(x) if d is None else d for d in s.shape], np.float32) for s in card.states
+    ]
     pieces, start = [], 0
     for size in chunks:
         feed = {"x": x[:, start : start + size], "lengths": np.full(len(x), size, np.int32)}
@@ -148,9 +162,18 @@ def test_cards_record_layers_units_and_kinds(imported):
     repo, _ = imported
     mixed = ModelCard.read(repo / "k-mixed" / "1" / "card.json")
     assert [(layer.cell, layer.hidden_size) for layer in mixed.layers] == [
-        ("rnn_tanh", 3), ("lstm", 8), ("gru", 5), ("gru", 6)
+        ("rnn_tanh", 3),
+        ("lstm", 8),
+        ("gru", 5),
+        ("gru", 6),
     ]
-    assert [s.shape for s in mixed.states] == [[1, None, 3], [1, None, 8], [1, None, 8], [1, None, 5], [1, None, 6]]
+    assert [s.shape for s in mixed.states] == [
+        [1, None, 3],
+        [1, None, 8],
+        [1, None, 8],
+        [1, None, 5],
+        [1, None, 6],
+    ]
     assert (mixed.num_layers, mixed.hidden_size, mixed.output_activation) == (4, 8, "softmax")
     embedding = ModelCard.read(repo / "k-embedding" / "1" / "card.json")
     assert embedding.inputs.kind == "tokens" and embedding.input_size == 17
@@ -197,7 +220,9 @@ async def test_served_embedding_model_top_k_equals_keras_top_k(make_client, impo
     for step, row in enumerate(answers):
         assert [c["index"] for c in row] == order[step].tolist()
         assert [c["label"] for c in row] == [vocabulary[i] for i in order[step]]
-        assert np.max(np.abs(np.array([c["score"] for c in row]) - expected[step, order[step]])) <= TOL
+        assert (
+            np.max(np.abs(np.array([c["score"] for c in row]) - expected[step, order[step]])) <= TOL
+        )
 
 
 async def test_served_many_to_one_equals_keras(make_client, imported):
@@ -215,7 +240,15 @@ async def test_served_many_to_one_equals_keras(make_client, imported):
         expected = free.predict(x[None], verbose=0)[0]
         assert np.max(np.abs(np.asarray(out) - expected)) <= TOL
     # at its declared length the Keras model itself answers the same
-    assert np.max(np.abs(np.asarray(r.json()["outputs"][0]) - models["k-many-to-one"].predict(xs[0][None], verbose=0)[0])) <= TOL
+    assert (
+        np.max(
+            np.abs(
+                np.asarray(r.json()["outputs"][0])
+                - models["k-many-to-one"].predict(xs[0][None], verbose=0)[0]
+            )
+        )
+        <= TOL
+    )
 
 
 def _refusals():
@@ -225,13 +258,28 @@ def _refusals():
     return {
         "masking": (_seq((None, 3), L.Masking(), L.GRU(4)), "masking"),
         "bidirectional": (_seq((None, 3), L.Bidirectional(L.LSTM(4))), "bidirectional"),
-        "stateful": (keras.Sequential([keras.Input((None, 3), batch_size=1), L.GRU(4, stateful=True)]), "stateful"),
+        "stateful": (
+            keras.Sequential([keras.Input((None, 3), batch_size=1), L.GRU(4, stateful=True)]),
+            "stateful",
+        ),
         "backwards": (_seq((None, 3), L.LSTM(4, go_backwards=True)), "go_backwards"),
-        "sigmoid-rnn": (_seq((None, 3), L.SimpleRNN(4, activation="sigmoid")), "activation 'sigmoid'"),
+        "sigmoid-rnn": (
+            _seq((None, 3), L.SimpleRNN(4, activation="sigmoid")),
+            "activation 'sigmoid'",
+        ),
         "relu-lstm": (_seq((None, 3), L.LSTM(4, activation="relu")), "activation 'relu'"),
-        "hard-sigmoid-gru": (_seq((None, 3), L.GRU(4, recurrent_activation="hard_sigmoid")), "recurrent_activation"),
-        "relu-head": (_seq((None, 3), L.GRU(4, return_sequences=True), L.Dense(2, activation="relu")), "activation 'relu'"),
-        "masked-embedding": (_seq((None,), L.Embedding(9, 3, mask_zero=True), L.GRU(4), dtype="int32"), "mask_zero"),
+        "hard-sigmoid-gru": (
+            _seq((None, 3), L.GRU(4, recurrent_activation="hard_sigmoid")),
+            "recurrent_activation",
+        ),
+        "relu-head": (
+            _seq((None, 3), L.GRU(4, return_sequences=True), L.Dense(2, activation="relu")),
+            "activation 'relu'",
+        ),
+        "masked-embedding": (
+            _seq((None,), L.Embedding(9, 3, mask_zero=True), L.GRU(4), dtype="int32"),
+            "mask_zero",
+        ),
         "conv": (_seq((None, 3), L.Conv1D(4, 2), L.GRU(4)), "not one of"),
         "branched": (branched, "linear chain"),
         "no-recurrent": (_seq((None, 3), L.Dense(2)), "Dense layers must follow"),
@@ -242,7 +290,9 @@ def test_unsupported_models_are_refused_by_name(tmp_path, capsys):
     for name, (model, reason) in _refusals().items():
         path = tmp_path / f"{name}.keras"
         model.save(path)
-        assert rnn_export(["keras", str(path), "--out", str(tmp_path / "repo"), "--name", name]) == 2
+        assert (
+            rnn_export(["keras", str(path), "--out", str(tmp_path / "repo"), "--name", name]) == 2
+        )
         err = capsys.readouterr().err
         assert reason in err, (name, err)
         assert "layer" in err or name in ("branched",), (name, err)
@@ -261,8 +311,23 @@ def test_console_entry_point_runs_without_tensorflow(tmp_path):
         "assert 'tensorflow' not in sys.modules; sys.exit(r)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, "keras", str(path), "--out", str(tmp_path / "repo"), "--name", "m"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "keras",
+            str(path),
+            "--out",
+            str(tmp_path / "repo"),
+            "--name",
+            "m",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["model_dir"].endswith("m/1")
@@ -286,3 +351,22 @@ def test_a_graph_that_disagrees_with_keras_is_not_written(tmp_path, monkeypatch,
     assert rnn_export(["keras", str(path), "--out", str(tmp_path / "repo"), "--name", "m"]) == 2
     assert "max abs diff" in capsys.readouterr().err
     assert not (tmp_path / "repo" / "m" / "1").exists()
+
+
+def test_fixed_batch_input_and_unreadable_files(tmp_path, capsys):
+    """A batch size fixed at Input is not a limit of the import; a broken file is refused."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((None, 3), batch_size=2), L.GRU(4, return_sequences=True)])
+    _randomise(model, 2)
+    path = tmp_path / "fixed.keras"
+    model.save(path)
+    assert rnn_export(["keras", str(path), "--out", str(tmp_path / "repo"), "--name", "f"]) == 0
+    card = ModelCard.read(tmp_path / "repo" / "f" / "1" / "card.json")
+    x = np.random.default_rng(0).standard_normal((2, 9, 3)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    assert np.max(np.abs(_ort(tmp_path / "repo" / "f" / "1", x, [4, 5]) - expected)) <= TOL
+    assert card.parity_max_abs_diff <= TOL
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip file")
+    assert rnn_export(["keras", str(broken), "--out", str(tmp_path / "repo"), "--name", "b"]) == 2
+    assert "cannot load" in capsys.readouterr().err

@@ -86,7 +86,14 @@ CASES = {
     "user-gru": (GRUForecaster, 3, "values", None, "gru", [[2, None, 10]]),
     "user-lstm": (LSTMTagger, 4, "values", None, "lstm", [[1, None, 9], [1, None, 9]]),
     "user-relu": (ReluRNN, 2, "values", None, "rnn_relu", [[1, None, 6]]),
-    "user-stack": (LSTMThenGRU, 3, "values", None, "mixed", [[1, None, 12], [1, None, 12], [2, None, 5]]),
+    "user-stack": (
+        LSTMThenGRU,
+        3,
+        "values",
+        None,
+        "mixed",
+        [[1, None, 12], [1, None, 12], [2, None, 5]],
+    ),
     "user-tokens": (TokenGRU, 13, "tokens", "softmax", "gru", [[1, None, 8]]),
 }
 
@@ -98,7 +105,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     for k, (name, (cls, size, kind, activation, _, _)) in enumerate(CASES.items()):
         torch.manual_seed(k)
         module = cls().eval()
-        export_module(module, repo, name, input_size=size, input_kind=kind, activation=activation, task="test")
+        export_module(
+            module, repo, name, input_size=size, input_kind=kind, activation=activation, task="test"
+        )
         modules[name] = module
     return repo, modules
 
@@ -142,10 +151,14 @@ def test_card_describes_the_discovered_state(exported, name):
     assert [s.shape for s in card.states] == shapes
     assert card.output_activation == (activation or "identity")
     assert card.parity_max_abs_diff <= TOL and card.task == "test"
-    assert card.num_layers == len(card.layers or []) and card.hidden_size == max(s[2] for s in shapes)
+    assert card.num_layers == len(card.layers or []) and card.hidden_size == max(
+        s[2] for s in shapes
+    )
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     name=st.sampled_from(sorted(CASES)),
     chunks=st.lists(st.integers(1, 9), min_size=1, max_size=5),
