@@ -592,7 +592,8 @@ def _spawn(cfg: dict[str, Any], log_dir: Path) -> tuple[subprocess.Popen, _Lines
     err = Path(tempfile.mkstemp(prefix="loadgen-", suffix=".err", dir=log_dir)[1])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.loadgen", json.dumps(cfg)],
+        # another module may speak the same READY / GO / RESULT protocol (grpc_bench does)
+        [sys.executable, "-m", cfg.get("module", "benchmarks.loadgen"), json.dumps(cfg)],
         cwd=ROOT,
         env=env,
         stdin=subprocess.PIPE,

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.grpc_bench import measure as grpc_streams
+from benchmarks.grpc_bench import render as render_grpc
 from benchmarks.loadgen import ROOT, ServerProcess, drive
 from benchmarks.memory import idle_sessions, startup
 from benchmarks.payload import render as render_payload
@@ -571,6 +573,9 @@ def render(res: dict[str, Any]) -> str:
     if res.get("payload"):
         lines.extend(render_payload(res["payload"]))
         lines.append("")
+    if res.get("grpc"):
+        lines.extend(render_grpc(res["grpc"], res.get("inprocess", {}).get(BENCH)))
+        lines.append("")
     if res.get("targets"):
         lines.append("Targets")
         for t in res["targets"]:
@@ -642,7 +647,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: inprocess,server,memory,startup,payload",
+        help="comma list of parts to skip: inprocess,server,memory,startup,payload,grpc",
     )
     p.add_argument("--procs", type=int, default=None, help="load generator processes per scenario")
     p.add_argument(
@@ -742,6 +747,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "payload" not in skip:
             say("top-k payload over WebSocket ...")
             res["payload"] = top_k_payload(root, log_dir=log_dir, steps=20 if args.smoke else 200)
+        if "grpc" not in skip:
+            say("gRPC streams vs WebSocket ...")
+            res["grpc"] = grpc_streams(
+                repo, cards[BENCH], BENCH, duration=args.duration, warmup=args.warmup,
+                log_dir=log_dir, sequences=sizes[-1],
+            )
     res["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res["meta"]["total_s"] = time.monotonic() - started
     res["targets"] = targets(res)

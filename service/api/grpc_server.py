@@ -207,7 +207,11 @@ def _raw(out: OutputTensor) -> bytes:
             parts.append(struct.pack("<I", len(data)))
             parts.append(data)
         return b"".join(parts)
-    return np.ascontiguousarray(out.array, DATATYPES[out.datatype]).tobytes()
+    array = out.array
+    dtype = DATATYPES[out.datatype]
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype)
+    return array.tobytes()
 
 
 def infer_response(head: dict[str, Any], outputs: list[OutputTensor]) -> Any:
@@ -248,6 +252,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.settings = engine.settings
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+        """Metric children by (method, model label, status): bounded, as every part is."""
 
     # -- what every call shares: the key, one metric and log line, errors --------------
 
@@ -266,9 +272,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         elapsed = time.perf_counter() - started
         route = _PREFIX + method
-        metrics = self.engine.metrics
-        metrics.requests.labels(route, model, code.name).inc()
-        metrics.latency.labels(route, model).observe(elapsed)
+        counted = self._children.get((method, model, code))
+        if counted is None:  # labels() costs a lock and a lookup: once per combination
+            metrics = self.engine.metrics
+            counted = self._children[(method, model, code)] = (
+                metrics.requests.labels(route, model, code.name),
+                metrics.latency.labels(route, model),
+            )
+        counted[0].inc()
+        counted[1].observe(elapsed)
         if access.isEnabledFor(logging.INFO):
             access.info(
                 "request",

@@ -65,8 +65,15 @@ def test_suite_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert payload["binary-full"]["bytes_out_per_step"] == 20 + 4 * res["payload"]["classes"]
     assert payload["json-top_k"]["bytes_out_per_step"] < payload["json-full"]["bytes_out_per_step"]
 
+    assert set(res["grpc"]) == {
+        "ws-4-binary", "grpc-4-over-1", "grpc-4-over-4", "echo-4-over-1", "echo-4-over-4"
+    }
+    for name, r in res["grpc"].items():
+        assert r["errors"] == 0 and r["count"] > 0, (name, r["error_samples"])
+
     verdicts = {t["verdict"] for t in res["targets"]}
     assert verdicts <= {"PASS", "MISS", "INFO"}
     table = capsys.readouterr().out
     assert "In-process onnxruntime" in table and "Targets" in table
     assert "WS binary, 4 sessions" in table
+    assert "gRPC streams vs WebSocket" in table
