@@ -24,6 +24,15 @@ function number(value) {
   return Math.abs(value) >= 1e-3 ? value.toPrecision(4).replace(/\.?0+$/, "") : value.toExponential(2);
 }
 
+/** [name, value] pairs of a metrics object, nested objects named ``outer.inner``. */
+function flatten(metrics, prefix = "") {
+  return Object.entries(metrics).flatMap(([name, value]) =>
+    value && typeof value === "object" && !Array.isArray(value)
+      ? flatten(value, `${prefix}${name}.`)
+      : [[`${prefix}${name}`, value]],
+  );
+}
+
 function facts(card) {
   const rows = [];
   const layers = card.layers
@@ -39,7 +48,7 @@ function facts(card) {
     rows.push(["vocabulary", shown]);
   }
   if (card.generation) rows.push(["generation", card.generation.mode]);
-  const metrics = Object.entries(card.metrics || {}).filter(([, v]) => typeof v === "number");
+  const metrics = flatten(card.metrics || {}).filter(([, v]) => typeof v === "number");
   if (metrics.length) rows.push(["metrics", metrics.map(([k, v]) => `${k} ${number(v)}`).join(", ")]);
   return rows;
 }

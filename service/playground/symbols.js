@@ -86,6 +86,15 @@ export class SymbolPanel {
     this.pumping = false;
     this.symbols = new Set(this.card.vocabulary || []);
     root.replaceChildren(this.build());
+    session.onChange(() => this.enableGenerate());
+    this.enableGenerate();
+  }
+
+  /** Generation starts from the start symbol or from the model's last answer. */
+  enableGenerate() {
+    const generation = this.card.generation;
+    const startable = generation && (generation.start_symbol || this.session.stepCount > 0);
+    this.generateButton.disabled = !startable || this.input.readOnly;
   }
 
   build() {
@@ -103,7 +112,6 @@ export class SymbolPanel {
         : `Token ids 0 to ${this.card.input_size - 1}${vocabulary ? " or symbols" : ""}, ` +
           "separated by spaces: each one is a step once a space follows it.";
     this.input.addEventListener("input", () => this.pump());
-    this.generateButton.disabled = !this.card.generation;
     this.generateButton.addEventListener("click", () => this.generate());
     return panel;
   }
@@ -194,6 +202,7 @@ export class SymbolPanel {
     const steps = Number.parseInt(this.steps.value, 10) || 20;
     const temperature = Number.parseFloat(this.temperature.value);
     this.input.readOnly = true;
+    this.generateButton.disabled = true;
     this.session
       .exclusive(async () => {
         const before = this.session.stepCount;
@@ -212,6 +221,7 @@ export class SymbolPanel {
       .catch((error) => this.showError(error))
       .finally(() => {
         this.input.readOnly = false;
+        this.enableGenerate();
       });
   }
 

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import DEMO_MODELS, TOKEN_VOCABULARY, Reference, start_server
+from tests.conftest import DEMO_MODELS, Reference, start_server
 
 REBER = "reber-gru"
 SINE = "sine-lstm"
+CHARS = "python-chars"
+RECS = "session-recs"
 TOL = 1e-5
 
 
@@ -79,7 +81,7 @@ def test_model_list_shows_every_loaded_model(demo_server, open_page):
     page = open_page(demo_server)
     listed = httpx.get(f"{demo_server.url}/v1/models").json()["models"]
     demo = {m.name for m in DEMO_MODELS.iterdir() if (m / "1" / "card.json").exists()}
-    assert {REBER, SINE} <= demo
+    assert {REBER, SINE, CHARS, RECS} <= demo
     assert {m["name"] for m in listed} == demo | {"tiny-chars", "tiny-items", "broken-gru"}
     assert [v["version"] for v in next(m for m in listed if m["name"] == SINE)["versions"]] == [1, 2]
     models = page.get_by_test_id("model-list")
@@ -174,17 +176,36 @@ def test_generate_continues_the_text(demo_server, open_page, reber):
     assert_top5(reber, text + "T", shown_candidates(page, len(text) + 1))
 
 
-def test_token_models_take_symbols_or_ids(demo_server, demo_repo, open_page):
+def test_the_next_character_model_types_and_completes(demo_server, open_page):
+    folder = DEMO_MODELS / CHARS / "1"
+    vocabulary = Reference(folder).card["vocabulary"]
     page = open_page(demo_server)
-    open_model(page, "tiny-chars")
+    open_model(page, CHARS)
+    expect(page.get_by_test_id("generate")).to_be_disabled()  # no start symbol: type first
     box = page.get_by_test_id("type-input")
-    for n, key in enumerate("abcA", start=1):
+    text = "def f(x):"
+    for n, key in enumerate(text, start=1):
         box.press(key)
         expect(page.get_by_test_id("step-count")).to_have_text(str(n))
-        ids = [TOKEN_VOCABULARY.index(c) for c in "abca"[:n]]
-        row = token_outputs(demo_repo / "tiny-chars" / "1", ids)
-        assert_shown(row, TOKEN_VOCABULARY, shown_candidates(page, n), ids)
+        row = token_outputs(folder, [vocabulary.index(c) for c in text[:n]])
+        assert_shown(row, vocabulary, shown_candidates(page, n), text[:n])
+    box.press("Enter")  # a newline is a symbol too
+    text += "\n"
+    expect(page.get_by_test_id("step-count")).to_have_text(str(len(text)))
 
+    page.get_by_test_id("generate-temperature").fill("0")
+    page.get_by_test_id("generate-steps").fill("6")
+    page.get_by_test_id("generate").click()
+    expect(page.get_by_test_id("step-count")).to_have_text(str(len(text) + 6))
+    completed = box.input_value()
+    assert completed.startswith(text) and len(completed) == len(text) + 6
+    for t in range(len(text), len(completed)):  # temperature 0: each the argmax after its prefix
+        row = token_outputs(folder, [vocabulary.index(c) for c in completed[:t]])
+        assert completed[t] == vocabulary[int(np.argmax(row))], (completed, t)
+
+
+def test_token_models_take_ids_or_named_items(demo_server, demo_repo, open_page):
+    page = open_page(demo_server)
     # Unnamed items: ids separated by spaces, each one a step once a space follows it.
     open_model(page, "tiny-items")
     expect(page.get_by_test_id("generate")).to_be_disabled()  # no generation in its card
@@ -192,12 +213,19 @@ def test_token_models_take_symbols_or_ids(demo_server, demo_repo, open_page):
     box.press_sequentially("3 17 4")
     expect(page.get_by_test_id("step-count")).to_have_text("2")
     names = [str(i) for i in range(50)]
-    assert_shown(token_outputs(demo_repo / "tiny-items" / "1", [3, 17]), names, shown_candidates(page, 2), "3 17")
+    items = demo_repo / "tiny-items" / "1"
+    assert_shown(token_outputs(items, [3, 17]), names, shown_candidates(page, 2), "3 17")
     box.press(" ")
     expect(page.get_by_test_id("step-count")).to_have_text("3")
-    assert_shown(
-        token_outputs(demo_repo / "tiny-items" / "1", [3, 17, 4]), names, shown_candidates(page, 3), "3 17 4"
-    )
+    assert_shown(token_outputs(items, [3, 17, 4]), names, shown_candidates(page, 3), "3 17 4")
+
+    # Named items (the session-recommendation demo): names and ids mix.
+    open_model(page, RECS)
+    folder = DEMO_MODELS / RECS / "1"
+    vocabulary = Reference(folder).card["vocabulary"]
+    page.get_by_test_id("type-input").press_sequentially(f"{vocabulary[12]} 7 ")
+    expect(page.get_by_test_id("step-count")).to_have_text("2")
+    assert_shown(token_outputs(folder, [12, 7]), vocabulary, shown_candidates(page, 2), "12 7")
 
 
 def chart_points(page) -> dict[str, int]:
