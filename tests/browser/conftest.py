@@ -117,6 +117,14 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory, token_repo: Path) -> Pat
 
 
 @pytest.fixture(scope="module")
+def reber_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only the reber demo: quick to load, for the tests that start their own servers."""
+    repo = tmp_path_factory.mktemp("reber-repo")
+    shutil.copytree(DEMO_MODELS / "reber-gru", repo / "reber-gru", ignore=shutil.ignore_patterns("*.png", "history.json"))
+    return repo
+
+
+@pytest.fixture(scope="module")
 def demo_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(demo_repo, tmp_path_factory.mktemp("playground-logs"))
     try:

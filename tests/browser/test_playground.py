@@ -316,8 +316,8 @@ def test_streaming_and_forecasting_the_sine(demo_server, open_page):
     assert coloured_pixels(page, blue) > legend_only + 10 * steps
 
 
-def test_expired_session_shows_its_error_code(demo_repo, server_factory, open_page):
-    server = server_factory(demo_repo, RNNSERVE_SESSION_TTL_S="1")
+def test_expired_session_shows_its_error_code(reber_repo, server_factory, open_page):
+    server = server_factory(reber_repo, RNNSERVE_SESSION_TTL_S="1")
     page = open_page(server)
     open_model(page, REBER)
     box = page.get_by_test_id("type-input")
@@ -339,8 +339,8 @@ def test_expired_session_shows_its_error_code(demo_repo, server_factory, open_pa
     expect(page.get_by_test_id("step-count")).to_have_text("1")
 
 
-def test_the_page_is_public_and_its_calls_carry_the_key(demo_repo, server_factory, open_page):
-    server = server_factory(demo_repo, RNNSERVE_API_KEYS="s3cret")
+def test_the_page_is_public_and_its_calls_carry_the_key(reber_repo, server_factory, open_page):
+    server = server_factory(reber_repo, RNNSERVE_API_KEYS="s3cret")
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
     page = open_page(server, api_key="s3cret")
     expect(page.get_by_test_id("api-key")).to_have_value("s3cret")
@@ -351,11 +351,11 @@ def test_the_page_is_public_and_its_calls_carry_the_key(demo_repo, server_factor
     assert info.status_code == 200 and info.json()["step_count"] == 1
 
 
-def test_typing_resumes_the_session_after_a_server_restart(demo_repo, redis_db, open_page, reber, tmp_path):
+def test_typing_resumes_the_session_after_a_server_restart(reber_repo, redis_db, open_page, reber, tmp_path):
     """Sessions in Redis outlive the server process: the page reconnects to the same session
     on the next key and the state carries on, neither repeated nor lost."""
     env = {"RNNSERVE_SESSION_STORE": redis_db(3), "RNNSERVE_LOG_LEVEL": "warning"}
-    server = start_server(demo_repo, tmp_path, env)
+    server = start_server(reber_repo, tmp_path, env)
     try:
         page = open_page(server)
         session_id = open_model(page, REBER)
@@ -364,7 +364,7 @@ def test_typing_resumes_the_session_after_a_server_restart(demo_repo, redis_db, 
             box.press(key)
             expect(page.get_by_test_id("step-count")).to_have_text(str(n))
         server.stop()
-        server = start_server(demo_repo, tmp_path, env, port=server.port)
+        server = start_server(reber_repo, tmp_path, env, port=server.port)
         box.press("S")
         expect(page.get_by_test_id("step-count")).to_have_text("3")
         assert_top5(reber, "BTS", shown_candidates(page, 3))
