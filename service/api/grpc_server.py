@@ -159,10 +159,13 @@ def _input(tensor: Any, raw: bytes | None) -> Tensor:
             )
         array = np.frombuffer(raw, dtype)
     else:
-        values = getattr(tensor.contents, _CONTENTS[datatype])
+        field = _CONTENTS.get(datatype)
+        if field is None:
+            raise TensorError(f"{where}: {datatype} has no typed contents; send it raw")
+        values = getattr(tensor.contents, field)
         if len(values) != count:
             raise TensorError(
-                f"{where}: {len(values)} values in contents.{_CONTENTS[datatype]} but shape "
+                f"{where}: {len(values)} values in contents.{field} but shape "
                 f"{list(shape)} needs {count}"
             )
         array = np.asarray(values)

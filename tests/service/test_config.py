@@ -28,6 +28,7 @@ def test_defaults_are_sane(clean_env):
     s = Settings()
     assert s.model_repo == Path("models")
     assert s.host == "127.0.0.1" and s.port == 8000
+    assert s.grpc_port == 8001  # Triton's; the tests' conftest sets 0 for every other test
     assert s.session_store == "memory"
     assert s.api_keys == []
     assert s.session_ttl_s > 0 and s.max_sessions >= 1000
@@ -91,6 +92,7 @@ def test_cli_flags():
     args = parse_args(["--model-repo", "/m", "--port", "9001", "--host", "0.0.0.0"])
     assert args.model_repo == Path("/m") and args.port == 9001 and args.host == "0.0.0.0"
     assert parse_args([]).model_repo is None  # the environment decides
+    assert parse_args(["--grpc-port", "0"]).grpc_port == 0 and parse_args([]).grpc_port is None
 
 
 def test_environment_reaches_a_real_server(server_factory, model_repo):

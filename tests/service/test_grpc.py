@@ -215,6 +215,66 @@ def test_classification_output_over_a_stream(shared, reference):
         client.close()
 
 
+def _bad_requests() -> list[tuple[str, service_pb2.ModelInferRequest, grpc.StatusCode]]:
+    def request(model="tiny-lstm", **parameters) -> service_pb2.ModelInferRequest:
+        r = service_pb2.ModelInferRequest(model_name=model)
+        for key, (kind, value) in parameters.items():
+            setattr(r.parameters[key], kind, value)
+        return r
+
+    def raw(r, shape, datatype="FP32", data=None):
+        r.inputs.add(name="x", datatype=datatype, shape=shape)
+        count = int(np.prod(shape))
+        r.raw_input_contents.append(data if data is not None else b"\0" * 4 * count)
+        return r
+
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    typed_fp16 = request()
+    typed_fp16.inputs.add(name="x", datatype="FP16", shape=[1, 1, 3])
+    huge_typed = request()
+    huge_typed.inputs.add(name="x", datatype="FP32", shape=[2**31, 2**31, 3])
+    twice = raw(raw(request(), [1, 1, 3]), [1, 1, 3])
+    one_raw_two_inputs = raw(request(), [1, 1, 3])
+    one_raw_two_inputs.inputs.add(name="lengths", datatype="INT32", shape=[1])
+    return [
+        ("no inputs", request(), invalid),
+        ("unknown model", raw(request("nope"), [1, 1, 3]), missing),
+        ("bad version", raw(request(), [1, 1, 3]), invalid),
+        ("short raw", raw(request(), [1, 2, 3], data=b"\0" * 12), invalid),
+        ("BYTES", raw(request(), [1, 1, 3], "BYTES"), invalid),
+        ("typed FP16", typed_fp16, invalid),
+        ("huge typed shape", huge_typed, invalid),
+        ("input twice", twice, invalid),
+        ("raw for one of two inputs", one_raw_two_inputs, invalid),
+        ("negative shape", raw(request(), [1, -1, 3], data=b""), invalid),
+        ("float sequence id", raw(request(sequence_id=("double_param", 1.5)), [1, 1, 3]), invalid),
+        ("seq without id", raw(request(seq=("int64_param", 1)), [1, 1, 3]), invalid),
+        (
+            "seq zero",
+            raw(request(sequence_id=("int64_param", 8), seq=("int64_param", 0)), [1, 1, 3]),
+            invalid,
+        ),
+    ]
+
+
+def test_bad_requests_are_refused_and_the_stream_survives(shared):
+    cases = _bad_requests()
+    cases[2][1].model_version = "v1"
+    good = service_pb2.ModelInferRequest(model_name="tiny-lstm", id="good")
+    good.inputs.add(name="x", datatype="FP32", shape=[1, 1, 3])
+    good.raw_input_contents.append(np.ones(3, np.float32).tobytes())
+    with grpc.insecure_channel(shared.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for name, request, code in cases:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request, timeout=10)
+            assert refused.value.code() == code, (name, refused.value.details())
+        answers = list(stub.ModelStreamInfer(iter([r for _, r, _ in cases] + [good]), timeout=20))
+    assert len(answers) == len(cases) + 1  # one answer each, in whatever order
+    (ok,) = [a for a in answers if not a.error_message]
+    assert ok.infer_response.id == "good"
+
+
 # -- streams ----------------------------------------------------------------------------------
 
 
