@@ -36,9 +36,12 @@ def build_items_model(folder: Path, classes: int = 5000, embed: int = 32, hidden
         helper.make_node("Gather", ["embedding", "x"], ["e"]),
         helper.make_node("Transpose", ["e"], ["e_t"], perm=[1, 0, 2]),
         helper.make_node(
-            "GRU", ["e_t", "W", "R", "B", "lengths", "h0"], ["Y", "hn"],
-            hidden_size=hidden, linear_before_reset=1,
-        ),  # fmt: skip
+            "GRU",
+            ["e_t", "W", "R", "B", "lengths", "h0"],
+            ["Y", "hn"],
+            hidden_size=hidden,
+            linear_before_reset=1,
+        ),
         helper.make_node("Squeeze", ["Y", "one"], ["Y_s"]),
         helper.make_node("Transpose", ["Y_s"], ["Y_b"], perm=[1, 0, 2]),
         helper.make_node("MatMul", ["Y_b", "W_out"], ["logits_w"]),
@@ -176,8 +179,10 @@ def top_k_payload(root: Path, *, log_dir: Path, k: int = 20, steps: int = 200) -
 def render(payload: dict[str, Any]) -> list[str]:
     modes = payload["modes"]
     lines = [
-        f"WebSocket bytes per step, {payload['model']} ({payload['source']}, "
-        f"{payload['classes']:,} classes), one id per message, {payload['steps']} steps",
+        (
+            f"WebSocket bytes per step, {payload['model']} ({payload['source']}, "
+            f"{payload['classes']:,} classes), one id per message, {payload['steps']} steps"
+        ),
         f"  {'mode':<14} {'in B/step':>10} {'out B/step':>11} {'p50 ms':>8}",
     ]
     for mode, r in modes.items():

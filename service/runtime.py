@@ -146,7 +146,10 @@ class Runner:
         else:
             x = np.zeros((1, 1, card.input_size), np.float32)
         lengths = np.ones(1, np.int32) if self.has_lengths else None
-        y, states = self.run(x, self.stack_states([self.zero_state()]), lengths)
+        try:
+            y, states = self.run(x, self.stack_states([self.zero_state()]), lengths)
+        except Exception as exc:  # onnxruntime's errors have no common public base
+            raise CardMismatch(f"a one-step dry run as the card describes failed: {exc}") from exc
         if y.shape != (1, 1, card.output_size):
             raise CardMismatch(f"dry run gave y {y.shape}, card implies (1, 1, {card.output_size})")
         for spec, tensor in zip(card.states, states):

@@ -24,8 +24,8 @@ from service.api.rest import step_content
 from service.engine import Engine
 from service.errors import InvalidInput, PayloadTooLarge, RateLimited, ServeError
 from service.frames import FrameError, decode_request, encode_response, encode_top_k_response
-from service.topk import check_k, top_indices
 from service.repository import parse_version
+from service.topk import check_k, top_indices
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("service.stream")

@@ -6,6 +6,7 @@ independent ``argsort`` of its output (never with the service's top-k code).
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def test_runner_refuses_a_graph_that_does_not_fit_a_token_card(token_repo, model
     folder = token_repo / "tiny-items" / "1"
     card = ModelCard.read(folder / "card.json")
     too_large = card.model_copy(update={"input_size": 60, "output_size": 60})
-    with pytest.raises(Exception):  # the embedding has 50 rows: the dry run with id 59 fails
+    with pytest.raises(CardMismatch, match="dry run"):  # 50 embedding rows: id 59 fails
         Runner(folder / "model.onnx", too_large, Settings())
     values_graph = model_repo / "tiny-gru" / "1"
     as_tokens = ModelCard.read(values_graph / "card.json").model_copy(
@@ -167,6 +168,30 @@ def test_padded_id_batches_equal_each_sequence_alone(token_repo, token_ref, sequ
         np.testing.assert_allclose(job.result[1], finals["h0"].ravel(), atol=TOL)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=16), st.data())
+def test_id_chunks_with_carried_state_equal_the_whole(token_repo, token_ref, ids, data):
+    """Mixed GRU+LSTM states of different sizes carried across chunks == one whole run."""
+    from service.batching import StepBatch, StepJob
+    from service.config import Settings
+    from service.runtime import Runner
+
+    folder = token_repo / "tiny-chars" / "1"
+    runner = Runner(folder / "model.onnx", ModelCard.read(folder / "card.json"), Settings())
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(ids) - 1), max_size=4)) if len(ids) > 1 else [])
+    state, outs = runner.zero_state(), []
+    for a, b in itertools.pairwise([0, *cuts, len(ids)]):
+        job = StepJob(np.asarray(ids[a:b], np.int64), state)
+        StepBatch(runner, [job]).run()
+        assert job.error is None
+        outs.append(job.result[0])
+        state = job.result[1]
+    y_ref, finals = token_ref("tiny-chars").run(ids)
+    np.testing.assert_allclose(np.concatenate(outs), y_ref, atol=TOL)
+    expected = np.concatenate([finals[name].ravel() for name in ("h0", "h1", "c1")])
+    np.testing.assert_allclose(state, expected, atol=TOL)
+
+
 async def test_session_fed_ids_and_symbols_in_chunks_equals_whole(make_client, token_repo, token_ref):
     ref = token_ref("tiny-chars")
     ids = np.random.default_rng(3).integers(0, 10, 23).tolist()
@@ -174,7 +199,7 @@ async def test_session_fed_ids_and_symbols_in_chunks_equals_whole(make_client, t
     async with make_client(model_repo=token_repo) as client:
         sid = (await client.post("/v1/models/tiny-chars/sessions")).json()["session_id"]
         outs, bounds = [], [0, 1, 6, 7, 15, 23]
-        for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        for n, (a, b) in enumerate(itertools.pairwise(bounds)):
             # alternate plain ids, symbols, and a mix of both in one request
             chunk = ids[a:b] if n % 3 == 0 else [TOKEN_VOCABULARY[i] for i in ids[a:b]]
             if n % 3 == 2:
