@@ -317,13 +317,13 @@ def test_streaming_and_forecasting_the_sine(demo_server, open_page):
 
 
 def test_expired_session_shows_its_error_code(reber_repo, server_factory, open_page):
-    server = server_factory(reber_repo, RNNSERVE_SESSION_TTL_S="1")
+    server = server_factory(reber_repo, RNNSERVE_SESSION_TTL_S="2")  # room for a loaded machine before the first key
     page = open_page(server)
     open_model(page, REBER)
     box = page.get_by_test_id("type-input")
     box.press("B")
     expect(page.get_by_test_id("step-count")).to_have_text("1")
-    time.sleep(1.3)
+    time.sleep(2.3)
     box.press("T")
     error = page.get_by_test_id("error")
     expect(error).to_have_attribute("data-code", "session_expired")
