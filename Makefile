@@ -8,7 +8,8 @@ DEV_VENV := .venv
 
 .PHONY: serve test models bench lint clean
 
-$(SERVE_VENV)/.installed: pyproject.toml
+# Reinstalled when the package changes: the serve venv holds a copy, not a link.
+$(SERVE_VENV)/.installed: pyproject.toml $(shell find service -type f -not -path "*/__pycache__/*")
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
 	$(SERVE_VENV)/bin/pip install --quiet '.[grpc]'
