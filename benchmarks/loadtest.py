@@ -1,6 +1,14 @@
 """Load test: replicas sharing Redis, many concurrent sessions, REST and WebSocket mixed.
 
     python -m benchmarks.loadtest --replicas 2 --sessions 1000 --steps 100
+    python -m benchmarks.loadtest --ws-streams 1000 --sessions 200 --redis redis://127.0.0.1:6379/9
+    python -m benchmarks.loadtest --ws-streams 1000 --sessions 200 --start-cluster
+
+``--ws-streams N`` adds N WebSocket streams that are all open at once for the whole run,
+each on its own new session (``/v1/models/{name}/stream`` on a random replica), sending its
+``--steps`` steps in random chunks with ``seq``. ``--redis`` takes ``redis://...`` or
+``redis-cluster://host:port,...``; ``--start-cluster`` starts a local Redis Cluster of 3
+primaries on free ports for the run (and stops it after).
 
 Starts ``--replicas`` real ``rnn-serve`` processes on one Redis database (flushed first),
 then drives ``--sessions`` sessions of ``--steps`` random steps each, at most
@@ -161,6 +169,7 @@ class LoadResult:
     latency_ms_p99: float = 0.0
     per_replica_requests: list[int] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    ws_streams: int = 0
 
     @property
     def ok(self) -> bool:
@@ -168,7 +177,8 @@ class LoadResult:
 
     def summary(self) -> str:
         return (
-            f"{self.replicas} replicas, {self.sessions} sessions x {self.steps_per_session} steps: "
+            f"{self.replicas} replicas, {self.sessions} sessions x {self.steps_per_session} steps "
+            f"({self.ws_streams} of them WebSocket streams open throughout): "
             f"{self.duration_s:.1f} s, {self.steps_per_s:,.0f} steps/s, "
             f"{self.requests} requests ({self.rest_requests} REST, {self.ws_messages} WebSocket "
             f"messages on {self.ws_connections} connections) = {self.requests_per_s:,.0f}/s, "
@@ -198,11 +208,14 @@ async def run_load(
     seed: int = 0,
     tolerance: float = 1e-5,
     headers: dict[str, str] | None = None,
+    ws_streams: int = 0,
 ) -> LoadResult:
-    """Drive one session per array of ``inputs`` through ``urls``; see the module docstring."""
+    """Drive one session per array of ``inputs`` through ``urls``; see the module docstring.
+    The first ``ws_streams`` sessions are WebSocket streams kept open the whole time."""
     rng = random.Random(seed)
     steps = len(inputs[0])
     result = LoadResult(replicas=len(urls), sessions=len(inputs), steps_per_session=steps)
+    result.ws_streams = ws_streams
     result.per_replica_requests = [0] * len(urls)
     latencies: list[float] = []
     outputs: list[list[np.ndarray]] = [[] for _ in inputs]
@@ -276,6 +289,56 @@ async def run_load(
                 got.append(y)
         return got
 
+    async def stream(index: int) -> None:
+        """One session over one WebSocket, open from its first step to its last."""
+        local = random.Random(rng.random())
+        x = inputs[index]
+        replica = local.randrange(len(urls))
+        ws_url = urls[replica].replace("http://", "ws://", 1)
+        try:
+            async with websockets.connect(
+                f"{ws_url}/v1/models/{model}/stream",
+                additional_headers=ws_headers,
+                close_timeout=5,
+                open_timeout=120,
+                max_size=None,
+            ) as ws:
+                result.ws_connections += 1
+                info = json.loads(await ws.recv())
+                if "error" in info:
+                    fail(f"WS open {urls[replica]}: {info}")
+                    return
+                session_ids[index] = info["session_id"]
+                pos = 0
+                for n in _chunks(local, len(x), max_chunk):
+                    seq = pos + n
+                    started = time.perf_counter()
+                    if local.random() < 0.5:
+                        await ws.send(encode_request(x[pos:seq], seq))
+                    else:
+                        await ws.send(json.dumps({"inputs": x[pos:seq].tolist(), "seq": seq}))
+                    answer = await ws.recv()
+                    latencies.append(time.perf_counter() - started)
+                    result.requests += 1
+                    result.ws_messages += 1
+                    result.per_replica_requests[replica] += 1
+                    if isinstance(answer, bytes):
+                        y, count, replayed = decode_response(answer)
+                    else:
+                        body = json.loads(answer)
+                        if "error" in body:
+                            fail(f"WS stream {urls[replica]} seq {seq}: {body}")
+                            return
+                        y = np.asarray(body["outputs"], np.float32)
+                        count, replayed = body["step_count"], body.get("replayed", False)
+                    if count != seq or replayed:
+                        fail(f"WS stream seq {seq}: step_count {count} replayed {replayed}")
+                        return
+                    outputs[index].append(y)
+                    pos = seq
+        except (TimeoutError, OSError, websockets.WebSocketException) as exc:
+            fail(f"stream {index}: {type(exc).__name__}: {exc}")
+
     async def drive(index: int) -> None:
         local = random.Random(rng.random())
         x = inputs[index]
@@ -316,7 +379,10 @@ async def run_load(
 
     started = time.perf_counter()
     try:
-        await asyncio.gather(*(drive(i) for i in range(len(inputs))))
+        await asyncio.gather(
+            *(stream(i) for i in range(ws_streams)),
+            *(drive(i) for i in range(ws_streams, len(inputs))),
+        )
         result.duration_s = time.perf_counter() - started
 
         async def check(index: int) -> None:
@@ -363,6 +429,29 @@ def make_inputs(sessions: int, steps: int, input_size: int, seed: int) -> list[n
     return [rng.normal(size=(steps, input_size)).astype(np.float32) for _ in range(sessions)]
 
 
+def flush_store(url: str) -> None:
+    """Empty the session store: the database of ``redis://``, every primary of a cluster."""
+    if url.startswith("redis-cluster://"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        from service.sessions.redis_cluster import parse_nodes
+
+        nodes = [ClusterNode(host, port) for host, port in parse_nodes(url)]
+        client = RedisCluster(startup_nodes=nodes)
+        try:
+            client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        finally:
+            client.close()
+        return
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
 # -- command line ----------------------------------------------------------------------------
 
 
@@ -376,7 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="sine-lstm")
     parser.add_argument("--repo", type=Path, default=REPO_ROOT / "models")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/9",
-                        help="session store; its database is FLUSHED before and after")  # fmt: skip
+                        help="session store, redis://... or redis-cluster://...; its database "
+                             "(every node of a cluster) is FLUSHED before and after")  # fmt: skip
+    parser.add_argument("--start-cluster", action="store_true",
+                        help="start a local 3-primary Redis Cluster for the run instead")  # fmt: skip
+    parser.add_argument("--ws-streams", type=int, default=0,
+                        help="WebSocket streams open at once for the whole run (in addition "
+                             "to --sessions)")  # fmt: skip
     parser.add_argument("--url", action="append", default=[],
                         help="use running replicas instead of starting them (repeatable)")  # fmt: skip
     parser.add_argument("--api-key", help="sent as X-API-Key")
@@ -392,17 +487,27 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.repo / args.model
     version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
     reference = OfflineReference(folder / str(version))
-    inputs = make_inputs(args.sessions, args.steps, reference.card["input_size"], args.seed)
+    inputs = make_inputs(
+        args.ws_streams + args.sessions, args.steps, reference.card["input_size"], args.seed
+    )
     headers = {"X-API-Key": args.api_key} if args.api_key else None
 
     replicas: list[tuple[subprocess.Popen, str]] = []
     urls = args.url
     log_dir = Path(tempfile.mkdtemp(prefix="rnnserve-load-"))
-    if not urls:
-        import redis
+    cluster = None
+    store = args.redis
+    if args.start_cluster and not urls:
+        from benchmarks.redis_servers import LocalCluster
 
-        redis.Redis.from_url(args.redis).flushdb()
-        replicas = start_replicas(args.repo, args.replicas, args.redis, log_dir)
+        cluster = LocalCluster(log_dir / "cluster")
+        cluster.start()
+        store = cluster.url
+    if not urls:
+        flush_store(store)
+        # every WebSocket stream is open at once: let a replica wait on Redis, not refuse
+        extra = {"RNNSERVE_MAX_QUEUE": str(max(4096, 4 * (args.ws_streams + args.concurrency)))}
+        replicas = start_replicas(args.repo, args.replicas, store, log_dir, extra)
         urls = [url for _, url in replicas]
     try:
         result = asyncio.run(
@@ -417,14 +522,15 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 tolerance=args.tolerance,
                 headers=headers,
+                ws_streams=args.ws_streams,
             )
         )
     finally:
         stop_replicas(replicas)
-        if replicas and not args.keep:
-            import redis
-
-            redis.Redis.from_url(args.redis).flushdb()
+        if replicas and not args.keep and cluster is None:
+            flush_store(store)
+        if cluster is not None:
+            cluster.stop()
     print(result.summary())
     for sample in result.error_samples:
         print("  ", sample)

@@ -37,6 +37,8 @@ from benchmarks.loadgen import ROOT, ServerProcess, drive
 from benchmarks.memory import idle_sessions, startup
 from benchmarks.payload import render as render_payload
 from benchmarks.payload import top_k_payload
+from benchmarks.redis_store import redis_vs_memory
+from benchmarks.redis_store import render as render_redis
 
 DEMO_DIR = ROOT / "models" / "sine-lstm"
 BENCH = "bench-lstm"
@@ -576,6 +578,9 @@ def render(res: dict[str, Any]) -> str:
     if res.get("grpc"):
         lines.extend(render_grpc(res["grpc"], res.get("inprocess", {}).get(BENCH)))
         lines.append("")
+    if res.get("redis_store"):
+        lines.extend(render_redis(res["redis_store"]))
+        lines.append("")
     if res.get("targets"):
         lines.append("Targets")
         for t in res["targets"]:
@@ -647,7 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: inprocess,server,memory,startup,payload,grpc",
+        help="comma list of parts to skip: inprocess,server,memory,startup,payload,grpc,redis",
     )
     p.add_argument("--procs", type=int, default=None, help="load generator processes per scenario")
     p.add_argument(
@@ -752,6 +757,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["grpc"] = grpc_streams(
                 repo, cards[BENCH], BENCH, duration=args.duration, warmup=args.warmup,
                 log_dir=log_dir, sequences=sizes[-1],
+            )
+        if "redis" not in skip and shutil.which("redis-server"):
+            say("Redis store vs memory store ...")
+            res["redis_store"] = redis_vs_memory(
+                mem_repo,
+                MEM,
+                cards[MEM],
+                duration=args.duration,
+                warmup=args.warmup,
+                log_dir=log_dir,
+                streams=sizes[-1],
             )
     res["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res["meta"]["total_s"] = time.monotonic() - started

@@ -378,7 +378,7 @@ def redis_db() -> Callable[[int], str]:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A real local Redis Cluster of 3 primaries, started once for the whole run."""
-    from tests.redis_servers import LocalCluster
+    from benchmarks.redis_servers import LocalCluster
 
     cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
     try:

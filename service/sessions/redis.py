@@ -254,7 +254,7 @@ def bucket_of(session_id: str) -> int:
 class _Commit:
     record: SessionRecord
     release: bool
-    future: asyncio.Future
+    future: asyncio.Future | None = None
     revision: int = 0
     now: float = 0.0
 
@@ -488,12 +488,22 @@ class RedisSessionStore(SessionStore):
         return out  # type: ignore[return-value]
 
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Commit(record, release, future))
-        if not self._writing:
-            self._writing = True
-            self._writer = asyncio.get_running_loop().create_task(self._write())
-        await future
+        item = _Commit(record, release)
+        if self._writing:  # a pipeline is in flight: wait to go out with the next one
+            item.future = asyncio.get_running_loop().create_future()
+            self._pending.append(item)
+            await item.future
+            return
+        self._writing = True  # idle: this commit goes out at once, on its own
+        try:
+            (error,) = await self._write_batch([item])
+        finally:
+            if self._pending:  # what arrived meanwhile goes out as the next pipeline
+                self._writer = asyncio.get_running_loop().create_task(self._write())
+            else:
+                self._writing = False
+        if error is not None:
+            raise error
 
     async def commit_many(
         self, records: list[SessionRecord], release: list[bool] | None = None
@@ -515,7 +525,9 @@ class RedisSessionStore(SessionStore):
         finally:
             self._writing = False
 
-    async def _write_batch(self, batch: list[_Commit]) -> None:
+    async def _write_batch(self, batch: list[_Commit]) -> list[BaseException | None]:
+        """One pipeline of commit scripts; each item's outcome goes to its future (if it
+        has one) and is returned."""
         commands = []
         for item in batch:
             record = item.record
@@ -532,28 +544,35 @@ class RedisSessionStore(SessionStore):
                 record.owner or "",
             ]
             commands.append(self._script("commit", self._keys(record.session_id), args))
+        errors: list[BaseException | None]
         try:
             replies = await self._pipeline(commands, "commit")
         except BaseException as exc:
             for item in batch:
                 self._cache.pop(item.record.session_id, None)  # in doubt: read Redis next
-                if not item.future.done():
-                    item.future.set_exception(exc)
             if not isinstance(exc, Exception):
+                for item in batch:
+                    if item.future is not None and not item.future.done():
+                        item.future.cancel()
                 raise
-            return
-        released: list[_Commit] = []
-        for item, reply in zip(batch, replies):
-            error = self._commit_outcome(item, reply)
-            if error is None and item.release and item.record.owner is not None:
-                released.append(item)
-            if not item.future.done():
-                if error is None:
-                    item.future.set_result(None)
-                else:
-                    item.future.set_exception(error)
+            errors = [exc] * len(batch)
+        else:
+            errors = [self._commit_outcome(item, reply) for item, reply in zip(batch, replies)]
+        for item, error in zip(batch, errors):
+            if item.future is None or item.future.done():
+                continue
+            if error is None:
+                item.future.set_result(None)
+            else:
+                item.future.set_exception(error)
+        released = [
+            (i.record.owner, i.record.session_id)
+            for i, e in zip(batch, errors)
+            if e is None and i.release and i.record.owner is not None
+        ]
         if released:
-            await self._forget_owners([(i.record.owner, i.record.session_id) for i in released])
+            await self._forget_owners(released)
+        return errors
 
     def _commit_outcome(self, item: _Commit, reply: Any) -> Exception | None:
         record = item.record

@@ -64,6 +64,14 @@ def test_suite_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert payload["binary-top_k"]["bytes_out_per_step"] == 20 + 20 * 8
     assert payload["binary-full"]["bytes_out_per_step"] == 20 + 4 * res["payload"]["classes"]
     assert payload["json-top_k"]["bytes_out_per_step"] < payload["json-full"]["bytes_out_per_step"]
+    redis_store = res["redis_store"]  # the suite needs redis-server, as the tests do
+    for store in ("memory", "redis"):
+        for load in ("ws_4", "ws_1"):
+            assert redis_store[store][load]["errors"] == 0, redis_store[store][load]
+            assert redis_store[store][load]["rate_per_s"] > 0
+    # one commit script per step (plus the session opens and bucket counts), no read
+    assert 1.0 <= redis_store["redis"]["scripts_per_step"] < 3.0
+    assert redis_store["redis"]["gets_per_step"] < 0.1
 
     assert set(res["grpc"]) == {
         "ws-4-binary", "grpc-4-over-1", "grpc-4-over-4", "echo-4-over-1", "echo-4-over-4"

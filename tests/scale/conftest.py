@@ -88,7 +88,7 @@ def shared_redis(request) -> Callable[[int], str]:
 @pytest.fixture
 def throwaway_redis(tmp_path):
     """A ``redis-server`` of the test's own on a free port, nothing persisted."""
-    from tests.redis_servers import ThrowawayRedis
+    from benchmarks.redis_servers import ThrowawayRedis
 
     server = ThrowawayRedis(tmp_path)
     server.start()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.redis_servers import ThrowawayRedis
+from benchmarks.redis_servers import ThrowawayRedis
 from tests.scale.conftest import LSTM, TOL, assert_state
 
 STEPS = 36
