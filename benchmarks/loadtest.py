@@ -246,6 +246,34 @@ async def run_load(
             return None
         return np.asarray(r.json()["outputs"], np.float32)
 
+    async def ws_step(
+        ws, replica: int, x: np.ndarray, seq: int, local: random.Random
+    ) -> np.ndarray | None:
+        """One message (binary or JSON at random) and its answer, checked."""
+        started = time.perf_counter()
+        if local.random() < 0.5:
+            await ws.send(encode_request(x, seq))
+        else:
+            await ws.send(json.dumps({"inputs": x.tolist(), "seq": seq}))
+        answer = await ws.recv()
+        latencies.append(time.perf_counter() - started)
+        result.requests += 1
+        result.ws_messages += 1
+        result.per_replica_requests[replica] += 1
+        if isinstance(answer, bytes):
+            y, count, replayed = decode_response(answer)
+        else:
+            body = json.loads(answer)
+            if "error" in body:
+                fail(f"WS {urls[replica]} seq {seq}: {body}")
+                return None
+            y = np.asarray(body["outputs"], np.float32)
+            count, replayed = body["step_count"], body.get("replayed", False)
+        if count != seq or replayed:
+            fail(f"WS {urls[replica]} seq {seq}: step_count {count} replayed {replayed}")
+            return None
+        return y
+
     async def ws_segment(
         replica: int, sid: str, parts: list[tuple[np.ndarray, int]], local: random.Random
     ) -> list[np.ndarray] | None:
@@ -263,28 +291,8 @@ async def run_load(
                 fail(f"WS open {urls[replica]}: {info}")
                 return None
             for x, seq in parts:
-                binary = local.random() < 0.5
-                started = time.perf_counter()
-                if binary:
-                    await ws.send(encode_request(x, seq))
-                else:
-                    await ws.send(json.dumps({"inputs": x.tolist(), "seq": seq}))
-                answer = await ws.recv()
-                latencies.append(time.perf_counter() - started)
-                result.requests += 1
-                result.ws_messages += 1
-                result.per_replica_requests[replica] += 1
-                if isinstance(answer, bytes):
-                    y, count, replayed = decode_response(answer)
-                else:
-                    body = json.loads(answer)
-                    if "error" in body:
-                        fail(f"WS {urls[replica]} seq {seq}: {body}")
-                        return None
-                    y = np.asarray(body["outputs"], np.float32)
-                    count, replayed = body["step_count"], body.get("replayed", False)
-                if count != seq or replayed:
-                    fail(f"WS {urls[replica]} seq {seq}: step_count {count} replayed {replayed}")
+                y = await ws_step(ws, replica, x, seq, local)
+                if y is None:
                     return None
                 got.append(y)
         return got
@@ -312,27 +320,8 @@ async def run_load(
                 pos = 0
                 for n in _chunks(local, len(x), max_chunk):
                     seq = pos + n
-                    started = time.perf_counter()
-                    if local.random() < 0.5:
-                        await ws.send(encode_request(x[pos:seq], seq))
-                    else:
-                        await ws.send(json.dumps({"inputs": x[pos:seq].tolist(), "seq": seq}))
-                    answer = await ws.recv()
-                    latencies.append(time.perf_counter() - started)
-                    result.requests += 1
-                    result.ws_messages += 1
-                    result.per_replica_requests[replica] += 1
-                    if isinstance(answer, bytes):
-                        y, count, replayed = decode_response(answer)
-                    else:
-                        body = json.loads(answer)
-                        if "error" in body:
-                            fail(f"WS stream {urls[replica]} seq {seq}: {body}")
-                            return
-                        y = np.asarray(body["outputs"], np.float32)
-                        count, replayed = body["step_count"], body.get("replayed", False)
-                    if count != seq or replayed:
-                        fail(f"WS stream seq {seq}: step_count {count} replayed {replayed}")
+                    y = await ws_step(ws, replica, x[pos:seq], seq, local)
+                    if y is None:
                         return
                     outputs[index].append(y)
                     pos = seq
