@@ -20,6 +20,8 @@ import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -364,6 +366,63 @@ def test_64_sequences_interleaved_on_one_stream(shared, reference):
     got = asyncio.run(asyncio.wait_for(drive(), 60))
     for i in range(64):
         np.testing.assert_allclose(np.stack(got[i]), solo[i], atol=1e-5)
+
+
+_EXAMPLE = iter(range(1, 10**6))
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    data=st.data(),
+)
+def test_any_interleaving_of_chunks_on_one_stream_equals_each_whole(
+    shared, reference, lengths, data
+):
+    """Sequences cut into chunks of any size, their requests interleaved in any order on one
+    stream: each sequence's answers, in its order, are its whole-sequence result."""
+    ref = reference("tiny-rnn")
+    example = next(_EXAMPLE)
+    rng = np.random.default_rng(example)
+    xs = [rng.normal(size=(n, 1)).astype(np.float32) for n in lengths]
+    chunks = []  # per sequence: the cut points
+    for n in lengths:
+        cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=3)) if n > 1 else [])
+        chunks.append(list(zip([0, *cuts], [*cuts, n])))
+    order = data.draw(st.permutations([i for i, c in enumerate(chunks) for _ in c]))
+    client = grpcclient.InferenceServerClient(shared.grpc)
+    answers = Collector()
+    client.start_stream(callback=answers)
+    sent = [0] * len(chunks)
+    try:
+        for i in order:
+            k = sent[i]
+            a, b = chunks[i][k]
+            sent[i] += 1
+            client.async_stream_infer(
+                "tiny-rnn",
+                [x_input(xs[i][None, a:b])],
+                request_id=f"{i}/{k}",
+                sequence_id=f"hyp-{example}-{i}",
+                sequence_start=k == 0,
+                sequence_end=k == len(chunks[i]) - 1,
+            )
+        got: dict[int, list] = {i: [] for i in range(len(chunks))}
+        for _ in order:
+            result, error = answers.next()
+            assert error is None, error
+            i, k = map(int, result.get_response().id.split("/"))
+            assert k == len(got[i])
+            got[i].append(result.as_numpy("y")[0])
+    finally:
+        client.stop_stream()
+        client.close()
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(np.concatenate(got[i]), ref.run(x)[0], atol=1e-5)
 
 
 def test_sequence_moves_between_grpc_and_http(shared, reference):
