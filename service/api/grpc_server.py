@@ -243,7 +243,8 @@ def _sequence_key(message: Any) -> tuple[str, Any] | None:
     value = getattr(param, choice) if choice is not None else None
     if value in (None, 0, "", False):
         return None
-    return message.model_name, (choice, value)
+    # int64 and uint64 spell the same id (one session): order them as one
+    return message.model_name, value if isinstance(value, (int, str)) else repr(value)
 
 
 # -- the servicer ------------------------------------------------------------------------
