@@ -544,9 +544,15 @@ class GrpcServer:
             [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if not self.port:
-            raise OSError(f"gRPC cannot listen on {address}")
+            raise OSError(
+                f"gRPC cannot listen on {address} (in use?): set RNNSERVE_GRPC_PORT to a free "
+                "port, or to 0 to serve HTTP only"
+            )
         self.address = address
 
     async def start(self) -> None:
