@@ -239,3 +239,37 @@ def test_a_module_that_looks_at_the_whole_sequence_is_not_written(tmp_path):
     with pytest.raises(ParityError):
         export_module(Normalised(), tmp_path, "n", input_size=3)
     assert not (tmp_path / "n" / "1").exists()
+
+
+def test_the_documented_wrapper_makes_a_misfit_module_exportable(tmp_path):
+    """docs/training.md: a time-first module with a dict state, wrapped to fit."""
+
+    class TimeFirstDict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(3, 7)
+            self.out = nn.Linear(7, 2)
+
+        def forward(self, x, state=None):
+            seq, (h, c) = self.lstm(x, None if state is None else (state["h"], state["c"]))
+            return self.out(seq), {"h": h, "c": c}
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, state=None):
+            if state is not None:
+                state = {"h": state[0], "c": state[1]}
+            y, new = self.inner(x.transpose(0, 1), state)
+            return y.transpose(0, 1), (new["h"], new["c"])
+
+    torch.manual_seed(5)
+    inner = TimeFirstDict().eval()
+    folder = export_module(Wrapped(inner), tmp_path, "wrapped", input_size=3)
+    x = np.random.default_rng(1).standard_normal((1, 11, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = inner(torch.from_numpy(x).transpose(0, 1))[0].transpose(0, 1).numpy()
+    y, _ = _ort_chunks(folder, x, [2, 9])
+    assert np.max(np.abs(y - expected)) <= TOL
