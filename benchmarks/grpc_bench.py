@@ -301,6 +301,10 @@ def render(results: dict[str, dict[str, Any]], limit: dict[str, Any] | None) -> 
             f" {cpu:>9}{'!' if r['errors'] else ' '}"
             f"{ratios[0]:>6} {ratios[1]:>9} {ratios[2]:>11}"
         )
+    if batch1 and batch256:
+        lines.append(
+            f"  in-process limit: batch 1 {batch1:,.0f} steps/s, batch 256 {batch256:,.0f} rows/s"
+        )
     lines.append(
         "  cpu %: server / load generators, % of one core; / batch-1 and / batch-256: the "
         "in-process onnxruntime limit (steps/s at batch 1, rows/s at batch 256); echo: a bare "
@@ -316,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--small", action="store_true", help="a 2x32 bench model (smoke runs)")
+    p.add_argument("--out", type=Path, help="also write the measurements here as JSON")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rnnserve-grpc-bench-") as tmp:
         root = Path(tmp)
@@ -326,9 +331,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = measure(
             repo, cards[BENCH], BENCH, duration=args.duration, warmup=args.warmup, log_dir=log_dir
         )
-    print("\n".join(render(results, limit)))
+    table = render(results, limit)
+    print("\n".join(table))
     print(f"(load average {[round(x, 2) for x in os.getloadavg()]})")
-    return {"results": results, "limit": limit}
+    res = {"results": results, "limit": limit, "table": table, "loadavg": os.getloadavg()}
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1, default=float) + "\n")
+    return res
 
 
 if __name__ == "__main__":
