@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -121,7 +122,7 @@ def test_health_metadata_config_reflection(shared):
             stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="tiny-lstm"))
         assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
-    metrics = __import__("httpx").get(f"{shared.url}/metrics").text
+    metrics = httpx.get(f"{shared.url}/metrics").text
     assert 'route="/inference.GRPCInferenceService/ModelMetadata",status="NOT_FOUND"' in metrics
     assert 'model="unknown"' in metrics and 'model="no-such-model"' not in metrics
 
@@ -425,17 +426,27 @@ def test_any_interleaving_of_chunks_on_one_stream_equals_each_whole(
         np.testing.assert_allclose(np.concatenate(got[i]), ref.run(x)[0], atol=1e-5)
 
 
-def test_sequence_moves_between_grpc_and_http(shared, reference):
+def test_sequence_moves_between_grpc_http_v2_and_v1(shared, reference):
     ref = reference("tiny-relu")
-    x = RNG.normal(size=(6, 2)).astype(np.float32)
+    x = RNG.normal(size=(8, 2)).astype(np.float32)
     whole = ref.run(x)[0]
     g = grpcclient.InferenceServerClient(shared.grpc)
     h = httpclient.InferenceServerClient(f"127.0.0.1:{shared.port}")
+    session = {}
     try:
 
         def over_grpc(t, **flags):
             result = g.infer("tiny-relu", [x_input(x[None, t : t + 2])], sequence_id=77, **flags)
+            session["id"] = result.get_response().parameters["session_id"].string_param
             return result.as_numpy("y")[0]
+
+        def over_v1(t):  # the sequence's session, by the id every answer carries
+            answer = httpx.post(
+                f"{shared.url}/v1/sessions/{session['id']}/steps",
+                json={"inputs": x[t : t + 2].tolist()},
+            )
+            assert answer.status_code == 200, answer.text
+            return np.asarray(answer.json()["outputs"], np.float32)
 
         def over_http(t, **flags):
             tensor = httpclient.InferInput("x", [1, 2, 2], "FP32")
@@ -445,7 +456,8 @@ def test_sequence_moves_between_grpc_and_http(shared, reference):
         parts = [
             over_grpc(0, sequence_start=True),
             over_http(2),
-            over_grpc(4, sequence_end=True),
+            over_v1(4),
+            over_grpc(6, sequence_end=True),
         ]
         np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
         with pytest.raises(InferenceServerException):  # ended over gRPC: gone for HTTP too
