@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import free_port, start_server
 
 RNG = np.random.default_rng(13)
+FUZZ_EXAMPLES = int(os.environ.get("RNNSERVE_FUZZ_EXAMPLES", "60"))
 KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
 
 
@@ -276,6 +277,79 @@ def test_bad_requests_are_refused_and_the_stream_survives(shared):
     assert len(answers) == len(cases) + 1  # one answer each, in whatever order
     (ok,) = [a for a in answers if not a.error_message]
     assert ok.infer_response.id == "good"
+
+
+_PARAM_KINDS = {
+    "bool_param": st.booleans(),
+    "int64_param": st.integers(-(2**63), 2**63 - 1),
+    "uint64_param": st.integers(0, 2**64 - 1),
+    "double_param": st.floats(allow_nan=True, allow_infinity=True),
+    "string_param": st.text(max_size=300),
+}
+_params = st.dictionaries(
+    st.sampled_from(["sequence_id", "sequence_start", "sequence_end", "seq", "priority", "x"]),
+    st.sampled_from(sorted(_PARAM_KINDS)).flatmap(
+        lambda kind: _PARAM_KINDS[kind].map(lambda value: (kind, value))
+    ),
+    max_size=4,
+)
+_tensor = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["x", "lengths", "y", ""]),
+        "datatype": st.sampled_from(
+            ["FP32", "FP64", "INT32", "INT64", "BYTES", "FP16", "BOOL", "?"]
+        ),
+        "shape": st.lists(st.integers(-2, 5), max_size=4),
+        "raw": st.none() | st.binary(max_size=200),
+        "params": _params,
+    }
+)
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    model=st.sampled_from(["tiny-lstm", "tiny-gru", "nope", ""]),
+    version=st.sampled_from(["", "1", "2", "-1", "x"]),
+    params=_params,
+    tensors=st.lists(_tensor, max_size=3),
+    outputs=st.lists(st.tuples(st.sampled_from(["y", "z"]), _params), max_size=2),
+)
+def test_any_request_gets_a_client_error_or_an_answer(
+    shared, model, version, params, tensors, outputs
+):
+    """Whatever a client sends, the answer is a result or a client-side status, never an
+    internal error, and the server keeps serving."""
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    for key, (kind, value) in params.items():
+        setattr(request.parameters[key], kind, value)
+    raws = []
+    for t in tensors:
+        tensor = request.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        for key, (kind, value) in t["params"].items():
+            setattr(tensor.parameters[key], kind, value)
+        raws.append(t["raw"])
+    if raws and all(r is not None for r in raws):
+        request.raw_input_contents.extend(raws)
+    for name, out_params in outputs:
+        out = request.outputs.add(name=name)
+        for key, (kind, value) in out_params.items():
+            setattr(out.parameters[key], kind, value)
+    with grpc.insecure_channel(shared.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            stub.ModelInfer(request, timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() in {
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            }, (exc.code(), exc.details())
+        (answer,) = stub.ModelStreamInfer(iter([request]), timeout=10)
+        assert "internal error" not in answer.error_message
 
 
 # -- streams ----------------------------------------------------------------------------------
