@@ -1,0 +1,447 @@
+"""A stateful property test of session semantics against a real app (issue 9, "beyond the list").
+
+Hypothesis drives random interleavings of every way to touch a session (v1 steps with and
+without ``seq``, retries and wrong ``seq``, concurrent steps, WebSocket JSON and binary
+steps, reset, delete, export / import, generate, batch predict, Triton START / plain / END,
+concurrent STARTs) and deploys of a changed repository (the served model swapped in place
+for another one with the same state contract, or broken files written over it), through
+HTTP and WebSocket on one in-process app.
+
+The reference is a plain model of the semantics (state, step_count, the last answer kept
+for a retry, which exact model a session was created on) whose every number comes from
+onnxruntime run directly on the model files, none of the service's code involved.
+
+``RNNSERVE_STATEFUL_EXAMPLES`` (default 12) sets the number of examples; the run is
+derandomized so CI is reproducible (``RNNSERVE_STATEFUL_RANDOM=1`` explores new ones):
+``RNNSERVE_STATEFUL_EXAMPLES=300 RNNSERVE_STATEFUL_RANDOM=1 pytest tests/hardening/test_stateful.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hypothesis
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from onnx import numpy_helper
+
+from service.frames import decode_response, encode_request
+from tests.conftest import Reference
+from tests.hardening.conftest import app_client
+
+MODEL = "tiny-rnn"
+TOL = 1e-5
+EXAMPLES = int(os.environ.get("RNNSERVE_STATEFUL_EXAMPLES", "12"))
+MAX_SESSIONS = 5
+SEQUENCE_IDS = (1, 2, 3)
+
+values = st.floats(-2, 2, allow_nan=False, width=32)
+step_lists = st.lists(values.map(lambda v: [v]), min_size=1, max_size=3)
+
+
+@pytest.fixture(scope="module")
+def variants(model_repo: Path, tmp_path_factory) -> dict[str, Path]:
+    """Two models with one state contract: the tiny RNN (A) and a re-weighted copy (B)."""
+    root = tmp_path_factory.mktemp("variants")
+    a, b = root / "A", root / "B"
+    shutil.copytree(model_repo / MODEL / "1", a)
+    b.mkdir()
+    proto = onnx.load(a / "model.onnx")
+    for k, tensor in enumerate(proto.graph.initializer):
+        array = numpy_helper.to_array(tensor)
+        if array.dtype == np.float32:
+            proto.graph.initializer[k].CopyFrom(numpy_helper.from_array(array * 0.7, tensor.name))
+    onnx.save(proto, b / "model.onnx")
+    card = json.loads((a / "card.json").read_text())
+    card.pop("sha256", None)
+    card["variant"] = "B"  # the card's size differs too, whatever the clock's resolution
+    (b / "card.json").write_text(json.dumps(card))
+    return {"A": a, "B": b}
+
+
+@dataclass
+class Expected:
+    """What a session must be, computed by the reference."""
+
+    model: str
+    """The variant ("A" or "B") the session was created on."""
+    states: dict[str, np.ndarray]
+    step_count: int = 0
+    last: np.ndarray | None = None
+    """The last output row (what generation continues from); None after reset/import."""
+    last_seq: int | None = None
+    last_request: tuple | None = None
+    """(inputs, answer) of the last request that carried seq, for retries."""
+    extras: dict = field(default_factory=dict)
+
+
+class SessionMachine(RuleBasedStateMachine):
+    variants: dict[str, Path] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = contextlib.ExitStack()
+        self.root = Path(tempfile.mkdtemp(prefix="stateful-"))
+        self.stack.callback(shutil.rmtree, self.root, True)
+        self.folder = self.root / MODEL / "1"
+        shutil.copytree(self.variants["A"], self.folder)
+        self.reference = {k: Reference(v) for k, v in self.variants.items()}
+        self.card = self.reference["A"].card
+        self.client = self.stack.enter_context(app_client(model_repo=self.root))
+        self.loaded = "A"
+        self.sessions: dict[str, Expected] = {}
+        self.gone: list[str] = []
+        self.sequences: dict[int, Expected] = {}
+
+    def teardown(self) -> None:
+        self.stack.close()
+
+    # -- the reference -----------------------------------------------------------------
+
+    def run(self, model: str, x, states) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return self.reference[model].run(np.asarray(x, np.float32), states)
+
+    def zero(self, model: str) -> dict[str, np.ndarray]:
+        return self.reference[model].zero_states()
+
+    def exported(self, states: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            s["input"]: np.take(states[s["input"]], 0, axis=s["batch_axis"])
+            for s in self.card["states"]
+        }
+
+    def imported(self, payload: dict) -> dict[str, np.ndarray]:
+        return {
+            s["input"]: np.expand_dims(np.asarray(payload[s["input"]], np.float32), s["batch_axis"])
+            for s in self.card["states"]
+        }
+
+    def apply(self, expected: Expected, x, seq: int | None) -> np.ndarray:
+        y, expected.states = self.run(expected.model, x, expected.states)
+        expected.step_count += len(x)
+        expected.last = y[-1]
+        expected.last_seq = seq
+        expected.last_request = (x, y) if seq is not None else None
+        return y
+
+    @staticmethod
+    def close(actual, expected, what: str) -> None:
+        np.testing.assert_allclose(np.asarray(actual, np.float32), expected, atol=TOL, err_msg=what)
+
+    def pick(self, table: dict, k: int):
+        keys = sorted(table)
+        return keys[k % len(keys)]
+
+    def expect_error(self, response, status: int, code: str) -> None:
+        assert response.status_code == status, (status, code, response.status_code, response.text)
+        assert response.json()["error"]["code"] == code, response.text
+
+    # -- sessions over v1 ----------------------------------------------------------------
+
+    @initialize()
+    def first_session(self) -> None:
+        self.create()
+
+    @precondition(lambda self: len(self.sessions) < MAX_SESSIONS)
+    @rule()
+    def create(self) -> None:
+        r = self.client.post(f"/v1/models/{MODEL}/sessions")
+        assert r.status_code == 201, r.text
+        self.sessions[r.json()["session_id"]] = Expected(self.loaded, self.zero(self.loaded))
+
+    @precondition(lambda self: self.sessions and len(self.sessions) < MAX_SESSIONS)
+    @rule(k=st.integers(0, 99))
+    def export_and_import(self, k: int) -> None:
+        source = self.pick(self.sessions, k)
+        exported = self.client.get(f"/v1/sessions/{source}/state")
+        assert exported.status_code == 200, exported.text
+        body = exported.json()
+        expected = self.sessions[source]
+        assert body["step_count"] == expected.step_count
+        for name, value in self.exported(expected.states).items():
+            self.close(body["state"][name], value, f"exported {name}")
+        r = self.client.post(f"/v1/models/{MODEL}/sessions", json={"state": body["state"]})
+        assert r.status_code == 201, r.text
+        self.sessions[r.json()["session_id"]] = Expected(self.loaded, self.imported(body["state"]))
+
+    @precondition(lambda self: self.sessions)
+    @rule(k=st.integers(0, 99), x=step_lists, mode=st.sampled_from(["none", "seq", "retry", "bad"]))
+    def step(self, k: int, x, mode: str) -> None:
+        sid = self.pick(self.sessions, k)
+        expected = self.sessions[sid]
+        retry = (
+            mode == "retry"
+            and expected.last_request is not None
+            and expected.last_seq == expected.step_count
+        )
+        if retry:
+            x = expected.last_request[0]
+        body: dict = {"inputs": x}
+        if mode != "none":
+            body["seq"] = expected.step_count + len(x) + (mode == "bad")
+        if retry:
+            body["seq"] = expected.step_count
+        r = self.client.post(f"/v1/sessions/{sid}/steps", json=body)
+        if expected.model != self.loaded:
+            return self.expect_error(r, 409, "model_changed")
+        if mode == "bad":
+            self.expect_error(r, 409, "seq_mismatch")
+            assert r.json()["error"]["step_count"] == expected.step_count
+            return None
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        if retry:  # a retry: the stored answer, unchanged
+            assert answer.get("replayed") is True, answer
+            assert answer["step_count"] == expected.step_count
+            self.close(answer["outputs"], expected.last_request[1], "replayed outputs")
+            return None
+        y = self.apply(expected, x, body.get("seq"))
+        assert answer["step_count"] == expected.step_count and not answer.get("replayed")
+        self.close(answer["outputs"], y, "step outputs")
+        return None
+
+    @precondition(lambda self: self.sessions)
+    @rule(k=st.integers(0, 99), xs=st.lists(step_lists, min_size=2, max_size=4))
+    def concurrent_steps(self, k: int, xs) -> None:
+        """Steps racing on one session are applied one at a time, each exactly once; the
+        step_count of each answer says where it landed."""
+        sid = self.pick(self.sessions, k)
+        expected = self.sessions[sid]
+        with ThreadPoolExecutor(len(xs)) as pool:
+            answers = list(
+                pool.map(lambda x: self.client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x}), xs)
+            )
+        if expected.model != self.loaded:
+            for r in answers:
+                self.expect_error(r, 409, "model_changed")
+            return
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        order = sorted(range(len(xs)), key=lambda i: answers[i].json()["step_count"])
+        for i in order:
+            y = self.apply(expected, xs[i], None)
+            assert answers[i].json()["step_count"] == expected.step_count, "a step applied twice or skipped"
+            self.close(answers[i].json()["outputs"], y, "concurrent step outputs")
+
+    @precondition(lambda self: self.sessions)
+    @rule(k=st.integers(0, 99), xs=st.lists(step_lists, min_size=1, max_size=3), binary=st.booleans(),
+          with_seq=st.booleans())
+    def websocket_steps(self, k: int, xs, binary: bool, with_seq: bool) -> None:
+        sid = self.pick(self.sessions, k)
+        expected = self.sessions[sid]
+        with self.client.websocket_connect(f"/v1/sessions/{sid}/stream") as ws:
+            info = ws.receive_json()
+            assert info["step_count"] == expected.step_count, info
+            for x in xs:
+                seq = expected.step_count + len(x) if with_seq else None
+                if binary:
+                    ws.send_bytes(encode_request(np.asarray(x, np.float32), seq))
+                else:
+                    ws.send_json({"inputs": x, **({"seq": seq} if seq else {})})
+                if expected.model != self.loaded:
+                    frame = ws.receive_json()
+                    assert frame["error"]["code"] == "model_changed", frame
+                    continue
+                if binary:
+                    outputs, step_count, replayed = decode_response(ws.receive_bytes())
+                else:
+                    frame = ws.receive_json()
+                    assert "error" not in frame, frame
+                    outputs, step_count, replayed = frame["outputs"], frame["step_count"], False
+                y = self.apply(expected, x, seq)
+                assert step_count == expected.step_count and not replayed
+                self.close(outputs, y, "WebSocket outputs")
+
+    @precondition(lambda self: self.sessions)
+    @rule(k=st.integers(0, 99))
+    def reset(self, k: int) -> None:
+        sid = self.pick(self.sessions, k)
+        expected = self.sessions[sid]
+        r = self.client.post(f"/v1/sessions/{sid}/reset")
+        if expected.model != self.loaded:
+            return self.expect_error(r, 409, "model_changed")
+        assert r.status_code == 200 and r.json()["step_count"] == 0, r.text
+        self.sessions[sid] = Expected(expected.model, self.zero(expected.model))
+        return None
+
+    @precondition(lambda self: self.sessions)
+    @rule(k=st.integers(0, 99))
+    def delete(self, k: int) -> None:
+        sid = self.pick(self.sessions, k)
+        r = self.client.delete(f"/v1/sessions/{sid}")
+        assert r.status_code == 204, r.text
+        del self.sessions[sid]
+        self.gone.append(sid)
+
+    @precondition(lambda self: self.sessions)
+    @rule(k=st.integers(0, 99), steps=st.integers(1, 3), prime=st.none() | step_lists)
+    def generate(self, k: int, steps: int, prime) -> None:
+        sid = self.pick(self.sessions, k)
+        expected = self.sessions[sid]
+        body: dict = {"steps": steps, **({"prime": prime} if prime is not None else {})}
+        r = self.client.post(f"/v1/sessions/{sid}/generate", json=body)
+        if expected.model != self.loaded:
+            return self.expect_error(r, 409, "model_changed")
+        if prime is None and (expected.step_count == 0 or expected.last is None):
+            return self.expect_error(r, 422, "invalid_input")
+        assert r.status_code == 200, r.text
+        if prime is not None:
+            self.apply(expected, prime, None)
+        generated = []
+        for _ in range(steps):
+            generated.append(expected.last)
+            self.apply(expected, [expected.last.tolist()], None)
+        answer = r.json()
+        assert answer["step_count"] == expected.step_count
+        self.close(answer["generated"], np.asarray(generated), "generated values")
+        return None
+
+    @rule(xs=st.lists(step_lists, min_size=1, max_size=3))
+    def predict(self, xs) -> None:
+        r = self.client.post(f"/v1/models/{MODEL}/predict", json={"inputs": xs})
+        assert r.status_code == 200, r.text
+        for got, x in zip(r.json()["outputs"], xs):
+            self.close(got, self.run(self.loaded, x, None)[0], "predict outputs")
+
+    # -- Triton sequences over v2 ----------------------------------------------------------
+
+    def v2(self, sequence_id: int, x, start: bool, end: bool, seq: int | None = None):
+        parameters = {"sequence_id": sequence_id, "sequence_start": start, "sequence_end": end}
+        if seq is not None:
+            parameters["seq"] = seq
+        body = {
+            "inputs": [
+                {"name": "x", "shape": [1, len(x), 1], "datatype": "FP32", "data": [v for (v,) in x]}
+            ],
+            "parameters": parameters,
+        }
+        return self.client.post(f"/v2/models/{MODEL}/infer", json=body)
+
+    @rule(
+        sequence_id=st.sampled_from(SEQUENCE_IDS),
+        x=step_lists,
+        start=st.booleans(),
+        end=st.booleans(),
+        mode=st.sampled_from(["none", "seq", "bad"]),
+    )
+    def triton(self, sequence_id: int, x, start: bool, end: bool, mode: str) -> None:
+        expected = self.sequences.get(sequence_id)
+        base = 0 if start or expected is None else expected.step_count
+        seq = None if mode == "none" else base + len(x) + (mode == "bad")
+        r = self.v2(sequence_id, x, start, end, seq)
+        if not start:
+            if expected is None:
+                assert r.status_code == 400 and "START" in r.json()["error"], r.text
+                return
+            if expected.model != self.loaded:
+                assert r.status_code == 409, r.text
+                return
+        if mode == "bad":  # refused, and the sequence is exactly as it was
+            assert r.status_code == 409 and "seq" in r.json()["error"], r.text
+            return
+        if start:
+            expected = Expected(self.loaded, self.zero(self.loaded))
+        assert expected is not None
+        assert r.status_code == 200, r.text
+        y = self.apply(expected, x, seq)
+        answer = r.json()
+        assert answer["parameters"]["step_count"] == expected.step_count
+        self.close(np.reshape(answer["outputs"][0]["data"], (-1, 1)), y, "v2 outputs")
+        if end:
+            self.sequences.pop(sequence_id, None)
+        else:
+            self.sequences[sequence_id] = expected
+
+    @rule(sequence_id=st.sampled_from(SEQUENCE_IDS), x=step_lists, n=st.integers(2, 5))
+    def concurrent_starts(self, sequence_id: int, x, n: int) -> None:
+        """Each of n STARTs racing on one sequence starts it from the zero state."""
+        with ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(lambda _: self.v2(sequence_id, x, True, False), range(n)))
+        y, states = self.run(self.loaded, x, None)
+        for r in answers:
+            assert r.status_code == 200, r.text
+            assert r.json()["parameters"]["step_count"] == len(x)
+            self.close(np.reshape(r.json()["outputs"][0]["data"], (-1, 1)), y, "START outputs")
+        self.sequences[sequence_id] = Expected(self.loaded, states, len(x), y[-1])
+
+    # -- deploys -----------------------------------------------------------------------------
+
+    @rule(variant=st.sampled_from(["A", "B"]))
+    def deploy(self, variant: str) -> None:
+        """Write a model's files over the served version, then reload."""
+        target = variant
+        for name in ("model.onnx", "card.json"):
+            shutil.copy(self.variants[target] / name, self.folder / name)
+        r = self.client.post("/v1/repository/reload")
+        assert r.status_code == 200 and r.json()["failed"] == [], r.text
+        if target != self.loaded:  # identical files may not even look changed
+            assert r.json()["loaded"] == [f"{MODEL}/1"], r.text
+        self.loaded = target
+
+    @rule(cut=st.integers(0, 200))
+    def broken_deploy(self, cut: int) -> None:
+        """Truncated files over the served version: reported, and nothing changes."""
+        onnx_file = self.folder / "model.onnx"
+        onnx_file.write_bytes(onnx_file.read_bytes()[:cut])
+        r = self.client.post("/v1/repository/reload")
+        assert r.status_code == 200 and r.json()["failed"] == [f"{MODEL}/1"], r.text
+        info = self.client.get(f"/v1/models/{MODEL}").json()["versions"][0]
+        assert info["ready"] is True and info["error"], info
+
+    # -- invariants ----------------------------------------------------------------------------
+
+    @invariant()
+    def sessions_are_as_expected(self) -> None:
+        """After every rule: each live session (v1 or Triton sequence) exports exactly the
+        reference's state and step_count, and a step that cannot apply (a wrong ``seq``)
+        is refused for the right reason (``model_changed`` once its model was replaced)."""
+        live = dict(self.sessions)
+        for sequence_id, expected in self.sequences.items():
+            live[_sequence_session(sequence_id)] = expected
+        for sid, expected in live.items():
+            r = self.client.get(f"/v1/sessions/{sid}/state")
+            assert r.status_code == 200, r.text
+            assert r.json()["step_count"] == expected.step_count, (r.json(), expected.step_count)
+            for name, value in self.exported(expected.states).items():
+                self.close(r.json()["state"][name], value, f"state {name} of {sid}")
+            r = self.client.post(
+                f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0]], "seq": expected.step_count + 5}
+            )
+            if expected.model != self.loaded:
+                self.expect_error(r, 409, "model_changed")
+            else:
+                self.expect_error(r, 409, "seq_mismatch")
+        for sequence_id in set(SEQUENCE_IDS) - set(self.sequences):
+            r = self.client.get(f"/v1/sessions/{_sequence_session(sequence_id)}")
+            self.expect_error(r, 404, "session_not_found")
+        for sid in self.gone[-3:]:
+            self.expect_error(self.client.get(f"/v1/sessions/{sid}"), 404, "session_not_found")
+
+
+def _sequence_session(sequence_id: int) -> str:
+    """The session behind a Triton sequence without API keys (docs/v2.md)."""
+    key = f"\x00{MODEL}\x00u:{sequence_id}".encode()
+    return "seq-" + hashlib.sha256(key).hexdigest()[:32]
+
+
+def test_session_semantics_hold_under_random_interleavings(variants):
+    SessionMachine.variants = variants
+    settings = hypothesis.settings(
+        max_examples=EXAMPLES,
+        stateful_step_count=25,
+        deadline=None,
+        derandomize=not os.environ.get("RNNSERVE_STATEFUL_RANDOM"),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    hypothesis.stateful.run_state_machine_as_test(SessionMachine, settings=settings)
