@@ -11,7 +11,7 @@ The reference is a plain model of the semantics (state, step_count, the last ans
 for a retry, which exact model a session was created on) whose every number comes from
 onnxruntime run directly on the model files, none of the service's code involved.
 
-``RNNSERVE_STATEFUL_EXAMPLES`` (default 12) sets the number of examples; the run is
+``RNNSERVE_STATEFUL_EXAMPLES`` (default 25) sets the number of examples; the run is
 derandomized so CI is reproducible (``RNNSERVE_STATEFUL_RANDOM=1`` explores new ones):
 ``RNNSERVE_STATEFUL_EXAMPLES=300 RNNSERVE_STATEFUL_RANDOM=1 pytest tests/hardening/test_stateful.py``.
 """
@@ -43,7 +43,7 @@ from tests.hardening.conftest import app_client
 
 MODEL = "tiny-rnn"
 TOL = 1e-5
-EXAMPLES = int(os.environ.get("RNNSERVE_STATEFUL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("RNNSERVE_STATEFUL_EXAMPLES", "25"))
 MAX_SESSIONS = 5
 SEQUENCE_IDS = (1, 2, 3)
 
