@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api import health, playground, rest, stream, v2
+from service.api import health, playground, rest, steps, stream, v2
 from service.api.common import ORJSONResponse, json_problem
 from service.api.middleware import RequestContext
 from service.config import Settings
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
     app.state.engine = engine
     app.include_router(health.router)
     app.include_router(rest.router)
+    app.include_router(steps.router)
     app.include_router(stream.router)
     app.include_router(v2.router)
     app.include_router(playground.router)

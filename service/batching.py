@@ -26,13 +26,25 @@ from service.runtime import Runner
 @dataclass(slots=True)
 class StepJob:
     x: np.ndarray
-    """[steps, input_size] float32, or [steps] int64 token ids; steps >= 1."""
+    """One sequence chunk, steps >= 1: [steps, input_size] float32, or [steps] int64 ids
+    for token-input models. A block job (``block=True``) carries many sequences of one
+    length at once: [rows, steps, ...]."""
     state: np.ndarray
-    """Flat float32 state of the sequence before these steps."""
+    """Flat float32 state of the sequence before these steps ([rows, state_size] for a block)."""
     future: asyncio.Future | None = None
     enqueued: float = 0.0
     result: tuple[np.ndarray, np.ndarray] | None = None
+    """(y [steps, output_size], new flat state), or ([rows, steps, out], [rows, state]) for a block."""
     error: BaseException | None = None
+    block: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0] if self.block else 1
+
+    @property
+    def steps(self) -> int:
+        return self.x.shape[1] if self.block else self.x.shape[0]
 
 
 @dataclass(slots=True)
@@ -54,7 +66,7 @@ class StepBatch:
             return [self.jobs]
         by_length: dict[int, list[StepJob]] = {}
         for job in self.jobs:
-            by_length.setdefault(job.x.shape[0], []).append(job)
+            by_length.setdefault(job.steps, []).append(job)
         return list(by_length.values())
 
     def run(self) -> None:
@@ -76,20 +88,41 @@ class StepBatch:
         runner = self.runner
         if len(group) == 1:
             job = group[0]
-            x = job.x[np.newaxis]
-            lengths = np.array([job.x.shape[0]], np.int32) if runner.has_lengths else None
+            x = job.x if job.block else job.x[np.newaxis]
+            states = job.state if job.block else job.state[np.newaxis]
+            lengths = np.full(x.shape[0], x.shape[1], np.int32) if runner.has_lengths else None
         else:
-            steps = [job.x.shape[0] for job in group]
+            blocks = [job.x if job.block else job.x[np.newaxis] for job in group]
+            steps = [b.shape[1] for b in blocks]
             longest = max(steps)
-            first = group[0].x
-            x = np.zeros((len(group), longest, *first.shape[1:]), first.dtype)
-            for row, job in enumerate(group):
-                x[row, : steps[row]] = job.x
-            lengths = np.asarray(steps, np.int32) if runner.has_lengths else None
-        y, states = runner.run(x, runner.stack_states([job.state for job in group]), lengths)
-        flat = runner.split_states(states)
-        for row, job in enumerate(group):
-            job.result = (y[row, : job.x.shape[0]], flat[row])
+            if min(steps) == longest:
+                x = np.concatenate(blocks)
+            else:  # dtype/shape-generic padding: float32 vectors or int64 token ids
+                first = blocks[0]
+                x = np.zeros((sum(b.shape[0] for b in blocks), longest, *first.shape[2:]), first.dtype)
+                row = 0
+                for b in blocks:
+                    x[row : row + b.shape[0], : b.shape[1]] = b
+                    row += b.shape[0]
+            states = np.concatenate(
+                [job.state if job.block else job.state[np.newaxis] for job in group]
+            )
+            lengths = (
+                np.repeat(np.asarray(steps, np.int32), [b.shape[0] for b in blocks])
+                if runner.has_lengths
+                else None
+            )
+        y, new_states = runner.run(x, runner.stack_states(states), lengths)
+        flat = runner.split_states(new_states)
+        row = 0
+        for job in group:
+            if job.block:
+                rows, steps_ = job.x.shape[0], job.x.shape[1]
+                job.result = (y[row : row + rows, :steps_], flat[row : row + rows])
+                row += rows
+            else:
+                job.result = (y[row, : job.x.shape[0]], flat[row])
+                row += 1
 
 
 class StepBatcher:
@@ -145,7 +178,21 @@ class StepBatcher:
             raise
         return [job.future.result() for job in jobs]
 
-    def _enqueue(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[StepJob]:
+    async def submit_block(
+        self, x: np.ndarray, states: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``x`` [rows, steps, ...] (sequences of one length) from ``states``
+        [rows, state_size] as one job; returns (y [rows, steps, out], new states [rows, S])."""
+        job = self._enqueue([(x, states)], block=True)[0]
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.future.cancel()
+            raise
+
+    def _enqueue(
+        self, items: list[tuple[np.ndarray, np.ndarray]], block: bool = False
+    ) -> list[StepJob]:
         if self._closed:
             raise ModelNotReady("this model version was unloaded; retry to use the current one")
         if len(self._queue) + len(items) > self.max_queue and self._queue:
@@ -155,7 +202,7 @@ class StepBatcher:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._dispatch_loop())
         now = time.perf_counter()
-        jobs = [StepJob(x, state, loop.create_future(), now) for x, state in items]
+        jobs = [StepJob(x, state, loop.create_future(), now, block=block) for x, state in items]
         self._queue.extend(jobs)
         self._wakeup.set()
         return jobs
@@ -191,11 +238,17 @@ class StepBatcher:
                 return
 
     def _take(self) -> list[StepJob]:
+        """Jobs for one call, up to ``max_size`` sequences (a larger block runs alone)."""
         jobs: list[StepJob] = []
-        while self._queue and len(jobs) < self.max_size:
-            job = self._queue.popleft()
+        rows = 0
+        queue = self._queue
+        while queue and rows < self.max_size:
+            if jobs and rows + queue[0].rows > self.max_size:
+                break
+            job = queue.popleft()
             if not job.future.done():  # skip callers that gave up
                 jobs.append(job)
+                rows += job.rows
         return jobs
 
     async def _execute(self, jobs: list[StepJob], slots: asyncio.Semaphore) -> None:
@@ -218,7 +271,9 @@ class StepBatcher:
             else:
                 job.future.set_result(job.result)
         if self._observe is not None:
-            self._observe(BatchStats(len(jobs), [started - job.enqueued for job in jobs]))
+            self._observe(
+                BatchStats(sum(job.rows for job in jobs), [started - job.enqueued for job in jobs])
+            )
 
     async def close(self) -> None:
         """Refuse new work, finish everything already admitted (queued or in flight), stop.

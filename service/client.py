@@ -53,7 +53,13 @@ import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect as _ws_connect
 
-from service.frames import decode_response, decode_top_k_response, encode_request
+from service.frames import (
+    decode_many_response,
+    decode_response,
+    decode_top_k_response,
+    encode_many,
+    encode_request,
+)
 
 try:  # websockets >= 13: the new asyncio implementation
     from websockets.asyncio.client import connect as _ws_aconnect
@@ -66,10 +72,12 @@ except ImportError:  # pragma: no cover - websockets 12
 
 __all__ = [
     "AsyncClient",
+    "AsyncMultiplex",
     "AsyncSession",
     "AsyncStream",
     "Client",
     "GenerateResult",
+    "Multiplex",
     "Prediction",
     "RnnServeError",
     "Session",
@@ -242,7 +250,10 @@ class StepResult:
     step_count: int
     symbols: list[str] | None = None
     replayed: bool = False
+    session_id: str | None = None
+    """Set on the results of multiplexed steps."""
     top_k: list[list[dict[str, Any]]] | None = None
+    """Per step, the best ``top_k`` classes (multiplexed steps that asked for them)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepResult:
@@ -252,6 +263,7 @@ class StepResult:
             step_count=int(data["step_count"]),
             symbols=data.get("symbols"),
             replayed=bool(data.get("replayed", False)),
+            session_id=data.get("session_id"),
             top_k=data.get("top_k"),
         )
 
@@ -570,6 +582,10 @@ class _Api(Generic[_S]):
         return _Call("POST", f"/v1/sessions/{_seg(_sid(session))}/steps", body, StepResult.from_json)
 
     @staticmethod
+    def _c_step_many(items: Iterable[Any]) -> _Call:
+        return _Call("POST", "/v1/steps", {"steps": _mux_items(items)}, _mux_results)
+
+    @staticmethod
     def _c_generate(session, steps, temperature, seed, prime, top_k=None) -> _Call:
         body: dict[str, Any] = {"steps": int(steps), "temperature": float(temperature)}
         if seed is not None:
@@ -721,6 +737,17 @@ class Client(_Api["Stream"]):
         applied) a repeat of the request is answered from the server's copy, not re-applied.
         With ``top_k`` the answer holds the best k classes per step instead of outputs."""
         return self._run(self._c_step(session_id, inputs, seq, top_k))
+
+    def step_many(self, items: Iterable[Any]) -> list[StepResult | RnnServeError]:
+        """Steps for many sessions in one request (``POST /v1/steps``). Each item is a
+        mapping ``{"session_id" (or a session), "inputs", "seq"?, "top_k"?}`` or a tuple
+        ``(session, inputs[, seq])``; each result is a StepResult or, for an item that
+        failed alone, an RnnServeError (returned, not raised)."""
+        return self._run(self._c_step_many(items))
+
+    def multiplex(self, *, binary: bool = False, timeout: float | None = DEFAULT_TIMEOUT) -> Multiplex:
+        """A WebSocket on ``/v1/stream`` that carries steps for many sessions per message."""
+        return Multiplex(self, binary=binary, timeout=timeout)
 
     def generate(
         self,
@@ -1326,6 +1353,16 @@ class AsyncClient(_Api["AsyncStream"]):
     ) -> StepResult:
         return await self._run(self._c_step(session_id, inputs, seq, top_k))
 
+    async def step_many(self, items: Iterable[Any]) -> list[StepResult | RnnServeError]:
+        """See :meth:`Client.step_many`."""
+        return await self._run(self._c_step_many(items))
+
+    def multiplex(
+        self, *, binary: bool = False, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> AsyncMultiplex:
+        """``async with client.multiplex() as mux: await mux.send(items)``."""
+        return AsyncMultiplex(self, binary=binary, timeout=timeout)
+
     async def generate(
         self,
         session_id: Any,
@@ -1425,3 +1462,161 @@ class AsyncSession(_SessionBase):
         self, steps: Iterable[Any] | AsyncIterable[Any] | None = None, **options: Any
     ) -> AsyncStream:
         return self.client.stream(self, steps, **options)
+
+
+# -- multiplexed steps -------------------------------------------------------------------
+
+
+def _mux_item(item: Any) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        out = dict(item)
+        if "session_id" not in out and "session" in out:
+            out["session_id"] = out.pop("session")
+    else:
+        session, inputs, *rest = item
+        out = {"session_id": session, "inputs": inputs}
+        if rest and rest[0] is not None:
+            out["seq"] = rest[0]
+    out["session_id"] = _sid(out["session_id"])
+    if isinstance(out.get("inputs"), np.ndarray):
+        out["inputs"] = out["inputs"].tolist()
+    return out
+
+
+def _mux_items(items: Iterable[Any]) -> list[dict[str, Any]]:
+    return [_mux_item(item) for item in items]
+
+
+def _mux_results(data: Mapping[str, Any]) -> list[StepResult | RnnServeError]:
+    return [
+        RnnServeError.from_body(item) if "error" in item else StepResult.from_json(item)
+        for item in data["results"]
+    ]
+
+
+def _mux_binary(items: Iterable[Any]) -> tuple[bytes, list[str]]:
+    rows = []
+    for item in _mux_items(items):
+        if item.get("top_k") is not None:
+            raise ValueError("top_k is answered in JSON only; use binary=False")
+        rows.append((item["session_id"], np.asarray(item["inputs"], np.float32), item.get("seq")))
+    return encode_many(rows), [row[0] for row in rows]
+
+
+def _mux_binary_results(frame: bytes, ids: list[str]) -> list[StepResult | RnnServeError]:
+    out: list[StepResult | RnnServeError] = []
+    for session_id, result in zip(ids, decode_many_response(frame)):
+        if isinstance(result, dict):
+            out.append(RnnServeError.from_body({"error": result}))
+        else:
+            y, step_count, replayed = result
+            out.append(StepResult(y, step_count, replayed=replayed, session_id=session_id))
+    return out
+
+
+class _MultiplexBase:
+    def __init__(self, client: _Api, *, binary: bool, timeout: float | None) -> None:
+        self.client = client
+        self.binary = binary
+        self.timeout = timeout
+        self.connection: Any = None
+
+    def _url(self) -> str:
+        return f"{self.client.ws_url}/v1/stream"
+
+    def _encode(self, items: Iterable[Any]) -> tuple[str | bytes, list[str]]:
+        if self.binary:
+            return _mux_binary(items)
+        rows = _mux_items(items)
+        return _dumps({"steps": rows}).decode(), [row["session_id"] for row in rows]
+
+    def _decode(self, answer: str | bytes, ids: list[str]) -> list[StepResult | RnnServeError]:
+        if isinstance(answer, bytes):
+            return _mux_binary_results(answer, ids)
+        data = orjson.loads(answer)
+        if "error" in data:
+            raise RnnServeError.from_body(data)
+        return _mux_results(data)
+
+
+class Multiplex(_MultiplexBase):
+    """A synchronous multiplexed WebSocket (``/v1/stream``): ``send(items)`` carries steps
+    for many sessions in one message and returns one result per item, in order (a failed
+    item's result is an RnnServeError, returned). Items as in :meth:`Client.step_many`;
+    with ``binary=True`` inputs travel as float32 frames (no ``top_k``). A dropped
+    connection raises; items sent with ``seq`` can then be sent again safely."""
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        if self.connection is None:
+            try:
+                self.connection = _ws_connect(
+                    self._url(),
+                    open_timeout=self.timeout,
+                    max_size=DEFAULT_MAX_MESSAGE_BYTES,
+                    additional_headers=self.client._ws_headers,
+                )
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                raise _transport_error(exc) from exc
+
+    def send(self, items: Iterable[Any]) -> list[StepResult | RnnServeError]:
+        self.open()
+        message, ids = self._encode(items)
+        try:
+            self.connection.send(message)
+            answer = self.connection.recv(timeout=self.timeout)
+        except (ConnectionClosed, OSError, TimeoutError) as exc:
+            self.close()
+            raise _transport_error(exc) from exc
+        return self._decode(answer, ids)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+class AsyncMultiplex(_MultiplexBase):
+    """The asyncio twin of :class:`Multiplex`."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self.connection is None:
+            key = "extra_headers" if _LEGACY_ASYNC else "additional_headers"
+            try:
+                self.connection = await _ws_aconnect(
+                    self._url(),
+                    open_timeout=self.timeout,
+                    max_size=DEFAULT_MAX_MESSAGE_BYTES,
+                    **{key: self.client._ws_headers},
+                )
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                raise _transport_error(exc) from exc
+
+    async def send(self, items: Iterable[Any]) -> list[StepResult | RnnServeError]:
+        await self.open()
+        message, ids = self._encode(items)
+        try:
+            await self.connection.send(message)
+            answer = await asyncio.wait_for(self.connection.recv(), self.timeout)
+        except (ConnectionClosed, OSError, TimeoutError) as exc:
+            await self.close()
+            raise _transport_error(exc) from exc
+        return self._decode(answer, ids)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None

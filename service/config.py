@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_batch_sequences: int = Field(default=1024, ge=1)
     """Sequences in one predict request."""
     max_total_steps_per_predict: int = Field(default=200_000, ge=1)
+    max_multiplex_items: int = Field(default=8192, ge=1)
+    """Session steps in one multiplexed message (``POST /v1/steps``, ``/v1/stream``)."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_generate_steps: int = Field(default=10_000, ge=1)
 

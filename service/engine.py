@@ -12,6 +12,8 @@ import hashlib
 import logging
 import secrets
 import time
+from collections import deque
+from itertools import chain
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from service.batching import BatchStats, StepBatcher
 from service.config import Settings
 from service.errors import (
     InvalidInput,
+    ServeError,
     NotSupported,
     PayloadTooLarge,
     SequenceMismatch,
@@ -44,6 +47,16 @@ class StepResult:
     outputs: np.ndarray
     record: SessionRecord
     replayed: bool = False
+
+
+@dataclass(slots=True)
+class StepItem:
+    """One session's steps in a multiplexed message."""
+
+    session_id: str
+    inputs: object
+    """A list of steps (as on the single-session routes) or an array."""
+    seq: int | None = None
 
 
 @dataclass(slots=True)
@@ -71,7 +84,7 @@ class Engine:
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, settings.batch_max_inflight), thread_name_prefix="ort"
         )
-        self._locks: dict[str, list] = {}
+        self._turns = _Turns()
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
@@ -209,7 +222,7 @@ class Engine:
 
     def _session_lock(self, session_id: str) -> _SessionLock:
         """Requests to one session run one at a time, in arrival order (asyncio.Lock is FIFO)."""
-        return _SessionLock(self._locks, session_id)
+        return _SessionLock(self._turns, session_id)
 
     async def _owned(
         self, session_id: str, owner: str | None, *, fresh: bool = False
@@ -427,6 +440,192 @@ class Engine:
             return StepResult(y, record)
         raise SessionConflict("the session kept changing under this request; retry it")
 
+    # -- multiplexed steps --------------------------------------------------------------
+
+    async def step_many(
+        self, owner: str | None, items: list[StepItem]
+    ) -> list[StepResult | ServeError]:
+        """Steps for many sessions (of any models) at once, each exactly as ``step`` would
+        apply it alone: exactly-once ``seq``, ownership and limits per item, and items of
+        one session applied in message order. One bad item fails only itself (its error is
+        its result). The work per batch is a few bulk operations: one store read and one
+        store commit per round, one onnxruntime job per (model, length) block.
+        """
+        s = self.settings
+        if len(items) > s.max_multiplex_items:
+            raise PayloadTooLarge(
+                f"{len(items)} items exceed the limit of {s.max_multiplex_items} per message",
+                limit=s.max_multiplex_items,
+            )
+        # The k-th item of each session runs in round k: rounds keep per-session order.
+        rounds: list[list[int]] = [[]]
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            k = seen.get(item.session_id, 0)
+            seen[item.session_id] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        turns = self._turns
+        entered: list[tuple[str, asyncio.Future | None]] = [(sid, turns.enter(sid)) for sid in seen]
+        results: list = [None] * len(items)
+        try:
+            for key, future in entered:
+                if future is not None:
+                    await future
+            for indices in rounds:
+                await self._step_round(owner, items, indices, results)
+        except BaseException:
+            for key, future in entered:
+                turns.abandon(key, future)
+            raise
+        for key, _ in entered:
+            turns.leave(key)
+        return results
+
+    async def _step_round(
+        self, owner: str | None, items: list[StepItem], indices: list[int], results: list
+    ) -> None:
+        """At most one item per session, every session's turn held."""
+        records = await self.store.get_many([items[i].session_id for i in indices])
+        slow: list[int] = []  # through the single-session path (fresh reads, retries)
+        by_entry: dict[int, tuple[ModelVersion, list]] = {}
+        models: dict[tuple, ModelVersion] = {}
+        for i, record in zip(indices, records):
+            if isinstance(record, BaseException):
+                results[i] = _as_error(record)
+                continue
+            if record.owner != owner:
+                results[i] = SessionNotFound(f"no session {record.session_id}")
+                continue
+            key = (record.model, record.version, record.fingerprint)
+            entry = models.get(key)
+            if entry is None:
+                try:
+                    entry = models[key] = self.session_model(record)
+                except ServeError as exc:
+                    results[i] = exc
+                    continue
+            group = by_entry.get(id(entry))
+            if group is None:
+                group = by_entry[id(entry)] = (entry, [])
+            group[1].append((i, record))
+        jobs = []
+        for entry, members in by_entry.values():
+            xs = self._parse_many(entry, [items[i].inputs for i, _ in members], results, members)
+            blocks: dict[int, list] = {}
+            for (i, record), x in zip(members, xs):
+                if x is None:
+                    continue
+                seq = items[i].seq
+                if seq is not None and seq != record.step_count + x.shape[0]:
+                    slow.append(i)  # a replay or a mismatch: decided on a fresh read
+                    continue
+                blocks.setdefault(x.shape[0], []).append((i, record, x))
+            for steps, block in blocks.items():
+                size = self.settings.batch_max_size
+                for a in range(0, len(block), size):
+                    jobs.append((entry, steps, block[a : a + size]))
+        outcomes = await asyncio.gather(
+            *(self._run_block(entry, block) for entry, _, block in jobs), return_exceptions=True
+        )
+        committed: list[SessionRecord] = []
+        placed: list[tuple[int, np.ndarray, ModelVersion]] = []
+        for (entry, steps, block), outcome in zip(jobs, outcomes):
+            if isinstance(outcome, BaseException):
+                slow.extend(i for i, _, _ in block)  # isolate the failing item, if any
+                continue
+            ys, states = outcome
+            for row, (i, record, _) in enumerate(block):
+                y = ys[row]
+                record.state = states[row]
+                _remember(record, steps, y, items[i].seq)
+                committed.append(record)
+                placed.append((i, y, entry))
+        if committed:
+            errors = await self.store.commit_many(committed)
+            counted: dict[int, list] = {}
+            for (i, y, entry), record, error in zip(placed, committed, errors):
+                if error is None:
+                    results[i] = StepResult(y, record)
+                    tally = counted.setdefault(id(entry), [entry, 0])
+                    tally[1] += y.shape[0]
+                elif isinstance(error, SessionConflict):
+                    slow.append(i)  # another replica moved first: re-read and redo
+                else:
+                    results[i] = _as_error(error)
+            for entry, n in counted.values():
+                self._steps_counter(entry).inc(n)
+        for i in sorted(slow):
+            item = items[i]
+            try:
+                results[i] = await self._advance(
+                    item.session_id, owner, item.inputs, item.seq, None, release=False
+                )
+            except ServeError as exc:
+                results[i] = exc
+
+    async def _run_block(self, entry: ModelVersion, block: list) -> tuple[np.ndarray, np.ndarray]:
+        x = np.stack([x for _, _, x in block])
+        states = np.stack([record.state for _, record, _ in block])
+        return await self.batcher(entry).submit_block(x, states)
+
+    def _parse_many(
+        self, entry: ModelVersion, inputs: list, results: list, members: list
+    ) -> list[np.ndarray | None]:
+        """Validated arrays for many items of one model, None where the item failed (its
+        error stored in ``results``). Plain numeric lists are converted in one numpy call
+        after a C-speed type check; anything else goes through the item-by-item parser, so
+        errors read the same as on the single-session routes."""
+        card = entry.card
+        out: list[np.ndarray | None] = [None] * len(inputs)
+        pending = list(range(len(inputs)))
+        if card is not None and not card.token_inputs:
+            pending = self._parse_plain(card, inputs, out)
+        for k in pending:
+            try:
+                out[k] = self._parse(card, inputs[k])
+            except ServeError as exc:
+                results[members[k][0]] = exc
+        return out
+
+    def _parse_plain(self, card, inputs: list, out: list) -> list[int]:
+        width = card.input_size
+        limit = self.settings.max_steps_per_request
+        plain: list[int] = []
+        rest: list[int] = []
+        rows: list = []
+        for k, steps in enumerate(inputs):
+            if (
+                type(steps) is list
+                and 0 < len(steps) <= limit
+                and all(type(step) is list and len(step) == width for step in steps)
+            ):
+                plain.append(k)
+                rows.extend(steps)
+            else:
+                rest.append(k)
+        if not plain:
+            return rest
+        if not set(map(type, chain.from_iterable(rows))) <= _NUMBER_TYPES:
+            return sorted(rest + plain)
+        try:
+            with np.errstate(over="ignore"):
+                flat = np.array(rows, np.float32)
+        except (OverflowError, ValueError):
+            return sorted(rest + plain)
+        finite = np.isfinite(flat).all(axis=1)
+        row = 0
+        bad = not finite.all()
+        for k in plain:
+            n = len(inputs[k])
+            if bad and not finite[row : row + n].all():
+                rest.append(k)  # the item parser words the error
+            else:
+                out[k] = flat[row : row + n]
+            row += n
+        return rest
+
     def _parse(self, card, steps: object) -> np.ndarray:
         return sequence_array(card, steps, self.settings)
 
@@ -552,6 +751,15 @@ class Engine:
             )
 
 
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _as_error(exc: BaseException) -> ServeError:
+    if isinstance(exc, ServeError):
+        return exc
+    raise exc
+
+
 def _remember(record: SessionRecord, steps: int, y: np.ndarray, seq: int | None) -> None:
     """Account ``steps`` applied steps with outputs ``y`` on ``record`` (state already set)."""
     record.step_count += steps
@@ -590,39 +798,83 @@ class _EndSymbol:
         return not self.balanced or self.open <= 0
 
 
-class _SessionLock:
-    """The per-session asyncio.Lock, dropped from the table when its last user leaves.
+class _Turns:
+    """Per-session FIFO turns: requests to one session run one at a time, in arrival order.
 
-    A plain class rather than @asynccontextmanager: this runs on every step.
+    A session's entry exists only while someone holds or waits for its turn: [users,
+    waiters]. Taking a free turn needs no await, so a batch of many sessions takes all its
+    turns in one synchronous pass; that pass is atomic on the event loop, so two batches
+    always queue in the same order on every session they share and cannot deadlock.
     """
 
-    __slots__ = ("_key", "_lock", "_table")
+    __slots__ = ("_table",)
 
-    def __init__(self, table: dict[str, list], key: str) -> None:
-        self._table = table
+    def __init__(self) -> None:
+        self._table: dict[str, list] = {}
+
+    def enter(self, key: str) -> asyncio.Future | None:
+        """Take ``key``'s turn: None when it is ours now, else a future that resolves when it is."""
+        slot = self._table.get(key)
+        if slot is None:
+            self._table[key] = [1, None]
+            return None
+        slot[0] += 1
+        if slot[1] is None:
+            slot[1] = deque()
+        future = asyncio.get_running_loop().create_future()
+        slot[1].append(future)
+        return future
+
+    def leave(self, key: str) -> None:
+        """Give up the turn we hold: the next live waiter gets it."""
+        slot = self._table[key]
+        slot[0] -= 1
+        if slot[0] == 0:
+            del self._table[key]
+            return
+        waiters = slot[1]
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+    def abandon(self, key: str, future: asyncio.Future | None) -> None:
+        """Undo ``enter`` for a caller that stops (cancelled) before or after its turn came."""
+        if future is None or (future.done() and not future.cancelled()):
+            self.leave(key)  # the turn was ours: pass it on
+            return
+        future.cancel()
+        slot = self._table[key]
+        slot[0] -= 1  # the holder is still a user, so the entry stays
+
+    async def wait(self, key: str, future: asyncio.Future | None) -> None:
+        if future is None:
+            return
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.abandon(key, future)
+            raise
+
+
+class _SessionLock:
+    """``async with``: hold one session's turn. A plain class rather than
+    @asynccontextmanager: this runs on every step."""
+
+    __slots__ = ("_key", "_turns")
+
+    def __init__(self, turns: _Turns, key: str) -> None:
+        self._turns = turns
         self._key = key
 
     async def __aenter__(self) -> None:
-        slot = self._table.get(self._key)
-        if slot is None:
-            slot = self._table[self._key] = [asyncio.Lock(), 0]
-        slot[1] += 1
-        self._lock = slot[0]
-        try:
-            await self._lock.acquire()
-        except BaseException:
-            self._leave()
-            raise
+        future = self._turns.enter(self._key)
+        if future is not None:
+            await self._turns.wait(self._key, future)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._lock.release()
-        self._leave()
-
-    def _leave(self) -> None:
-        slot = self._table[self._key]
-        slot[1] -= 1
-        if slot[1] == 0:
-            del self._table[self._key]
+        self._turns.leave(self._key)
 
 
 def _symbol_input(card, index: int) -> np.ndarray:

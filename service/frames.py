@@ -130,3 +130,131 @@ def _payload(frame: bytes, offset: int, shape: tuple[int, ...], dtype: str) -> n
     if len(frame) != expected:
         raise FrameError(f"frame is {len(frame)} bytes; its header implies {expected}")
     return np.frombuffer(frame, dtype, count, offset).reshape(shape)
+
+
+# -- multiplexed frames: steps for many sessions in one message (``/v1/stream``) -----------
+#
+# Request:  header "<2sBBI" (magic b"RM", version 1, flags 0, count), then ``count`` item
+#           entries of 20 bytes (id_len u16, flags u16 [bit 0: seq set], steps u32,
+#           features u32, seq u64), then the session ids (UTF-8, id_len bytes each, no
+#           separator), then every item's ``steps * features`` float32 values, in order.
+# Response: header "<2sBBII" (magic b"RM", version 1, flags 0, count, errors_len), then
+#           ``count`` entries of 20 bytes (flags u16 [bit 0: error, bit 1: replayed],
+#           reserved u16, steps u32, outputs u32, step_count u64), then the float32
+#           outputs of every item that did not fail, in order, then ``errors_len`` bytes
+#           of UTF-8 JSON: ``[{"index": i, "code": ..., "message": ...}, ...]``.
+
+MUX_MAGIC = b"RM"
+MUX_HEADER = struct.Struct("<2sBBI")
+MUX_RESPONSE_HEADER = struct.Struct("<2sBBII")
+MUX_ITEM = np.dtype(
+    [("id_len", "<u2"), ("flags", "<u2"), ("steps", "<u4"), ("features", "<u4"), ("seq", "<u8")]
+)
+MUX_RESULT = np.dtype(
+    [("flags", "<u2"), ("reserved", "<u2"), ("steps", "<u4"), ("outputs", "<u4"), ("step_count", "<u8")]
+)
+MUX_ERROR = 1
+
+
+def is_multiplexed(frame: bytes) -> bool:
+    return frame[:2] == MUX_MAGIC
+
+
+def encode_many(items: list[tuple[str, np.ndarray, int | None]]) -> bytes:
+    """A multiplexed request frame from (session_id, x [steps, features], seq) items."""
+    table = np.zeros(len(items), MUX_ITEM)
+    ids, payload = [], []
+    for k, (session_id, x, seq) in enumerate(items):
+        x = np.ascontiguousarray(x, dtype="<f4")
+        if x.ndim != 2:
+            raise FrameError("each item's steps must be a [steps, features] array")
+        raw = session_id.encode()
+        table[k] = (len(raw), FLAG_SEQ if seq is not None else 0, x.shape[0], x.shape[1], seq or 0)
+        ids.append(raw)
+        payload.append(x.tobytes())
+    head = MUX_HEADER.pack(MUX_MAGIC, VERSION, 0, len(items))
+    return head + table.tobytes() + b"".join(ids) + b"".join(payload)
+
+
+def decode_many(frame: bytes, max_items: int) -> list[tuple[str, np.ndarray, int | None]]:
+    """(session_id, x, seq) per item of a multiplexed request frame."""
+    if len(frame) < MUX_HEADER.size:
+        raise FrameError(f"a multiplexed frame needs a {MUX_HEADER.size}-byte header")
+    magic, version, _, count = MUX_HEADER.unpack_from(frame)
+    if magic != MUX_MAGIC or version != VERSION:
+        raise FrameError("not an rnnserve multiplexed v1 frame (bad magic or version)")
+    if count > max_items:
+        raise FrameError(f"{count} items exceed the limit of {max_items} per message")
+    ids_at = MUX_HEADER.size + count * MUX_ITEM.itemsize
+    if len(frame) < ids_at:
+        raise FrameError(f"frame is {len(frame)} bytes; its {count} item entries need {ids_at}")
+    table = np.frombuffer(frame, MUX_ITEM, count, MUX_HEADER.size)
+    id_ends = ids_at + np.cumsum(table["id_len"], dtype=np.int64)
+    values = table["steps"].astype(np.int64) * table["features"]
+    data_at = int(id_ends[-1]) if count else ids_at
+    expected = data_at + 4 * int(values.sum())
+    if len(frame) != expected:
+        raise FrameError(f"frame is {len(frame)} bytes; its header implies {expected}")
+    floats = np.frombuffer(frame, "<f4", offset=data_at)
+    out = []
+    start, offset = ids_at, 0
+    for end, steps, features, flags, seq, n in zip(
+        id_ends.tolist(),
+        table["steps"].tolist(),
+        table["features"].tolist(),
+        table["flags"].tolist(),
+        table["seq"].tolist(),
+        values.tolist(),
+    ):
+        try:
+            session_id = frame[start:end].decode()
+        except UnicodeDecodeError as exc:
+            raise FrameError("a session id is not valid UTF-8") from exc
+        out.append(
+            (session_id, floats[offset : offset + n].reshape(steps, features), seq if flags & FLAG_SEQ else None)
+        )
+        start, offset = end, offset + n
+    return out
+
+
+def encode_many_response(
+    results: list[tuple[np.ndarray, int, bool] | dict], errors_json: bytes = b""
+) -> bytes:
+    """A multiplexed response frame: per item (y, step_count, replayed), or an error dict
+    (listed with its index in ``errors_json``, which the caller renders)."""
+    table = np.zeros(len(results), MUX_RESULT)
+    payload = []
+    for k, result in enumerate(results):
+        if isinstance(result, dict):
+            table[k] = (MUX_ERROR, 0, 0, 0, 0)
+            continue
+        y, step_count, replayed = result
+        table[k] = (FLAG_REPLAYED if replayed else 0, 0, y.shape[0], y.shape[1], step_count)
+        payload.append(np.ascontiguousarray(y, "<f4").tobytes())
+    head = MUX_RESPONSE_HEADER.pack(MUX_MAGIC, VERSION, 0, len(results), len(errors_json))
+    return head + table.tobytes() + b"".join(payload) + errors_json
+
+
+def decode_many_response(frame: bytes) -> list[tuple[np.ndarray, int, bool] | dict]:
+    """Per item (y, step_count, replayed), or ``{"code", "message"}`` for a failed item."""
+    import json
+
+    if len(frame) < MUX_RESPONSE_HEADER.size:
+        raise FrameError("a multiplexed response needs its header")
+    magic, version, _, count, errors_len = MUX_RESPONSE_HEADER.unpack_from(frame)
+    if magic != MUX_MAGIC or version != VERSION:
+        raise FrameError("not an rnnserve multiplexed v1 frame (bad magic or version)")
+    table = np.frombuffer(frame, MUX_RESULT, count, MUX_RESPONSE_HEADER.size)
+    at = MUX_RESPONSE_HEADER.size + count * MUX_RESULT.itemsize
+    errors = {e["index"]: e for e in json.loads(frame[len(frame) - errors_len :] or b"[]")}
+    out: list = []
+    for k, (flags, _, steps, outputs, step_count) in enumerate(table.tolist()):
+        if flags & MUX_ERROR:
+            error = errors.get(k, {})
+            out.append({"code": error.get("code"), "message": error.get("message")})
+            continue
+        n = steps * outputs
+        y = np.frombuffer(frame, "<f4", n, at).reshape(steps, outputs)
+        out.append((y, step_count, bool(flags & FLAG_REPLAYED)))
+        at += 4 * n
+    return out

@@ -73,16 +73,14 @@ class Runner:
             for a, b, shape in zip(self._offsets, self._offsets[1:], self._row_shapes)
         ]
 
-    def stack_states(self, flats: list[np.ndarray]) -> list[np.ndarray]:
-        """Stack per-sequence flat states into the batched tensors the graph takes."""
+    def stack_states(self, flats: list[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """Stack per-sequence flat states (a list, or a [batch, state_size] array) into the
+        batched tensors the graph takes."""
+        rows = np.asarray(flats, np.float32)
+        batch = rows.shape[0]
         batched = []
-        for k, (a, b, shape, axis) in enumerate(
-            zip(self._offsets, self._offsets[1:], self._row_shapes, self._axes)
-        ):
-            rows = np.empty((len(flats), b - a), np.float32)
-            for i, flat in enumerate(flats):
-                rows[i] = flat[a:b]
-            tensor = rows.reshape((len(flats), *shape))
+        for a, b, shape, axis in zip(self._offsets, self._offsets[1:], self._row_shapes, self._axes):
+            tensor = rows[:, a:b].reshape((batch, *shape))
             batched.append(np.ascontiguousarray(np.moveaxis(tensor, 0, axis)))
         return batched
 

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from service.api import steps
 from service.api.common import dumps, session_info, websocket_owner
 from service.api.rest import step_content
 from service.engine import Engine
@@ -42,6 +43,87 @@ _CLOSE_CODES = {
     429: CLOSE_TRY_AGAIN,
     503: CLOSE_TRY_AGAIN,
 }
+
+
+@router.websocket("/v1/stream")
+async def stream_many(websocket: WebSocket) -> None:
+    """Multiplexed: each message carries steps for many sessions (see service.api.steps),
+    as JSON text or as a binary multiplexed frame (service.frames); answers in order."""
+    engine: Engine = websocket.app.state.engine
+    await websocket.accept()
+    try:
+        who = websocket_owner(websocket)
+    except ServeError as exc:
+        await websocket.send_text(dumps(exc.body()).decode())
+        await websocket.close(_CLOSE_CODES.get(exc.status, CLOSE_POLICY))
+        return
+    settings = engine.settings
+    limiter = _RateLimiter(settings.ws_max_messages_per_s)
+    while True:
+        message = await _receive(websocket)
+        if message is None:
+            return
+        binary, text = message
+        try:
+            _admit(settings, limiter, binary, text)
+            if binary is not None:
+                try:
+                    answer = await steps.run_binary(engine, who, binary)
+                except FrameError as exc:
+                    await websocket.send_text(
+                        dumps({"error": {"code": "bad_frame", "message": str(exc)}}).decode()
+                    )
+                    await websocket.close(CLOSE_UNSUPPORTED)
+                    return
+                await websocket.send_bytes(answer)
+            else:
+                parsed = steps.parse_json(text or "", settings.max_multiplex_items)
+                results = await steps.run(engine, who, parsed)
+                await websocket.send_text(steps.render_json(engine, parsed, results).decode())
+        except WebSocketDisconnect:
+            return
+        except ServeError as exc:
+            try:
+                await websocket.send_text(dumps(exc.body()).decode())
+            except (WebSocketDisconnect, RuntimeError):
+                return
+        except Exception:
+            log.exception("multiplexed stream failed")
+            await _close_internal(websocket)
+            return
+
+
+async def _receive(websocket: WebSocket) -> tuple[bytes | None, str | None] | None:
+    """The next message as (bytes, text), or None once the client has gone."""
+    try:
+        message = await websocket.receive()
+    except WebSocketDisconnect:
+        return None
+    if message["type"] == "websocket.disconnect":
+        return None
+    return message.get("bytes"), message.get("text")
+
+
+async def _close_internal(websocket: WebSocket) -> None:
+    try:
+        await websocket.send_text(
+            dumps({"error": {"code": "internal_error", "message": "internal error"}}).decode()
+        )
+        await websocket.close(CLOSE_INTERNAL)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _admit(settings, limiter: _RateLimiter, binary: bytes | None, text: str | None) -> None:
+    """The per-message size and rate limits of every stream."""
+    size = len(binary) if binary is not None else len(text or "")
+    if binary is None and size * 4 > settings.ws_max_message_bytes:
+        size = len(text.encode())  # only count UTF-8 bytes when it could matter
+    if size > settings.ws_max_message_bytes:
+        raise PayloadTooLarge(
+            f"message of {size} bytes exceeds the limit of {settings.ws_max_message_bytes}"
+        )
+    limiter.take()
 
 
 @router.websocket("/v1/models/{name}/stream")
@@ -92,24 +174,13 @@ async def _serve(
     entry = None
 
     while True:
-        try:
-            message = await websocket.receive()
-        except WebSocketDisconnect:
+        message = await _receive(websocket)
+        if message is None:
             return
-        if message["type"] == "websocket.disconnect":
-            return
-        binary = message.get("bytes")
-        text = message.get("text")
+        binary, text = message
         kind = "binary" if binary is not None else "json"
         try:
-            size = len(binary) if binary is not None else len(text or "")
-            if binary is None and size * 4 > settings.ws_max_message_bytes:
-                size = len(text.encode())  # only count UTF-8 bytes when it could matter
-            if size > settings.ws_max_message_bytes:
-                raise PayloadTooLarge(
-                    f"message of {size} bytes exceeds the limit of {settings.ws_max_message_bytes}"
-                )
-            limiter.take()
+            _admit(settings, limiter, binary, text)
             if binary is not None:
                 try:
                     x, seq, k = decode_request(binary)
@@ -152,13 +223,7 @@ async def _serve(
                 return
         except Exception:
             log.exception("stream failed")
-            try:
-                await websocket.send_text(
-                    dumps({"error": {"code": "internal_error", "message": "internal error"}}).decode()
-                )
-                await websocket.close(CLOSE_INTERNAL)
-            except Exception:  # noqa: BLE001
-                pass
+            await _close_internal(websocket)
             return
 
 

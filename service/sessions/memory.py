@@ -60,14 +60,40 @@ class MemorySessionStore(SessionStore):
     async def get(self, session_id: str, *, fresh: bool = False) -> SessionRecord:
         return self._live(session_id).clone()
 
+    async def get_many(
+        self, session_ids: list[str], *, fresh: bool = False
+    ) -> list[SessionRecord | BaseException]:
+        out: list[SessionRecord | BaseException] = []
+        for session_id in session_ids:
+            try:
+                out.append(self._live(session_id).clone())
+            except (SessionNotFound, SessionExpired) as exc:
+                out.append(exc)
+        return out
+
+    async def commit_many(
+        self, records: list[SessionRecord], release: list[bool] | None = None
+    ) -> list[BaseException | None]:
+        out: list[BaseException | None] = []
+        for k, record in enumerate(records):
+            try:
+                self._commit(record, bool(release and release[k]))
+                out.append(None)
+            except (SessionConflict, SessionNotFound, SessionExpired) as exc:
+                out.append(exc)
+        return out
+
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
+        self._commit(record, release)
+
+    def _commit(self, record: SessionRecord, release: bool) -> None:
         stored = self._live(record.session_id)
         if stored.revision != record.revision:
             raise SessionConflict(
                 "the session was changed by another request", step_count=stored.step_count
             )
         if release:
-            await self.delete(record.session_id)
+            self._drop(record.session_id)
             record.revision += 1
             return
         fresh = record.clone()
@@ -83,6 +109,9 @@ class MemorySessionStore(SessionStore):
         self._records.move_to_end(session_id)
 
     async def delete(self, session_id: str) -> bool:
+        return self._drop(session_id)
+
+    def _drop(self, session_id: str) -> bool:
         record = self._records.pop(session_id, None)
         if record is None:
             return False

@@ -1,0 +1,211 @@
+"""Multiplexed steps: one message carries steps for many sessions, of any models.
+
+``POST /v1/steps`` (and the JSON form of the WebSocket ``/v1/stream``) take
+``{"steps": [{"session_id", "inputs", "seq"?, "top_k"?}, ...]}`` and answer
+``{"results": [...]}`` in the same order, each item ``{"session_id", "outputs",
+"step_count", "replayed"?, "top_k"?}`` or ``{"session_id", "error": {"code", "message"}}``.
+One bad item fails only itself; the engine applies every item as the single-session
+routes would (``Engine.step_many``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.api.common import ORJSONRoute, dumps, engine_of, error_responses, owner
+from service.engine import Engine, StepItem, StepResult
+from service.errors import InvalidInput, PayloadTooLarge, ServeError
+from service.frames import decode_many, encode_many_response
+from service.topk import top_k
+
+router = APIRouter(
+    prefix="/v1", tags=["v1"], dependencies=[Depends(owner)], route_class=ORJSONRoute
+)
+
+_ITEM_FIELDS = frozenset({"session_id", "inputs", "seq", "top_k"})
+_MAX_ID = 256
+
+class MultiplexRequest(BaseModel):
+    """Steps for many sessions; each item is validated on its own (a bad item fails alone)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "steps": [
+                        {"session_id": "3q2Rm0x...", "inputs": [[0.1]], "seq": 1},
+                        {"session_id": "Zk81Q7w...", "inputs": ["B", "T"], "top_k": 2},
+                    ]
+                }
+            ]
+        },
+    )
+
+    steps: list[Any] = Field(
+        description='Items {"session_id": str, "inputs": [step, ...], "seq"?: int >= 1, '
+        '"top_k"?: int >= 1}, answered in the same order.',
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "required": ["session_id", "inputs"],
+                "properties": {
+                    "session_id": {"type": "string"},
+                    "inputs": {"type": "array", "items": {}},
+                    "seq": {"type": "integer", "minimum": 1},
+                    "top_k": {"type": "integer", "minimum": 1},
+                },
+            }
+        },
+    )
+
+
+class MultiplexResponse(BaseModel):
+    results: list[dict[str, Any]] = Field(
+        description='Per item {"session_id", "outputs", "step_count", "replayed"?, "top_k"?} '
+        'or {"session_id", "error": {"code", "message"}}.'
+    )
+
+
+class Parsed:
+    """A message's items: the valid ones for the engine, the invalid ones already answered."""
+
+    __slots__ = ("items", "positions", "errors", "ids", "top_ks")
+
+    def __init__(self, size: int) -> None:
+        self.items: list[StepItem] = []
+        self.positions: list[int] = []
+        self.errors: dict[int, ServeError] = {}
+        self.ids: list[Any] = [None] * size
+        self.top_ks: list[int | None] = [None] * size
+
+
+def parse_json(body: bytes | str, max_items: int) -> Parsed:
+    """Validate a JSON multiplexed message; a malformed item fails only itself."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the message is not valid JSON: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("steps"), list):
+        raise InvalidInput('a message must be an object {"steps": [{"session_id", "inputs"}, ...]}')
+    if len(message) != 1:
+        raise InvalidInput(f"unknown fields {sorted(set(message) - {'steps'})}")
+    return parse_items(message["steps"], max_items)
+
+
+def parse_items(raw: list, max_items: int) -> Parsed:
+    if len(raw) > max_items:
+        raise PayloadTooLarge(
+            f"{len(raw)} items exceed the limit of {max_items} per message", limit=max_items
+        )
+    parsed = Parsed(len(raw))
+    for k, item in enumerate(raw):
+        if type(item) is not dict:
+            parsed.errors[k] = InvalidInput(f"item {k} must be an object")
+            continue
+        session_id = item.get("session_id")
+        parsed.ids[k] = session_id if isinstance(session_id, str) else None
+        problem = _item_problem(item, session_id)
+        if problem is not None:
+            parsed.errors[k] = InvalidInput(f"item {k}: {problem}")
+            continue
+        parsed.items.append(StepItem(session_id, item["inputs"], item.get("seq")))
+        parsed.positions.append(k)
+        parsed.top_ks[k] = item.get("top_k")
+    return parsed
+
+
+def _item_problem(item: dict, session_id: Any) -> str | None:
+    if not item.keys() <= _ITEM_FIELDS:
+        return f"unknown fields {sorted(set(item) - _ITEM_FIELDS)}"
+    if type(session_id) is not str or not 0 < len(session_id) <= _MAX_ID:
+        return f"session_id must be a string of 1 to {_MAX_ID} characters"
+    if "inputs" not in item:
+        return "inputs is missing"
+    seq = item.get("seq")
+    if seq is not None and (type(seq) is not int or seq < 1):
+        return "seq must be a positive integer"
+    k = item.get("top_k")
+    if k is not None and (type(k) is not int or k < 1):
+        return "top_k must be a positive integer"
+    return None
+
+
+async def run(engine: Engine, who: str | None, parsed: Parsed) -> list:
+    """Each position's StepResult or ServeError."""
+    answers = await engine.step_many(who, parsed.items) if parsed.items else []
+    results: list = [None] * len(parsed.ids)
+    for position, answer in zip(parsed.positions, answers):
+        results[position] = answer
+    for position, error in parsed.errors.items():
+        results[position] = error
+    return results
+
+
+def render_json(engine: Engine, parsed: Parsed, results: list) -> bytes:
+    out = []
+    for k, result in enumerate(results):
+        session_id = parsed.ids[k]
+        if isinstance(result, StepResult):
+            y = np.ascontiguousarray(result.outputs)
+            item: dict[str, Any] = {
+                "session_id": session_id,
+                "outputs": y,
+                "step_count": result.record.step_count,
+            }
+            if result.replayed:
+                item["replayed"] = True
+            if parsed.top_ks[k] is not None:
+                card = engine.session_model(result.record).card
+                labels = (card.vocabulary or card.labels) if card is not None else None
+                if labels is not None and len(labels) != y.shape[1]:
+                    labels = None
+                item["top_k"] = top_k(y, parsed.top_ks[k], labels)
+            out.append(item)
+        else:
+            out.append({"session_id": session_id, "error": result.body()["error"]})
+    return dumps({"results": out})
+
+
+async def run_binary(engine: Engine, who: str | None, frame: bytes) -> bytes:
+    """Answer a multiplexed binary frame (FrameError for one that breaks the format)."""
+    decoded = decode_many(frame, engine.settings.max_multiplex_items)
+    parsed = Parsed(len(decoded))
+    for k, (session_id, x, seq) in enumerate(decoded):
+        parsed.ids[k] = session_id
+        if not 0 < len(session_id) <= _MAX_ID:
+            parsed.errors[k] = InvalidInput(f"item {k}: session_id must be 1 to {_MAX_ID} characters")
+            continue
+        parsed.items.append(StepItem(session_id, x, seq))
+        parsed.positions.append(k)
+    results = await run(engine, who, parsed)
+    encoded: list = []
+    errors = []
+    for k, result in enumerate(results):
+        if isinstance(result, StepResult):
+            encoded.append((result.outputs, result.record.step_count, result.replayed))
+        else:
+            body = result.body()["error"]
+            errors.append({"index": k, **body})
+            encoded.append(body)
+    return encode_many_response(encoded, dumps(errors) if errors else b"")
+
+
+@router.post(
+    "/steps",
+    response_model=MultiplexResponse,
+    responses=error_responses(401, 413, 422),
+    summary="Steps for many sessions in one request",
+)
+async def steps(
+    body: MultiplexRequest, request: Request, who: str | None = Depends(owner)
+) -> Response:
+    engine = engine_of(request)
+    parsed = parse_items(body.steps, engine.settings.max_multiplex_items)
+    results = await run(engine, who, parsed)
+    return Response(render_json(engine, parsed, results), media_type="application/json")

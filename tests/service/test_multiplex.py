@@ -1,0 +1,262 @@
+"""Multiplexed steps (``POST /v1/steps``, WebSocket ``/v1/stream``, JSON and binary) against
+one real server: every session gets exactly what it would get alone, checked against
+onnxruntime run independently; one bad item fails only itself."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.sync.client import connect
+
+from service.client import AsyncClient, Client, RnnServeError
+from service.frames import decode_many, decode_many_response, encode_many
+from tests.conftest import ServerProcess, start_server
+
+TOL = 1e-5
+MODELS = {"tiny-lstm": 3, "tiny-gru": 7, "tiny-relu": 2}
+
+
+@pytest.fixture(scope="module")
+def live(model_repo, tmp_path_factory) -> Iterator[ServerProcess]:
+    server = start_server(
+        model_repo,
+        tmp_path_factory.mktemp("mux-server"),
+        {"RNNSERVE_API_KEYS": "alice,bob", "RNNSERVE_MAX_MULTIPLEX_ITEMS": "64"},
+    )
+    yield server
+    server.stop()
+
+
+ALICE = {"X-API-Key": "alice"}
+
+
+def _create(live: ServerProcess, model: str, key: str = "alice") -> str:
+    r = httpx.post(f"{live.url}/v1/models/{model}/sessions", headers={"X-API-Key": key}, timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+def _post(live: ServerProcess, items: list, key: str = "alice") -> list[dict]:
+    r = httpx.post(f"{live.url}/v1/steps", json={"steps": items}, headers={"X-API-Key": key}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def _ws(live: ServerProcess):
+    return connect(live.ws_url + "/v1/stream", additional_headers=ALICE, open_timeout=10)
+
+
+def test_rest_items_in_order_errors_alone(live, reference):
+    rng = np.random.default_rng(3)
+    a, b = _create(live, "tiny-lstm"), _create(live, "tiny-gru")
+    xa = rng.normal(size=(3, 3)).astype(np.float32)
+    xb = rng.normal(size=(2, 7)).astype(np.float32)
+    results = _post(
+        live,
+        [
+            {"session_id": a, "inputs": xa[:1].tolist(), "seq": 1},
+            {"session_id": b, "inputs": xb.tolist(), "top_k": 2},
+            {"session_id": a, "inputs": xa[1:].tolist(), "seq": 3},  # after a's first item
+            {"session_id": a, "inputs": [[1.0, 2.0]]},  # wrong width
+            {"session_id": "unknown", "inputs": [[1.0, 2.0, 3.0]]},
+            {"session_id": a, "inputs": [[True, 1.0, 2.0]]},  # not a number
+            {"session_id": a, "inputs": xa[:1].tolist(), "seq": 9},  # skips ahead
+            {"session_id": a, "extra": 1, "inputs": []},
+            "not an item",
+        ],
+    )
+    assert [r.get("error", {}).get("code") for r in results] == [
+        None, None, None, "invalid_input", "session_not_found", "invalid_input",
+        "seq_mismatch", "invalid_input", "invalid_input",
+    ]
+    y_a = reference("tiny-lstm").run(xa)[0]
+    y_b = reference("tiny-gru").run(xb)[0]
+    np.testing.assert_allclose(results[0]["outputs"] + results[2]["outputs"], y_a, atol=TOL)
+    assert [results[0]["step_count"], results[2]["step_count"]] == [1, 3]
+    np.testing.assert_allclose(results[1]["outputs"], y_b, atol=TOL)
+    best = [[e["index"] for e in row] for row in results[1]["top_k"]]
+    assert best == np.argsort(-y_b, axis=1)[:, :2].tolist()
+    assert results[1]["top_k"][0][0]["label"] == "BTPSXVE"[best[0][0]]
+    assert results[4]["session_id"] == "unknown"
+
+    # A retry of the last applied item is replayed; the session is exactly where it was.
+    again = _post(live, [{"session_id": a, "inputs": xa[1:].tolist(), "seq": 3}])
+    assert again[0]["replayed"] is True
+    np.testing.assert_allclose(again[0]["outputs"], y_a[1:], atol=TOL)
+
+
+def test_ownership_and_limits(live):
+    a = _create(live, "tiny-lstm")
+    bob = _post(live, [{"session_id": a, "inputs": [[1.0, 2.0, 3.0]]}], key="bob")
+    assert bob[0]["error"]["code"] == "session_not_found"
+    assert httpx.get(f"{live.url}/v1/sessions/{a}", headers=ALICE).json()["step_count"] == 0
+    r = httpx.post(f"{live.url}/v1/steps", json={"steps": []}, timeout=10)
+    assert r.status_code == 401
+    too_many = [{"session_id": a, "inputs": [[0.0, 0.0, 0.0]]}] * 65
+    r = httpx.post(f"{live.url}/v1/steps", json={"steps": too_many}, headers=ALICE, timeout=10)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    for body in (b"{", b"[]", b'{"steps": 3}', b'{"steps": [], "x": 1}'):
+        r = httpx.post(f"{live.url}/v1/steps", content=body, headers=ALICE, timeout=10)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input", body
+    assert httpx.get(f"{live.url}/v1/sessions/{a}", headers=ALICE).json()["step_count"] == 0
+
+
+def test_websocket_json_and_binary(live, reference):
+    rng = np.random.default_rng(4)
+    a, b = _create(live, "tiny-lstm"), _create(live, "tiny-relu")
+    xa = rng.normal(size=(2, 3)).astype(np.float32)
+    xb = rng.normal(size=(3, 2)).astype(np.float32)
+    with _ws(live) as ws:
+        ws.send(json.dumps({"steps": [{"session_id": a, "inputs": xa[:1].tolist(), "seq": 1}]}))
+        first = json.loads(ws.recv(timeout=10))["results"]
+        ws.send(encode_many([(a, xa[1:], 2), (b, xb, None), (b, xb[:, :1], None), ("nope", xb, 1)]))
+        answer = ws.recv(timeout=10)
+        assert isinstance(answer, bytes)
+        second = decode_many_response(answer)
+        ws.send("not json")
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "invalid_input"
+        ws.send(b"RM\x01\x00\xff\xff\x00\x00")  # a malformed frame closes with 1003
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "bad_frame"
+    np.testing.assert_allclose(
+        np.concatenate([first[0]["outputs"], second[0][0]]), reference("tiny-lstm").run(xa)[0], atol=TOL
+    )
+    assert second[0][1] == 2 and second[1][1] == 3
+    np.testing.assert_allclose(second[1][0], reference("tiny-relu").run(xb)[0], atol=TOL)
+    assert second[2]["code"] == "invalid_input" and second[3]["code"] == "session_not_found"
+
+
+def test_frames_round_trip():
+    items = [("a", np.ones((2, 3), np.float32), 5), ("ßid", np.zeros((1, 1), np.float32), None)]
+    decoded = decode_many(encode_many(items), 10)
+    assert [(s, x.tolist(), q) for s, x, q in decoded] == [
+        (s, x.tolist(), q) for s, x, q in items
+    ]
+    with pytest.raises(ValueError):
+        decode_many(encode_many(items)[:-1], 10)
+    with pytest.raises(ValueError):
+        decode_many(encode_many(items), 1)
+
+
+async def test_client_helpers_sync_and_async(live, reference):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    expected = reference("tiny-lstm").run(x)[0]
+    with Client(live.url, api_key="alice") as client:
+        a = client.create_session("tiny-lstm")
+        got = client.step_many([(a, x[:1], 1), {"session_id": "zz", "inputs": x[:1].tolist()}])
+        assert isinstance(got[1], RnnServeError) and got[1].code == "session_not_found"
+        with client.multiplex(binary=True) as mux:
+            (second,) = mux.send([(a, x[1:2], 2)])
+        assert second.session_id == a.session_id and second.step_count == 2
+    async with AsyncClient(live.url, api_key="alice") as aclient:
+        (third,) = await aclient.step_many([{"session": a, "inputs": x[2:3], "seq": 3}])
+        async with aclient.multiplex() as amux:
+            (fourth,) = await amux.send([(a, x[3:], 4)])
+    outputs = np.concatenate([got[0].outputs, second.outputs, third.outputs, fourth.outputs])
+    np.testing.assert_allclose(outputs, expected, atol=TOL)
+
+
+# -- the property: many sessions, random orders, bad items and retries ----------------------
+
+
+@st.composite
+def plans(draw):
+    sessions = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(sorted(MODELS)),
+                st.lists(st.integers(1, 3), min_size=1, max_size=4),  # chunk lengths
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    # A random merge of every session's chunks (each session's chunks stay in order).
+    queue = [k for k, (_, chunks) in enumerate(sessions) for _ in chunks]
+    order = draw(st.permutations(queue))
+    bad = draw(st.lists(st.tuples(st.integers(0, 50), st.sampled_from(["width", "unknown", "seq"])), max_size=4))
+    cuts = draw(st.lists(st.integers(1, 6), min_size=1, max_size=8))
+    transports = draw(st.lists(st.sampled_from(["rest", "ws-json", "ws-binary"]), min_size=8, max_size=8))
+    retries = draw(st.lists(st.booleans(), min_size=8, max_size=8))
+    seed = draw(st.integers(0, 2**16))
+    return sessions, order, bad, cuts, transports, retries, seed
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=plans())
+def test_property_each_session_gets_what_it_would_alone(live, reference, plan):
+    sessions, order, bad, cuts, transports, retries, seed = plan
+    rng = np.random.default_rng(seed)
+    ids, xs, bounds = [], [], []
+    for model, chunks in sessions:
+        ids.append(_create(live, model))
+        xs.append(rng.normal(size=(sum(chunks), MODELS[model])).astype(np.float32))
+        bounds.append(np.cumsum([0, *chunks]).tolist())
+    done = [0] * len(sessions)  # chunks applied per session
+    items: list[tuple] = []  # (kind, session index, chunk index)
+    for k in order:
+        items.append(("good", k, done[k]))
+        done[k] += 1
+    for position, kind in bad:
+        items.insert(position % (len(items) + 1), (kind, position % len(sessions), None))
+    expected = [reference(model).run(x)[0] for (model, _), x in zip(sessions, xs)]
+    applied = [0] * len(sessions)
+
+    def wire(item: tuple) -> tuple[str, np.ndarray, int | None]:
+        kind, k, chunk = item
+        if kind == "good":
+            a, b = bounds[k][chunk], bounds[k][chunk + 1]
+            return ids[k], xs[k][a:b], b
+        if kind == "width":
+            return ids[k], np.ones((1, MODELS[sessions[k][0]] + 1), np.float32), None
+        if kind == "unknown":
+            return "no-such-session", np.ones((1, 3), np.float32), None
+        return ids[k], xs[k][:1], 10_000  # seq far ahead: seq_mismatch
+
+    def send(batch: list[tuple], transport: str) -> list:
+        wired = [wire(item) for item in batch]
+        if transport == "rest":
+            rows = [{"session_id": s, "inputs": x.tolist(), **({"seq": q} if q else {})} for s, x, q in wired]
+            return [r.get("error", {}).get("code") or (np.asarray(r["outputs"]), r["step_count"], r.get("replayed", False)) for r in _post(live, rows)]
+        with _ws(live) as ws:
+            if transport == "ws-binary":
+                ws.send(encode_many(wired))
+                return [r["code"] if isinstance(r, dict) else r for r in decode_many_response(ws.recv(timeout=30))]
+            rows = [{"session_id": s, "inputs": x.tolist(), **({"seq": q} if q else {})} for s, x, q in wired]
+            ws.send(json.dumps({"steps": rows}))
+            answer = json.loads(ws.recv(timeout=30))["results"]
+            return [r.get("error", {}).get("code") or (np.asarray(r["outputs"]), r["step_count"], r.get("replayed", False)) for r in answer]
+
+    start, m = 0, 0
+    while start < len(items):
+        batch = items[start : start + cuts[m % len(cuts)]]
+        start += len(batch)
+        last_of = {item[1]: n for n, item in enumerate(batch) if item[0] == "good"}
+        for attempt in range(2 if retries[m % 8] else 1):
+            answers = send(batch, transports[(m + attempt) % 8])
+            for n, (item, answer) in enumerate(zip(batch, answers)):
+                kind, k, chunk = item
+                if kind == "width":
+                    assert answer == "invalid_input"
+                elif kind == "unknown":
+                    assert answer == "session_not_found"
+                elif kind == "seq":
+                    assert answer == "seq_mismatch"
+                elif attempt == 1 and last_of[k] != n:
+                    assert answer == "seq_mismatch"  # only the last applied request replays
+                else:
+                    y, step_count, replayed = answer
+                    a, b = bounds[k][chunk], bounds[k][chunk + 1]
+                    assert step_count == b and replayed == (attempt == 1)
+                    np.testing.assert_allclose(y, expected[k][a:b], atol=TOL)
+                    applied[k] = b
+        m += 1
+    for k, session_id in enumerate(ids):
+        info = httpx.get(f"{live.url}/v1/sessions/{session_id}", headers=ALICE).json()
+        assert info["step_count"] == applied[k] == len(xs[k])
