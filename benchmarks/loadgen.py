@@ -442,12 +442,13 @@ def _cpu() -> tuple[float, float]:
     return t.user, t.system
 
 
-async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
+async def _child(cfg: dict[str, Any], make_conns=None) -> dict[str, Any]:
+    """``make_conns(run, cfg) -> list[_Conn]`` lets another module bring its own clients."""
     loop = asyncio.get_running_loop()
     run = Run(cfg)
     kind, n = cfg["kind"], cfg["conns"]
-    conns: list[_Conn] = []
-    for i in range(n):
+    conns: list[_Conn] = make_conns(run, cfg) if make_conns is not None else []
+    for i in range(0 if make_conns is not None else n):
         if kind == "ws":
             request = ws_request(cfg, cfg.get("salt", 0) + i)
             path = f"/v1/models/{cfg['model']}/stream"
@@ -517,7 +518,7 @@ async def _child(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child_main(argv: list[str]) -> None:
+def child_main(argv: list[str], make_conns=None) -> None:
     cfg = json.loads(argv[0])
     try:
         import uvloop
@@ -525,7 +526,7 @@ def child_main(argv: list[str]) -> None:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    result = runner(_child(cfg))
+    result = runner(_child(cfg, make_conns))
     # The line is large (every latency sample) and stdout may have been left non-blocking
     # (PYTHONUNBUFFERED + an event loop): write it all, blocking, with os.write.
     data = ("RESULT " + json.dumps(result) + "\n").encode()

@@ -250,10 +250,10 @@ class StepResult:
     step_count: int
     symbols: list[str] | None = None
     replayed: bool = False
-    session_id: str | None = None
-    """Set on the results of multiplexed steps."""
     top_k: list[list[dict[str, Any]]] | None = None
     """Per step, the best ``top_k`` classes (multiplexed steps that asked for them)."""
+    session_id: str | None = None
+    """Set on the results of multiplexed steps."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepResult:
@@ -1038,7 +1038,7 @@ class _StreamBase(_Retrying):
                 [{"index": i, "score": p} for i, p in zip(ir, sr)]
                 for ir, sr in zip(indices.tolist(), scores.tolist())
             ]
-            result = StepResult(None, step_count, None, replayed, best)
+            result = StepResult(None, step_count, None, replayed, top_k=best)
         elif isinstance(answer, bytes):
             y, step_count, replayed = decode_response(answer)
             result = StepResult(y.copy(), step_count, None, replayed)

@@ -13,9 +13,9 @@ import logging
 import secrets
 import time
 from collections import deque
-from itertools import chain
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -23,10 +23,10 @@ from service.batching import BatchStats, StepBatcher
 from service.config import Settings
 from service.errors import (
     InvalidInput,
-    ServeError,
     NotSupported,
     PayloadTooLarge,
     SequenceMismatch,
+    ServeError,
     SessionConflict,
     SessionExpired,
     SessionNotFound,

@@ -2,8 +2,9 @@
 
 ``POST /v1/steps`` (and the JSON form of the WebSocket ``/v1/stream``) take
 ``{"steps": [{"session_id", "inputs", "seq"?, "top_k"?}, ...]}`` and answer
-``{"results": [...]}`` in the same order, each item ``{"session_id", "outputs",
-"step_count", "replayed"?, "top_k"?}`` or ``{"session_id", "error": {"code", "message"}}``.
+``{"results": [...]}`` in the same order, each item ``{"session_id", "outputs" (or,
+asked with ``top_k``, the best k classes per step as ``top_k``), "step_count",
+"replayed"?}`` or ``{"session_id", "error": {"code", "message"}}``.
 One bad item fails only itself; the engine applies every item as the single-session
 routes would (``Engine.step_many``).
 """
@@ -75,7 +76,7 @@ class MultiplexResponse(BaseModel):
 class Parsed:
     """A message's items: the valid ones for the engine, the invalid ones already answered."""
 
-    __slots__ = ("items", "positions", "errors", "ids", "top_ks")
+    __slots__ = ("errors", "ids", "items", "positions", "top_ks")
 
     def __init__(self, size: int) -> None:
         self.items: list[StepItem] = []
@@ -149,23 +150,19 @@ async def run(engine: Engine, who: str | None, parsed: Parsed) -> list:
 
 def render_json(engine: Engine, parsed: Parsed, results: list) -> bytes:
     out = []
-    for k, result in enumerate(results):
-        session_id = parsed.ids[k]
+    for position, result in enumerate(results):
+        session_id = parsed.ids[position]
         if isinstance(result, StepResult):
-            y = np.ascontiguousarray(result.outputs)
-            item: dict[str, Any] = {
-                "session_id": session_id,
-                "outputs": y,
-                "step_count": result.record.step_count,
-            }
+            k = parsed.top_ks[position]
+            item: dict[str, Any] = {"session_id": session_id}
+            if k is None:
+                item["outputs"] = np.ascontiguousarray(result.outputs)
+            else:  # the best k classes instead of the outputs, as on the single routes
+                card = engine.session_model(result.record).card
+                item["top_k"] = top_k(result.outputs, k, card.output_names if card else None)
+            item["step_count"] = result.record.step_count
             if result.replayed:
                 item["replayed"] = True
-            if parsed.top_ks[k] is not None:
-                card = engine.session_model(result.record).card
-                labels = (card.vocabulary or card.labels) if card is not None else None
-                if labels is not None and len(labels) != y.shape[1]:
-                    labels = None
-                item["top_k"] = top_k(y, parsed.top_ks[k], labels)
             out.append(item)
         else:
             out.append({"session_id": session_id, "error": result.body()["error"]})
