@@ -412,9 +412,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            return service_pb2.ModelStreamInferResponse(
-                infer_response=await self._infer(message, who)
-            )
+            response = await self._infer(message, who)
+            final = message.parameters.get("triton_enable_empty_final_response")
+            if final is not None and final.bool_param:
+                # Every answer here is the request's only one: say so, as Triton does.
+                response.parameters["triton_final_response"].bool_param = True
+            return service_pb2.ModelStreamInferResponse(infer_response=response)
         except Exception as exc:  # noqa: BLE001 - one request's failure, not the stream's
             code, text, _ = status_of(exc)
             return service_pb2.ModelStreamInferResponse(error_message=text)

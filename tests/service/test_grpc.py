@@ -394,9 +394,11 @@ def test_stream_sequence_step_by_step_equals_whole(shared, reference):
             sequence_id="fresh",
             sequence_start=True,
             sequence_end=True,
+            enable_empty_final_response=True,
         )
         result, error = answers.next()
         assert error is None
+        assert result.get_response().parameters["triton_final_response"].bool_param
         np.testing.assert_allclose(result.as_numpy("y")[0], whole[:3], atol=1e-5)
     finally:
         client.stop_stream()
