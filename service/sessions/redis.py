@@ -674,9 +674,22 @@ class _Limits:
         self.since = 0
         self.at = -1e9
         self.lock = asyncio.Lock()
+        self.summing: asyncio.Future | None = None
 
     def observed(self, total: int) -> None:
         self.total, self.since, self.at = total, 0, time.monotonic()
+
+    async def _refresh(self) -> None:
+        """Re-sum the buckets; creations arriving meanwhile share the one sum in flight."""
+        if self.summing is None:
+            self.summing = asyncio.ensure_future(self.store.count())
+            self.summing.add_done_callback(self._summed)
+        await asyncio.shield(self.summing)
+
+    def _summed(self, future: asyncio.Future) -> None:
+        self.summing = None
+        if not future.cancelled():
+            future.exception()  # retrieved here; each waiter gets it through the shield
 
     async def admit(self, record: SessionRecord) -> None:
         store = self.store
@@ -688,7 +701,7 @@ class _Limits:
                     self._check_total()
                     await self._admit_owner(record)
                     return
-            await store.count()
+            await self._refresh()
         self._check_total()
         await self._admit_owner(record)
 

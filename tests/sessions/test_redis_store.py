@@ -495,3 +495,17 @@ async def test_a_cached_record_never_resurrects_a_session_after_an_empty_restart
         await store.close()
         server.terminate()
         server.wait()
+
+
+async def test_a_burst_of_creations_shares_one_count(counting_store) -> None:
+    """Creations arriving together wait for one sum of the bucket counts, not one each
+    (a herd of 256-command pipelines is what made session opens time out under load)."""
+    store = counting_store()
+    try:
+        results = await asyncio.gather(*(store.create(record(f"c{n}")) for n in range(200)))
+        assert results == [None] * 200
+        # 200 create scripts, plus a few count pipelines of 256 commands each
+        assert store.commands.count("EVALSHA") <= 200 + 2 * BUCKETS
+        assert await store.count() == 200
+    finally:
+        await store.close()
