@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -94,7 +93,6 @@ def _free_port() -> int:
 def start_replicas(
     repo: Path, count: int, store: str, log_dir: Path, extra_env: dict[str, str] | None = None
 ) -> list[tuple[subprocess.Popen, str]]:
-    binary = shutil.which("rnn-serve", path=str(Path(sys.executable).parent)) or "rnn-serve"
     started: list[tuple[subprocess.Popen, str]] = []
     for _ in range(count):
         port = _free_port()
@@ -103,11 +101,14 @@ def start_replicas(
             "RNNSERVE_SESSION_STORE": store,
             "RNNSERVE_LOG_LEVEL": "warning",
             "RNNSERVE_GRPC_PORT": "0",
+            # this checkout's server, whichever checkout installed the venv
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             **(extra_env or {}),
         }
         log = (log_dir / f"replica-{port}.log").open("wb")
         proc = subprocess.Popen(
-            [binary, "--model-repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "--model-repo", str(repo),
+             "--host", "127.0.0.1", "--port", str(port)],  # fmt: skip
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(default=64, ge=1)
     """Redis operations in flight at once per replica (connections per Redis node); more
     wait for a turn instead of failing."""
-    redis_pool_timeout_s: float = Field(default=5.0, gt=0)
+    redis_pool_timeout_s: float = Field(default=30.0, gt=0)
     """How long an operation waits for a turn before answering 503 ``store_unavailable``."""
     redis_timeout_s: float = Field(default=1.5, gt=0)
     """Socket connect/read timeout for one Redis operation."""

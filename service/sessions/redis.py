@@ -271,7 +271,7 @@ class RedisSessionStore(SessionStore):
         prefix: str = "rnnserve:",
         timeout_s: float = 1.5,
         max_connections: int = 64,
-        pool_timeout_s: float = 5.0,
+        pool_timeout_s: float = 30.0,
         cache_sessions: int = 10_000,
         max_pipeline: int = 512,
     ) -> None:
