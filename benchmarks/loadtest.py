@@ -107,8 +107,8 @@ def start_replicas(
         }
         log = (log_dir / f"replica-{port}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--model-repo", str(repo),
-             "--host", "127.0.0.1", "--port", str(port)],  # fmt: skip
+            [sys.executable, "-m", "service.cli", "--model-repo", str(repo)]
+            + ["--host", "127.0.0.1", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

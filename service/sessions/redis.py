@@ -281,6 +281,9 @@ class RedisSessionStore(SessionStore):
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._marker_ttl_ms = max(self._ttl_ms * 10, 86_400_000)
         self._timeout_s = timeout_s
+        # Connections are opened in bursts (a wave of stream opens), when the event loop is
+        # busiest: give the connect more room than a command. Refused connections fail at once.
+        self._connect_timeout_s = max(timeout_s, 5.0)
         self._max_connections = max_connections
         self._pool_timeout_s = pool_timeout_s
         self._gate = asyncio.Semaphore(max_connections)
@@ -308,7 +311,7 @@ class RedisSessionStore(SessionStore):
             url,
             max_connections=self._max_connections + 1,
             socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
+            socket_connect_timeout=self._connect_timeout_s,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
@@ -680,11 +683,16 @@ class _Limits:
         self.total, self.since, self.at = total, 0, time.monotonic()
 
     async def _refresh(self) -> None:
-        """Re-sum the buckets; creations arriving meanwhile share the one sum in flight."""
+        """Re-sum the buckets; creations arriving meanwhile share the one sum in flight.
+
+        Far from the limit a failed sum keeps the previous total (the failure is logged
+        and counted; the create itself still needs Redis): one slow sum under a burst
+        must not refuse every creation waiting on it."""
         if self.summing is None:
             self.summing = asyncio.ensure_future(self.store.count())
             self.summing.add_done_callback(self._summed)
-        await asyncio.shield(self.summing)
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.shield(self.summing)
 
     def _summed(self, future: asyncio.Future) -> None:
         self.summing = None

@@ -39,7 +39,7 @@ class RedisClusterSessionStore(RedisSessionStore):
             startup_nodes=[ClusterNode(host, port) for host, port in parse_nodes(url)],
             max_connections=self._max_connections + 1,
             socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
+            socket_connect_timeout=self._connect_timeout_s,
             retry=Retry(NoBackoff(), 0),
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
