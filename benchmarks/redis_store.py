@@ -101,11 +101,12 @@ def redis_vs_memory(
 
 def render(res: dict[str, Any]) -> list[str]:
     key = f"ws_{res['streams']}"
+    streams = f"{res['streams']} streams steps/s"
     lines = [
         f"Redis store vs memory store, {res['model']} (LSTM 2x128), WS binary, 1 step/message",
         (
-            f"  {'store':<8} {res['streams']:>4} streams steps/s {'p50 ms':>7} {'p99 ms':>7}   "
-            "1 stream p50 ms   scripts/step  GETs/step  errors"
+            f"  {'store':<8} {streams:>20} {'p50 ms':>7} {'p99 ms':>7}   {'1 stream p50 ms':>15}"
+            f"   {'scripts/step (w/o counts)':>25}  {'GETs/step':>9}  errors"
         ),
     ]
     for store in ("memory", "redis"):
@@ -119,7 +120,7 @@ def render(res: dict[str, Any]) -> list[str]:
         gets = f"{r['gets_per_step']:.3f}" if store == "redis" else "-"
         lines.append(
             f"  {store:<8} {many['rate_per_s']:>20,.0f} {many['p50_ms']:>7.2f} "
-            f"{many['p99_ms']:>7.2f}   {one['p50_ms']:>15.3f}   {scripts:>24}  {gets:>9}  "
+            f"{many['p99_ms']:>7.2f}   {one['p50_ms']:>15.3f}   {scripts:>25}  {gets:>9}  "
             f"{many['errors'] + one['errors']}"
         )
     lines.append(
