@@ -154,14 +154,13 @@ _COUNT = "return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')"
 _SWEEP = "return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())"
 
 # KEYS: owner set.  ARGV: id, max, ttl_ms.  Reserves a place for id, or returns
-# {-4, ids whose last known expiry has passed} for the caller to verify.
+# {-4, ids whose last known expiry has passed} for the caller to verify. The set has no
+# TTL of its own (steps do not refresh it): one per API key, at most the key's limit of
+# members, emptied by deletes and by the verification.
 _RESERVE = """
 local now = now_ms()
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  end
   return {1}
 end
 return {-4, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)}

@@ -17,7 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.config import Settings
-from service.errors import SessionConflict, SessionExpired, SessionNotFound, StoreUnavailable
+from service.errors import (
+    SessionConflict,
+    SessionExpired,
+    SessionNotFound,
+    StoreUnavailable,
+    TooManySessions,
+)
 from service.sessions import make_store
 from service.sessions.base import SessionRecord
 from service.sessions.redis import BUCKETS, RedisSessionStore, bucket_of, decode, encode
@@ -98,7 +104,8 @@ async def test_key_expiry_is_set_and_refreshed(
     assert 59_000 < raw.pttl(key) <= 60_000
     assert raw.pttl(marker) >= 86_000_000
     assert raw.get(marker) == b"alice"  # an expired session still says whose it was
-    assert 59_000 < raw.pttl(f"{key_prefix}{{o:alice}}") <= 60_000
+    owner_set = f"{key_prefix}{{o:alice}}"  # steps never refresh it: it has no TTL
+    assert raw.pttl(owner_set) == -1 and raw.zrange(owner_set, 0, -1) == [b"s"]
 
     raw.pexpire(key, 5_000)
     await store.commit(rec)
@@ -509,3 +516,21 @@ async def test_a_burst_of_creations_shares_one_count(counting_store) -> None:
         assert await store.count() == 200
     finally:
         await store.close()
+
+
+async def test_owner_limit_counts_a_session_kept_alive_past_its_first_ttl(redis_store) -> None:
+    """The owner's set learns a session's expiry only at creation; a session kept alive by
+    its steps beyond that still holds its place, and an expired one frees it."""
+    store = redis_store(ttl_s=0.4, max_sessions_per_owner=1)
+    await store.create(record("a", owner="alice"))
+    for _ in range(6):  # 0.6 s of use: past the expiry the owner's set recorded
+        await asyncio.sleep(0.1)
+        rec = await store.get("a")
+        rec.step_count += 1
+        await store.commit(rec)
+    with pytest.raises(TooManySessions):
+        await store.create(record("b", owner="alice"))
+    with pytest.raises(TooManySessions):  # re-scored on the first refusal, still counted
+        await store.create(record("b", owner="alice"))
+    await asyncio.sleep(0.5)  # now "a" expires
+    await store.create(record("b", owner="alice"))
