@@ -166,8 +166,9 @@ async def _inflated(
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
+    raw = b"".join(chunks)
     try:
-        body = decompress(b"".join(chunks), kind, limit)
+        body = decompress(raw, kind, limit) if raw else raw
     except InflatedTooLarge as exc:
         raise PayloadTooLarge(str(exc), limit=limit) from None
     except TensorError as exc:

@@ -181,6 +181,9 @@ def test_v1_accepts_gzip_and_deflate_bodies(model_repo):
         r = client.post("/v1/models/tiny-lstm/predict", content=b"garbage", headers={
             "content-type": "application/json", "content-encoding": "gzip"})
         assert r.status_code == 422 and "gzip" in r.json()["error"]["message"], r.text
+        # A body-less request that names an encoding is not an error.
+        r = client.get("/v1/models", headers={"content-encoding": "gzip"})
+        assert r.status_code == 200, r.text
         bomb = gzip.compress(b" " * 20_000_000)  # over the 16 MiB default once inflated
         r = client.post("/v1/models/tiny-lstm/predict", content=bomb, headers={
             "content-type": "application/json", "content-encoding": "gzip"})

@@ -89,6 +89,7 @@ class Expected:
 
 class SessionMachine(RuleBasedStateMachine):
     variants: dict[str, Path] = {}
+    store = "memory"
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,8 +100,15 @@ class SessionMachine(RuleBasedStateMachine):
         shutil.copytree(self.variants["A"], self.folder)
         self.reference = {k: Reference(v) for k, v in self.variants.items()}
         self.card = self.reference["A"].card
-        self.client = self.stack.enter_context(app_client(model_repo=self.root))
-        self.loaded = "A"
+        if self.store.startswith("redis"):
+            import redis
+
+            redis.Redis.from_url(self.store).flushdb()
+        self.client = self.stack.enter_context(
+            app_client(model_repo=self.root, session_store=self.store)
+        )
+        self.loaded: str | None = "A"
+        """The variant the repository serves (None once the version is removed)."""
         self.sessions: dict[str, Expected] = {}
         self.gone: list[str] = []
         self.sequences: dict[int, Expected] = {}
@@ -144,6 +152,14 @@ class SessionMachine(RuleBasedStateMachine):
         keys = sorted(table)
         return keys[k % len(keys)]
 
+    def refusal(self, expected: Expected) -> tuple[int, str] | None:
+        """How a request that needs the session's model is refused, if it is."""
+        if self.loaded is None:
+            return 503, "model_not_ready"
+        if expected.model != self.loaded:
+            return 409, "model_changed"
+        return None
+
     def expect_error(self, response, status: int, code: str) -> None:
         assert response.status_code == status, (status, code, response.status_code, response.text)
         assert response.json()["error"]["code"] == code, response.text
@@ -154,14 +170,14 @@ class SessionMachine(RuleBasedStateMachine):
     def first_session(self) -> None:
         self.create()
 
-    @precondition(lambda self: len(self.sessions) < MAX_SESSIONS)
+    @precondition(lambda self: self.loaded and len(self.sessions) < MAX_SESSIONS)
     @rule()
     def create(self) -> None:
         r = self.client.post(f"/v1/models/{MODEL}/sessions")
         assert r.status_code == 201, r.text
         self.sessions[r.json()["session_id"]] = Expected(self.loaded, self.zero(self.loaded))
 
-    @precondition(lambda self: self.sessions and len(self.sessions) < MAX_SESSIONS)
+    @precondition(lambda self: self.loaded and self.sessions and len(self.sessions) < MAX_SESSIONS)
     @rule(k=st.integers(0, 99))
     def export_and_import(self, k: int) -> None:
         source = self.pick(self.sessions, k)
@@ -194,8 +210,8 @@ class SessionMachine(RuleBasedStateMachine):
         if retry:
             body["seq"] = expected.step_count
         r = self.client.post(f"/v1/sessions/{sid}/steps", json=body)
-        if expected.model != self.loaded:
-            return self.expect_error(r, 409, "model_changed")
+        if refused := self.refusal(expected):
+            return self.expect_error(r, *refused)
         if mode == "bad":
             self.expect_error(r, 409, "seq_mismatch")
             assert r.json()["error"]["step_count"] == expected.step_count
@@ -223,9 +239,9 @@ class SessionMachine(RuleBasedStateMachine):
             answers = list(
                 pool.map(lambda x: self.client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x}), xs)
             )
-        if expected.model != self.loaded:
+        if refused := self.refusal(expected):
             for r in answers:
-                self.expect_error(r, 409, "model_changed")
+                self.expect_error(r, *refused)
             return
         assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
         order = sorted(range(len(xs)), key=lambda i: answers[i].json()["step_count"])
@@ -249,9 +265,9 @@ class SessionMachine(RuleBasedStateMachine):
                     ws.send_bytes(encode_request(np.asarray(x, np.float32), seq))
                 else:
                     ws.send_json({"inputs": x, **({"seq": seq} if seq else {})})
-                if expected.model != self.loaded:
+                if refused := self.refusal(expected):
                     frame = ws.receive_json()
-                    assert frame["error"]["code"] == "model_changed", frame
+                    assert frame["error"]["code"] == refused[1], frame
                     continue
                 if binary:
                     outputs, step_count, replayed = decode_response(ws.receive_bytes())
@@ -269,8 +285,8 @@ class SessionMachine(RuleBasedStateMachine):
         sid = self.pick(self.sessions, k)
         expected = self.sessions[sid]
         r = self.client.post(f"/v1/sessions/{sid}/reset")
-        if expected.model != self.loaded:
-            return self.expect_error(r, 409, "model_changed")
+        if refused := self.refusal(expected):
+            return self.expect_error(r, *refused)
         assert r.status_code == 200 and r.json()["step_count"] == 0, r.text
         self.sessions[sid] = Expected(expected.model, self.zero(expected.model))
         return None
@@ -291,8 +307,8 @@ class SessionMachine(RuleBasedStateMachine):
         expected = self.sessions[sid]
         body: dict = {"steps": steps, **({"prime": prime} if prime is not None else {})}
         r = self.client.post(f"/v1/sessions/{sid}/generate", json=body)
-        if expected.model != self.loaded:
-            return self.expect_error(r, 409, "model_changed")
+        if refused := self.refusal(expected):
+            return self.expect_error(r, *refused)
         if prime is None and (expected.step_count == 0 or expected.last is None):
             return self.expect_error(r, 422, "invalid_input")
         assert r.status_code == 200, r.text
@@ -307,6 +323,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.close(answer["generated"], np.asarray(generated), "generated values")
         return None
 
+    @precondition(lambda self: self.loaded)
     @rule(xs=st.lists(step_lists, min_size=1, max_size=3))
     def predict(self, xs) -> None:
         r = self.client.post(f"/v1/models/{MODEL}/predict", json={"inputs": xs})
@@ -344,9 +361,12 @@ class SessionMachine(RuleBasedStateMachine):
             if expected is None:
                 assert r.status_code == 400 and "START" in r.json()["error"], r.text
                 return
-            if expected.model != self.loaded:
-                assert r.status_code == 409, r.text
+            if refused := self.refusal(expected):
+                assert r.status_code == refused[0], r.text
                 return
+        elif self.loaded is None:
+            assert r.status_code == 404, r.text
+            return
         if mode == "bad":  # refused, and the sequence is exactly as it was
             assert r.status_code == 409 and "seq" in r.json()["error"], r.text
             return
@@ -363,6 +383,7 @@ class SessionMachine(RuleBasedStateMachine):
         else:
             self.sequences[sequence_id] = expected
 
+    @precondition(lambda self: self.loaded)
     @rule(sequence_id=st.sampled_from(SEQUENCE_IDS), x=step_lists, n=st.integers(2, 5))
     def concurrent_starts(self, sequence_id: int, x, n: int) -> None:
         """Each of n STARTs racing on one sequence starts it from the zero state."""
@@ -381,6 +402,7 @@ class SessionMachine(RuleBasedStateMachine):
     def deploy(self, variant: str) -> None:
         """Write a model's files over the served version, then reload."""
         target = variant
+        self.folder.mkdir(parents=True, exist_ok=True)
         for name in ("model.onnx", "card.json"):
             shutil.copy(self.variants[target] / name, self.folder / name)
         r = self.client.post("/v1/repository/reload")
@@ -389,6 +411,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert r.json()["loaded"] == [f"{MODEL}/1"], r.text
         self.loaded = target
 
+    @precondition(lambda self: self.loaded)
     @rule(cut=st.integers(0, 200))
     def broken_deploy(self, cut: int) -> None:
         """Truncated files over the served version: reported, and nothing changes."""
@@ -398,6 +421,16 @@ class SessionMachine(RuleBasedStateMachine):
         assert r.status_code == 200 and r.json()["failed"] == [f"{MODEL}/1"], r.text
         info = self.client.get(f"/v1/models/{MODEL}").json()["versions"][0]
         assert info["ready"] is True and info["error"], info
+
+    @precondition(lambda self: self.loaded)
+    @rule()
+    def remove_version(self) -> None:
+        """Delete the served version's folder: its sessions answer 503 and still export."""
+        shutil.rmtree(self.folder)
+        r = self.client.post("/v1/repository/reload")
+        assert r.status_code == 200 and r.json()["unloaded"] == [f"{MODEL}/1"], r.text
+        self.loaded = None
+        self.expect_error(self.client.post(f"/v1/models/{MODEL}/sessions"), 404, "model_not_found")
 
     # -- invariants ----------------------------------------------------------------------------
 
@@ -418,8 +451,8 @@ class SessionMachine(RuleBasedStateMachine):
             r = self.client.post(
                 f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0]], "seq": expected.step_count + 5}
             )
-            if expected.model != self.loaded:
-                self.expect_error(r, 409, "model_changed")
+            if refused := self.refusal(expected):
+                self.expect_error(r, *refused)
             else:
                 self.expect_error(r, 409, "seq_mismatch")
         for sequence_id in set(SEQUENCE_IDS) - set(self.sequences):
@@ -435,13 +468,24 @@ def _sequence_session(sequence_id: int) -> str:
     return "seq-" + hashlib.sha256(key).hexdigest()[:32]
 
 
-def test_session_semantics_hold_under_random_interleavings(variants):
-    SessionMachine.variants = variants
+def _run(examples: int) -> None:
     settings = hypothesis.settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         stateful_step_count=25,
         deadline=None,
         derandomize=not os.environ.get("RNNSERVE_STATEFUL_RANDOM"),
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     hypothesis.stateful.run_state_machine_as_test(SessionMachine, settings=settings)
+
+
+def test_session_semantics_hold_under_random_interleavings(variants, monkeypatch):
+    monkeypatch.setattr(SessionMachine, "variants", variants)
+    _run(EXAMPLES)
+
+
+def test_session_semantics_hold_on_redis(variants, redis_db, monkeypatch):
+    """The same machine with the Redis store (its cache, scripts and tombstones)."""
+    monkeypatch.setattr(SessionMachine, "variants", variants)
+    monkeypatch.setattr(SessionMachine, "store", redis_db(11))
+    _run(max(EXAMPLES // 3, 1))
