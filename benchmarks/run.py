@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import multiplex
 from benchmarks.grpc_bench import measure as grpc_streams
 from benchmarks.grpc_bench import render as render_grpc
 from benchmarks.loadgen import ROOT, ServerProcess, drive
@@ -652,7 +653,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: inprocess,server,memory,startup,payload,grpc,redis",
+        help="comma list of parts to skip: inprocess,server,memory,startup,payload,grpc,multiplex,redis",
     )
     p.add_argument("--procs", type=int, default=None, help="load generator processes per scenario")
     p.add_argument(
@@ -758,6 +759,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 repo, cards[BENCH], BENCH, duration=args.duration, warmup=args.warmup,
                 log_dir=log_dir, sequences=sizes[-1],
             )
+        if "multiplex" not in skip:
+            say("multiplexed steps and the naive server ...")
+            res["multiplex"] = multiplex.run(
+                repo, cards, duration=args.duration, warmup=args.warmup, log_dir=log_dir,
+                inprocess=res.get("inprocess"), verbose=not args.quiet, scale=16 if args.smoke else 1,
+            )  # fmt: skip
         if "redis" not in skip and shutil.which("redis-server"):
             say("Redis store vs memory store ...")
             res["redis_store"] = redis_vs_memory(
@@ -771,8 +778,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     res["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res["meta"]["total_s"] = time.monotonic() - started
-    res["targets"] = targets(res)
-    table = render(res)
+    res["targets"] = targets(res) + (multiplex.targets(res["multiplex"]) if "multiplex" in res else [])
+    table = render(res) + ("\n\n" + multiplex.render(res["multiplex"]) if "multiplex" in res else "")
     res["table"] = table.splitlines()
     print(table)
     print(

@@ -66,7 +66,7 @@ class MemorySessionStore(SessionStore):
         out: list[SessionRecord | BaseException] = []
         for session_id in session_ids:
             try:
-                out.append(self._live(session_id).clone())
+                out.append(self._live(session_id).shallow())
             except (SessionNotFound, SessionExpired) as exc:
                 out.append(exc)
         return out
@@ -77,7 +77,7 @@ class MemorySessionStore(SessionStore):
         out: list[BaseException | None] = []
         for k, record in enumerate(records):
             try:
-                self._commit(record, bool(release and release[k]))
+                self._commit(record, bool(release and release[k]), adopt=True)
                 out.append(None)
             except (SessionConflict, SessionNotFound, SessionExpired) as exc:
                 out.append(exc)
@@ -86,7 +86,8 @@ class MemorySessionStore(SessionStore):
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
         self._commit(record, release)
 
-    def _commit(self, record: SessionRecord, release: bool) -> None:
+    def _commit(self, record: SessionRecord, release: bool, adopt: bool = False) -> None:
+        """``adopt``: keep ``record`` itself (the bulk path's caller hands it over)."""
         stored = self._live(record.session_id)
         if stored.revision != record.revision:
             raise SessionConflict(
@@ -96,7 +97,12 @@ class MemorySessionStore(SessionStore):
             self._drop(record.session_id)
             record.revision += 1
             return
-        fresh = record.clone()
+        if adopt:
+            if record.state.base is not None:  # a row of a batch: keep only the row
+                record.state = record.state.copy()
+            fresh = record
+        else:
+            fresh = record.clone()
         fresh.revision += 1
         fresh.last_used = self._clock()
         record.revision = fresh.revision

@@ -64,6 +64,10 @@ def test_suite_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert payload["binary-top_k"]["bytes_out_per_step"] == 20 + 20 * 8
     assert payload["binary-full"]["bytes_out_per_step"] == 20 + 4 * res["payload"]["classes"]
     assert payload["json-top_k"]["bytes_out_per_step"] < payload["json-full"]["bytes_out_per_step"]
+    mux = res["multiplex"]  # multiplexed scenarios and the naive server, scaled down
+    for group in ("mux", "ours", "naive"):
+        for name, r in mux[group].items():
+            assert r["errors"] == 0 and r["steps_per_s"] > 0, (group, name, r["error_samples"])
     redis_store = res["redis_store"]  # the suite needs redis-server, as the tests do
     for store in ("memory", "redis"):
         for load in ("ws_4", "ws_1"):
