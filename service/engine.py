@@ -33,7 +33,7 @@ from service.errors import (
     TooManySessions,
 )
 from service.inputs import sequence_array
-from service.metrics import Metrics
+from service.metrics import Metrics, note_served_model
 from service.repository import ModelRepository, ModelVersion, ReloadReport
 from service.sessions import SessionRecord, SessionStore, make_store
 
@@ -240,6 +240,7 @@ class Engine:
         if record.owner != owner:
             # Another key's session: answer exactly as if it did not exist.
             raise SessionNotFound(f"no session {session_id}")
+        note_served_model(record.model)  # the request's metrics carry the session's model
         return record
 
     async def create_session(

@@ -11,6 +11,7 @@ so the number of series is bounded whatever clients send.
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +25,22 @@ from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 UNKNOWN_MODEL = "unknown"
+_SERVED_MODEL: ContextVar[list[str] | None] = ContextVar("rnnserve_served_model", default=None)
+"""Per request (set by the access middleware): the model whose session the request touched."""
+
+
+def track_served_model() -> list[str]:
+    """Start noting, for the current request, the model of the session it touches."""
+    holder: list[str] = []
+    _SERVED_MODEL.set(holder)
+    return holder
+
+
+def note_served_model(name: str) -> None:
+    """Called where a session is looked up: its model labels the request's metrics."""
+    holder = _SERVED_MODEL.get()
+    if holder is not None:
+        holder[:] = [name]
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 

@@ -21,9 +21,6 @@ from service.errors import Unauthorized
 from service.sessions import SessionRecord
 
 _ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-MODEL_LABEL_KEY = "rnnserve.model"
-"""Scope key a route sets to the model it served when the URL does not name it (session
-routes); the middleware labels the request's metrics with it (loaded models only)."""
 
 
 def dumps(content: Any) -> bytes:
@@ -77,12 +74,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def engine_of(request: Request) -> Engine:
     return request.app.state.engine
-
-
-def served(request: Request, record: SessionRecord) -> SessionRecord:
-    """Note the session's model for the request's metrics, and pass the record on."""
-    request.scope[MODEL_LABEL_KEY] = record.model
-    return record
 
 
 def iso(timestamp: float) -> str:

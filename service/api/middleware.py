@@ -14,9 +14,9 @@ from collections.abc import Callable, Collection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.binary import CONTENT_ENCODINGS, InflatedTooLarge, TensorError, decompress
-from service.api.common import MODEL_LABEL_KEY, dumps
+from service.api.common import dumps
 from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType
-from service.metrics import UNKNOWN_MODEL, Metrics
+from service.metrics import UNKNOWN_MODEL, Metrics, track_served_model
 
 log = logging.getLogger("service.access")
 
@@ -40,6 +40,7 @@ class RequestContext:
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
+        served = track_served_model()
         status = 500
         limit = self.max_body_bytes
 
@@ -48,7 +49,7 @@ class RequestContext:
             await _reject(scope, send, request_id, PayloadTooLarge(
                 f"the body of {declared} bytes exceeds the limit of {limit}", limit=limit
             ))
-            self._record(scope, 413, started, request_id)
+            self._record(scope, 413, started, request_id, served)
             return
 
         received = 0
@@ -89,20 +90,23 @@ class RequestContext:
             except ServeError as exc:
                 failure = too_large or exc
                 await _reject(scope, send, request_id, failure)
-                self._record(scope, failure.status, started, request_id)
+                self._record(scope, failure.status, started, request_id, served)
                 return
 
         try:
             await self.app(scope, app_receive, send_with_id)
         finally:
-            self._record(scope, status, started, request_id)
+            self._record(scope, status, started, request_id, served)
 
-    def _record(self, scope: Scope, status: int, started: float, request_id: str) -> None:
+    def _record(
+        self, scope: Scope, status: int, started: float, request_id: str, served: list[str]
+    ) -> None:
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         params = scope.get("path_params") or {}
-        named = scope.get(MODEL_LABEL_KEY) or params.get("name") or params.get("model_name")
+        # The URL's model, else the model of the session the request touched.
+        named = params.get("name") or params.get("model_name") or (served[0] if served else None)
         # Only loaded model names become labels: a caller's text never creates a series.
         model = named if named in self.known_models() else UNKNOWN_MODEL
         self.metrics.requests.labels(template, model, str(status)).inc()

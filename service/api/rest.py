@@ -13,7 +13,6 @@ from service.api.common import (
     engine_of,
     error_responses,
     owner,
-    served,
     session_info,
 )
 from service.api.schemas import (
@@ -173,7 +172,7 @@ async def get_session(
     session_id: str, request: Request, who: str | None = Depends(owner)
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    record = served(request, await engine.session(session_id, who))
+    record = await engine.session(session_id, who)
     return ORJSONResponse(session_info(record, engine.store.ttl_s))
 
 
@@ -182,7 +181,7 @@ async def export_state(
     session_id: str, request: Request, who: str | None = Depends(owner)
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    record = served(request, await engine.session(session_id, who))
+    record = await engine.session(session_id, who)
     # Only the card is needed: a session whose model was replaced or removed can still
     # export its state and move it elsewhere.
     card = engine.repository.card_for_session(record.model, record.version, record.fingerprint)
@@ -203,7 +202,6 @@ async def step(
 ) -> ORJSONResponse:
     engine = engine_of(request)
     result = await engine.step(session_id, who, body.inputs, body.seq)
-    served(request, result.record)
     return ORJSONResponse(
         step_content(engine, result.record, result.outputs, result.replayed, body.top_k)
     )
@@ -243,7 +241,6 @@ async def generate(
         seed=body.seed,
         prime=body.prime,
     )
-    served(request, result.record)
     content: dict[str, Any] = {
         "generated": result.generated,
         "step_count": result.record.step_count,
@@ -262,7 +259,7 @@ async def reset(
     session_id: str, request: Request, who: str | None = Depends(owner)
 ) -> ORJSONResponse:
     engine = engine_of(request)
-    record = served(request, await engine.reset(session_id, who))
+    record = await engine.reset(session_id, who)
     return ORJSONResponse(session_info(record, engine.store.ttl_s))
 
 

@@ -100,6 +100,9 @@ def test_metric_labels_come_from_a_fixed_set(model_repo, keys):
         assert client.post(
             f"/v1/sessions/{sid}/steps", json={"inputs": X}, headers=headers
         ).status_code == 200
+        assert client.post(  # an error on a session route carries the session's model too
+            f"/v1/sessions/{sid}/steps", json={"inputs": X, "seq": 99}, headers=headers
+        ).status_code == 409
         text = client.get("/metrics").text
     models, names = _labels(text)
     loaded = {"tiny-lstm", "tiny-gru", "tiny-rnn", "tiny-relu", "nolengths-lstm"}
@@ -110,7 +113,8 @@ def test_metric_labels_come_from_a_fixed_set(model_repo, keys):
     assert 'route="/v1/sessions/{session_id}/steps",status="200"' in text.replace(
         'model="tiny-lstm",', ""
     )
-    assert 'model="tiny-lstm",route="/v1/sessions/{session_id}/steps"' in text
+    assert 'model="tiny-lstm",route="/v1/sessions/{session_id}/steps",status="200"' in text
+    assert 'model="tiny-lstm",route="/v1/sessions/{session_id}/steps",status="409"' in text
 
 
 # -- 9: another key's expired session looks like an unknown id -------------------------------

@@ -34,11 +34,11 @@ async def test_metrics_parse_and_move_with_requests(make_client, model_repo):
         after = _samples((await client.get("/metrics")).text)
 
     route = "/v1/sessions/{session_id}/steps"
-    # Session routes are labelled with the session's model once it has been served.
+    # Session routes are labelled with the session's model, errors included.
     assert _value(after, "rnnserve_requests_total", route=route, model="tiny-lstm", status="200") - _value(
         before, "rnnserve_requests_total", route=route, model="tiny-lstm", status="200"
     ) == 3
-    assert _value(after, "rnnserve_requests_total", route=route, model="unknown", status="422") == 1
+    assert _value(after, "rnnserve_requests_total", route=route, model="tiny-lstm", status="422") == 1
     assert _value(after, "rnnserve_session_steps_total", model="tiny-lstm") == 6
     assert _value(after, "rnnserve_sessions_created_total", model="tiny-lstm") == 1
     assert _value(after, "rnnserve_sessions_active") == 1
