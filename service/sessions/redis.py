@@ -245,6 +245,18 @@ def decode(session_id: str, blob: bytes) -> SessionRecord:
     )
 
 
+def _pack(commands: Sequence[tuple]) -> bytes:
+    """RESP for plain commands of str / bytes / int arguments (what this store sends):
+    several times cheaper than redis-py's general encoder on a 2 KiB record."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
+
+
 def bucket_of(session_id: str) -> int:
     return zlib.crc32(session_id.encode()) % BUCKETS
 
@@ -386,10 +398,25 @@ class RedisSessionStore(SessionStore):
         return results
 
     async def _send(self, client: Any, commands: Sequence[tuple]) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
+        """The commands as one write on one connection, their raw replies in order (an
+        error reply in place). Beneath redis-py's Pipeline, which costs about a third more
+        per round trip; a connection that failed mid-way is closed, never reused."""
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(_pack(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except rx.ResponseError as exc:  # an error reply: the connection is fine
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple:
         return ("EVALSHA", self._shas[name], len(keys), *keys, *args)

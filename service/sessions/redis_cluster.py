@@ -8,6 +8,7 @@ nothing else (a re-sent commit could apply twice).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -44,3 +45,10 @@ class RedisClusterSessionStore(RedisSessionStore):
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
 
+
+    async def _send(self, client: Any, commands: Sequence[tuple]) -> list[Any]:
+        """One pipeline per node (sent in parallel), replies in order, errors in place."""
+        pipe = client.pipeline()
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
