@@ -65,6 +65,7 @@ BUCKETS = 256
 # outputs bytes, owner bytes, model bytes, fingerprint bytes, output ndim, flags.
 _HEADER = struct.Struct("<QQddqqIIHHHBB")
 _REVISION = struct.Struct("<Q")
+_EXPECTED = struct.Struct("<Qd")  # revision and created_at, as the commit script compares them
 _LAST_USED = struct.Struct("<d")  # at byte 16, overwritten in place by touch
 _HAS_OWNER, _HAS_SEQ, _HAS_OUTPUTS = 1, 2, 4
 
@@ -114,11 +115,16 @@ return {1, pruned}
 
 # KEYS: session, marker, bucket live set
 # ARGV: id, blob (already carrying revision + 1), ttl_ms, marker_ttl_ms, expected revision
-# (8 bytes), release ('1' deletes instead), owner
+# and created_at (16 bytes: header bytes 0-7 and 24-31), release ('1' deletes instead), owner
+# The created_at tells incarnations of one id apart: a session deleted and re-created under
+# the same id (Triton START) restarts at revision 0, and a copy cached from the old one must
+# not pass the compare-and-set when the new one reaches the same revision.
 _COMMIT = """
-local head = redis.call('GETRANGE', KEYS[1], 0, 15)
+local head = redis.call('GETRANGE', KEYS[1], 0, 31)
 if head == '' then return gone(KEYS[2]) end
-if string.sub(head, 1, 8) ~= ARGV[5] then return {0, string.sub(head, 9, 16)} end
+if string.sub(head, 1, 8) .. string.sub(head, 25, 32) ~= ARGV[5] then
+  return {0, string.sub(head, 9, 16)}
+end
 if ARGV[6] == '1' then
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -568,7 +574,7 @@ class RedisSessionStore(SessionStore):
                 blob,
                 self._ttl_ms,
                 self._marker_ttl_ms,
-                _REVISION.pack(record.revision),
+                _EXPECTED.pack(record.revision, record.created_at),
                 "1" if item.release else "0",
                 record.owner or "",
             ]

@@ -534,3 +534,29 @@ async def test_owner_limit_counts_a_session_kept_alive_past_its_first_ttl(redis_
         await store.create(record("b", owner="alice"))
     await asyncio.sleep(0.5)  # now "a" expires
     await store.create(record("b", owner="alice"))
+
+
+async def test_a_copy_of_an_earlier_incarnation_never_commits(redis_store) -> None:
+    """Replica one caches a session at revision 2; replica two deletes it and creates a new
+    one under the same id (Triton START), which reaches revision 2 too. One's stale copy
+    must conflict, not overwrite the new session with the old one's state."""
+    one, two = redis_store(REPLICA_DB), redis_store(REPLICA_DB)
+    await one.create(record("seq-7"))
+    for n in (1, 2):
+        rec = await one.get("seq-7")
+        rec.step_count = n
+        await one.commit(rec)
+    stale = await one.get("seq-7")
+    assert stale.revision == 2
+    await two.delete("seq-7")
+    await asyncio.sleep(0.002)  # another creation instant
+    await two.create(record("seq-7"))
+    for n in (1, 2):
+        rec = await two.get("seq-7", fresh=True)
+        rec.step_count = 100 + n
+        await two.commit(rec)
+    stale.step_count = 3
+    with pytest.raises(SessionConflict):
+        await one.commit(stale)
+    current = await one.get("seq-7")
+    assert (current.step_count, current.revision) == (102, 2)
