@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Body, Depends, Request, Response
+from starlette.datastructures import Headers
+from starlette.routing import Route
 
 from service.api.common import (
     ORJSONResponse,
     ORJSONRoute,
+    dumps,
     engine_of,
     error_responses,
     owner,
+    owner_for_key,
+    presented_key,
     session_info,
 )
 from service.api.schemas import (
@@ -277,3 +284,87 @@ async def reload(request: Request) -> ORJSONResponse:
     return ORJSONResponse(
         {"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed}
     )
+
+
+class _LeanStep:
+    """``POST /v1/sessions/{id}/steps`` without FastAPI's per-request machinery (dependency
+    solving, pydantic body model, response model) for the common body: ``inputs`` as lists
+    of floats, optional ``seq`` and ``top_k``. Any other body goes, unchanged, to the
+    documented route above, so every answer and error reads the same either way."""
+
+    _FIELDS = frozenset({"inputs", "seq", "top_k"})
+
+    def __init__(self, documented: Any) -> None:
+        self.documented = documented
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope["route"] = self.documented  # the route template of metrics and logs
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        fields = _lean_fields(body, self._FIELDS)
+        if fields is None:
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.documented.handle(scope, replay, send)
+            return
+        app = scope["app"]
+        engine: Engine = app.state.engine
+        who = owner_for_key(app.state.settings, presented_key(Headers(scope=scope)))
+        result = await engine.step(
+            scope["path_params"]["session_id"], who, fields["inputs"], fields.get("seq")
+        )
+        content = dumps(
+            step_content(engine, result.record, result.outputs, result.replayed, fields.get("top_k"))
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(content)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
+
+
+def _lean_fields(body: bytes, allowed: frozenset) -> dict | None:
+    """The body when it is the common, certainly valid case; None for anything else."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(fields) is not dict or not fields.keys() <= allowed:
+        return None
+    inputs = fields.get("inputs")
+    if type(inputs) is not list or not inputs or not all(type(s) is list for s in inputs):
+        return None
+    if set(map(type, chain.from_iterable(inputs))) != {float}:
+        return None
+    for key in ("seq", "top_k"):
+        value = fields.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            return None
+    return fields
+
+
+_documented_step = next(r for r in router.routes if getattr(r, "endpoint", None) is step)
+router.routes.insert(
+    0, Route("/v1/sessions/{session_id}/steps", _LeanStep(_documented_step), methods=["POST"],
+             include_in_schema=False)
+)  # fmt: skip
