@@ -113,7 +113,7 @@ class Metrics:
     def bind_sessions(self, store) -> None:
         self._sessions.store = store
         unavailable = self.store_unavailable
-        store.on_unavailable = lambda cause: unavailable.labels(cause=cause).inc()
+        store.on_unavailable = lambda cause, answers: unavailable.labels(cause=cause).inc(answers)
 
     async def refresh(self) -> None:
         """Update values that need an await (e.g. a Redis count) before a scrape."""

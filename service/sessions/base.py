@@ -72,9 +72,10 @@ class SessionStore(abc.ABC):
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
         self.max_sessions_per_owner = max_sessions_per_owner
-        self.on_unavailable: Callable[[str], None] | None = None
-        """Called with a short cause (``connection``, ``timeout``, ``pool``...) for every
-        StoreUnavailable the store raises; the metrics count them."""
+        self.on_unavailable: Callable[[str, int], None] | None = None
+        """Called with a short cause (``connection``, ``timeout``, ``pool``...) and how many
+        requests it fails, whenever the store gives up reaching its backend; the metrics
+        count them."""
 
     @abc.abstractmethod
     async def create(self, record: SessionRecord) -> None:

@@ -352,15 +352,20 @@ class RedisSessionStore(SessionStore):
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _unavailable(self, exc: BaseException, what: str) -> StoreUnavailable:
+    def _unavailable(self, exc: BaseException, what: str, answers: int = 1) -> StoreUnavailable:
+        """Log and count a failure to reach Redis; ``answers`` is how many requests it
+        fails (the commits of one pipeline fail together)."""
         cause = next((c for kind, c in _CAUSES if isinstance(exc, kind)), "connection")
-        log.warning("session store unavailable (%s) during %s: %r", cause, what, exc)
+        log.warning(
+            "session store unavailable (%s) during %s, %d answer(s) 503: %r",
+            cause, what, answers, exc,
+        )  # fmt: skip
         if self.on_unavailable is not None:
-            self.on_unavailable(cause)
+            self.on_unavailable(cause, answers)
         return StoreUnavailable(f"session store unavailable: {exc}")
 
     @contextlib.asynccontextmanager
-    async def _turn(self, what: str) -> AsyncIterator[Any]:
+    async def _turn(self, what: str, answers: int = 1) -> AsyncIterator[Any]:
         """One operation's turn on the connections; waits up to ``pool_timeout_s``."""
         if self._gate.locked():
             try:
@@ -372,13 +377,14 @@ class RedisSessionStore(SessionStore):
                         f"({self._max_connections} in use)"
                     ),
                     what,
+                    answers,
                 ) from None
         else:
             await self._gate.acquire()
         try:
             yield self._client
         except _UNAVAILABLE as exc:
-            raise self._unavailable(exc, what) from exc
+            raise self._unavailable(exc, what, answers) from exc
         finally:
             self._gate.release()
 
@@ -386,11 +392,13 @@ class RedisSessionStore(SessionStore):
         for body in _SCRIPTS.values():
             await client.script_load(_LUA_COMMON + body)
 
-    async def _pipeline(self, commands: Sequence[tuple], what: str) -> list[Any]:
+    async def _pipeline(
+        self, commands: Sequence[tuple], what: str, answers: int = 1
+    ) -> list[Any]:
         """Run raw commands as one pipeline; errors come back in place. EVALSHA of a
         script Redis does not know (after a restart) loads the scripts and runs again:
         NOSCRIPT means nothing ran."""
-        async with self._turn(what) as client:
+        async with self._turn(what, answers) as client:
             results = await self._send(client, commands)
             missing = [i for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
             if missing:
@@ -400,7 +408,7 @@ class RedisSessionStore(SessionStore):
                     results[i] = result
         for result in results:
             if isinstance(result, _UNAVAILABLE):
-                raise self._unavailable(result, what)
+                raise self._unavailable(result, what, answers)
         return results
 
     async def _send(self, client: Any, commands: Sequence[tuple]) -> list[Any]:
@@ -502,7 +510,7 @@ class RedisSessionStore(SessionStore):
                 key, marker, _ = self._keys(session_ids[i])
                 commands += [("GET", key), ("GET", marker)]
             try:
-                replies = await self._pipeline(commands, "get")
+                replies = await self._pipeline(commands, "get", len(wanted))
             except StoreUnavailable as exc:
                 for i in wanted:
                     out[i] = exc
@@ -581,7 +589,7 @@ class RedisSessionStore(SessionStore):
             commands.append(self._script("commit", self._keys(record.session_id), args))
         errors: list[BaseException | None]
         try:
-            replies = await self._pipeline(commands, "commit")
+            replies = await self._pipeline(commands, "commit", len(batch))
         except BaseException as exc:
             for item in batch:
                 self._cache.pop(item.record.session_id, None)  # in doubt: read Redis next

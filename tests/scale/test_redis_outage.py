@@ -151,6 +151,16 @@ async def test_redis_down_gives_503_everywhere_then_the_server_reconnects(
         # Stateless routes keep working during the outage.
         for route in ("/healthz", "/readyz", "/metrics"):
             assert (await client.get(route)).status_code == 200, route
+        # Every 503 above was logged with its cause and counted.
+        metrics = (await client.get("/metrics")).text
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('rnnserve_store_unavailable_total{cause="connection"}')
+        )
+        assert counted >= len(checks), metrics
+        logged = server.log.read_text().count("session store unavailable (connection)")
+        assert logged >= len(checks)
         r = await client.post(f"/v1/models/{LSTM}/predict", json={"inputs": [x[:4].tolist()]})
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.asarray(r.json()["outputs"][0]), ref.run(x[:4])[0], atol=TOL)

@@ -464,7 +464,7 @@ async def test_a_pool_wait_timeout_is_unavailable_logged_and_counted(
         pool_timeout_s=0.1,
     )
     causes: list[str] = []
-    store.on_unavailable = causes.append
+    store.on_unavailable = lambda cause, answers: causes.extend([cause] * answers)
     try:
         results = await asyncio.gather(
             store.get("s", fresh=True), store.get("t", fresh=True), return_exceptions=True
