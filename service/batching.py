@@ -136,6 +136,7 @@ class StepBatcher:
         max_size: int,
         max_delay_s: float = 0.0,
         max_inflight: int = 1,
+        inline_steps: int = 0,
         max_queue: int = 4096,
         observe: Callable[[BatchStats], None] | None = None,
     ) -> None:
@@ -147,6 +148,7 @@ class StepBatcher:
         self._observe = observe
         self._queue: deque[StepJob] = deque()
         self._slots = max_inflight
+        self.inline_steps = inline_steps
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
@@ -221,6 +223,14 @@ class StepBatcher:
             if not jobs:
                 slots.release()
                 continue
+            if not self._inflight and sum(j.rows * j.steps for j in jobs) <= self.inline_steps:
+                # A small call while nothing else runs (a lone stream): on the loop's own
+                # thread, which saves the two thread hand-offs of the pool (its latency).
+                started = time.perf_counter()
+                StepBatch(self.runner, jobs).run()
+                slots.release()
+                self._settle(jobs, started)
+                continue
             task = asyncio.get_running_loop().create_task(self._execute(jobs, slots))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -261,6 +271,10 @@ class StepBatcher:
                 job.error = job.error or exc
         finally:
             slots.release()
+        self._settle(jobs, started)
+
+    def _settle(self, jobs: list[StepJob], started: float) -> None:
+        """Hand each waiter its result or error, and report the batch."""
         for job in jobs:
             if job.future.done():
                 continue

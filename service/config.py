@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float = Field(default=0.0, ge=0)
     """0: adaptive (dispatch at once when the runtime is idle, gather while it is busy).
     >0: also wait up to this long after the first request for the batch to fill."""
+    batch_inline_steps: int = Field(default=4, ge=0)
+    """A call of at most this many steps (rows x steps) made while no other call runs is
+    made on the event loop's thread instead of the pool: a lone stream skips two thread
+    hand-offs. 0 always uses the pool."""
     batch_max_inflight: int = Field(default=1, ge=1)
     """onnxruntime calls that may run at once per model version."""
     max_queue: int = Field(default=4096, ge=1)

@@ -162,6 +162,7 @@ class Engine:
                 max_size=s.batch_max_size,
                 max_delay_s=s.batch_max_delay_ms / 1000.0,
                 max_inflight=s.batch_max_inflight,
+                inline_steps=s.batch_inline_steps,
                 max_queue=s.max_queue,
                 observe=self._observe_batch(entry.name),
             )
@@ -351,8 +352,9 @@ class Engine:
                         record.revision = 1
                     else:
                         await self.store.create(record)
-                else:
+                else:  # a compare-and-set over the live one's revision and incarnation
                     record.revision = current.revision
+                    record.created_at = current.created_at
                     await self.store.commit(record, release=release)
             except SessionConflict:
                 fresh = True  # created or moved by another request: re-read and retry
