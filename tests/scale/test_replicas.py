@@ -1,5 +1,5 @@
-"""Two real ``rnn-serve`` processes sharing one Redis, or a local 3-primary Redis Cluster:
-any replica serves any session.
+"""Two real ``rnn-serve`` processes sharing one Redis (the SIGKILL tests also on a local
+3-primary Redis Cluster): any replica serves any session.
 
 Every expectation comes from the independent onnxruntime reference run over the whole
 sequence at once. A replica is killed with SIGKILL (no graceful shutdown) mid-stream; the
@@ -34,8 +34,8 @@ def _kill(server) -> None:
     server.proc.wait(10)
 
 
-async def _two_replicas(server_factory, model_repo, shared_redis, db: int):
-    url = shared_redis(db)
+async def _two_replicas(server_factory, model_repo, redis_url, db: int):
+    url = redis_url(db)
     return (
         server_factory(model_repo, RNNSERVE_SESSION_STORE=url),
         server_factory(model_repo, RNNSERVE_SESSION_STORE=url),
@@ -181,9 +181,9 @@ async def test_replica_killed_mid_stream_websocket_resume_on_the_other(
 
 
 async def test_alternating_replicas_without_stickiness(
-    server_factory, model_repo, shared_redis, reference, rng
+    server_factory, model_repo, redis_db, reference, rng
 ):
-    a, b = await _two_replicas(server_factory, model_repo, shared_redis, DB_ALTERNATE)
+    a, b = await _two_replicas(server_factory, model_repo, redis_db, DB_ALTERNATE)
     ref = reference(LSTM)
     x = rng.normal(size=(40, 3)).astype(np.float32)
     expected, finals = ref.run(x)
@@ -209,11 +209,11 @@ async def test_alternating_replicas_without_stickiness(
 
 
 async def test_two_replicas_racing_on_one_session_never_share_a_state(
-    server_factory, model_repo, shared_redis, reference, rng
+    server_factory, model_repo, redis_db, reference, rng
 ):
     """Concurrent steps without seq through both replicas: each is applied on top of the
     previous one (compare-and-set on the revision), in some order given by step_count."""
-    a, b = await _two_replicas(server_factory, model_repo, shared_redis, DB_RACE)
+    a, b = await _two_replicas(server_factory, model_repo, redis_db, DB_RACE)
     ref = reference(LSTM)
     per_replica = 12
     chunks = [
