@@ -22,6 +22,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -273,6 +274,7 @@ def run(
     inprocess: dict[str, Any] | None = None,
     verbose: bool = True,
     scale: int = 1,
+    only: str = "",
 ) -> dict[str, Any]:
     """Every scenario against the naive server, then against ours. ``scale`` divides the
     session counts (the smoke test's seconds-long run)."""
@@ -296,6 +298,8 @@ def run(
     )
     try:
         for name, kind, conns in SINGLE:
+            if not re.search(only, f"naive-{name}"):
+                continue
             conns = max(1, conns // scale)
             cfg = _single_cfg(naive.port, card, kind, conns, duration, warmup)
             r = _summary(drive(cfg, procs=1 if conns <= 128 else 2, server_pid=naive.pid, log_dir=log_dir), 1)
@@ -311,12 +315,16 @@ def run(
     )
     try:
         for name, kind, conns in [*SINGLE, ("ws-256-json", "ws", 256)]:
+            if not re.search(only, name):
+                continue
             conns = max(1, conns // scale)
             cfg = _single_cfg(ours.port, card, kind, conns, duration, warmup)
             r = _summary(drive(cfg, procs=1 if conns <= 128 else 2, server_pid=ours.pid, log_dir=log_dir), 1)
             results["ours"][name] = r
             say(f"ours {name}", r)
         for sc in MUX_SCENARIOS:
+            if not re.search(only, sc.name):
+                continue
             cfg = {
                 **_single_cfg(ours.port, card, "mux", sc.conns, duration, warmup),
                 "module": "benchmarks.multiplex",
@@ -405,18 +413,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--only", default="", help="regex: run only the scenarios it matches")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multiplex.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rnnserve-mux-") as tmp:
         root = Path(tmp)
         repo, _, cards = build_models(root)
         limit = run_inprocess(repo, [BENCH], args.duration, args.warmup, (64, 32))
-        res = run(repo, cards, duration=args.duration, warmup=args.warmup, log_dir=root, inprocess=limit)
+        res = run(
+            repo, cards, duration=args.duration, warmup=args.warmup, log_dir=root,
+            inprocess=limit, only=args.only,
+        )  # fmt: skip
     res["meta"] = {"cpus": os.cpu_count(), "duration_s": args.duration, "warmup_s": args.warmup,
                    "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
-    print(render(res))
+    print(render(res) if not args.only else json.dumps(res, indent=1, default=str)[:4000])
     return res
 
 
