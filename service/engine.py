@@ -232,10 +232,7 @@ class Engine:
         try:
             record = await self.store.get(session_id, fresh=fresh)
         except SessionExpired as exc:
-            # Stores set ``owner`` on the exception when they know it. Without API keys
-            # (owner None) every caller is the same owner; with keys an unknown owner
-            # could be anyone's, so it is not revealed either.
-            if owner is not None and getattr(exc, "owner", _UNKNOWN_OWNER) != owner:
+            if _hides(exc, owner):
                 raise SessionNotFound(f"no session {session_id}") from None
             raise
         if record.owner != owner:
@@ -496,7 +493,11 @@ class Engine:
         models: dict[tuple, ModelVersion] = {}
         for i, record in zip(indices, records):
             if isinstance(record, BaseException):
-                results[i] = _as_error(record)
+                results[i] = (
+                    SessionNotFound(f"no session {items[i].session_id}")
+                    if _hides(record, owner)
+                    else _as_error(record)
+                )
                 continue
             if record.owner != owner:
                 results[i] = SessionNotFound(f"no session {record.session_id}")
@@ -790,6 +791,17 @@ class Engine:
 
 
 _NUMBER_TYPES = frozenset({int, float})
+
+
+def _hides(exc: BaseException, owner: str | None) -> bool:
+    """True when an expired session must answer as an unknown id: stores set ``owner`` on
+    SessionExpired when they know it. Without API keys (owner None) every caller is the
+    same owner; with keys an unknown owner could be anyone's, so it is not revealed."""
+    return (
+        isinstance(exc, SessionExpired)
+        and owner is not None
+        and getattr(exc, "owner", _UNKNOWN_OWNER) != owner
+    )
 
 
 def _as_error(exc: BaseException) -> ServeError:

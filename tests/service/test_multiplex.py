@@ -109,6 +109,20 @@ def test_ownership_and_limits(live):
     assert httpx.get(f"{live.url}/v1/sessions/{a}", headers=ALICE).json()["step_count"] == 0
 
 
+async def test_expired_sessions_stay_private(make_client, model_repo):
+    import asyncio
+
+    async with make_client(model_repo=model_repo, api_keys=["alice", "bob"], session_ttl_s=0.3) as client:
+        created = await client.post("/v1/models/tiny-lstm/sessions", headers=ALICE)
+        item = {"session_id": created.json()["session_id"], "inputs": [[1.0, 2.0, 3.0]]}
+        await asyncio.sleep(0.5)
+        codes = {}
+        for key in ("alice", "bob"):
+            r = await client.post("/v1/steps", json={"steps": [item]}, headers={"X-API-Key": key})
+            codes[key] = r.json()["results"][0]["error"]["code"]
+        assert codes == {"alice": "session_expired", "bob": "session_not_found"}
+
+
 def test_websocket_json_and_binary(live, reference):
     rng = np.random.default_rng(4)
     a, b = _create(live, "tiny-lstm"), _create(live, "tiny-relu")
