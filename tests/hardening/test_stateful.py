@@ -3,9 +3,10 @@
 Hypothesis drives random interleavings of every way to touch a session (v1 steps with and
 without ``seq``, retries and wrong ``seq``, concurrent steps, WebSocket JSON and binary
 steps, reset, delete, export / import, generate, batch predict, Triton START / plain / END,
-concurrent STARTs) and deploys of a changed repository (the served model swapped in place
-for another one with the same state contract, or broken files written over it), through
-HTTP and WebSocket on one in-process app.
+concurrent STARTs), another API key poking at every session (it must see only what an
+unknown id gets, and change nothing), and deploys: the served model swapped in place for
+another one with the same state contract, broken files written over it, its folder
+removed. Through HTTP and WebSocket on one in-process app, on the memory and Redis stores.
 
 The reference is a plain model of the semantics (state, step_count, the last answer kept
 for a retry, which exact model a session was created on) whose every number comes from
@@ -46,6 +47,7 @@ TOL = 1e-5
 EXAMPLES = int(os.environ.get("RNNSERVE_STATEFUL_EXAMPLES", "25"))
 MAX_SESSIONS = 5
 SEQUENCE_IDS = (1, 2, 3)
+OWNER, OTHER = "key-of-the-owner", "key-of-another"
 
 values = st.floats(-2, 2, allow_nan=False, width=32)
 step_lists = st.lists(values.map(lambda v: [v]), min_size=1, max_size=3)
@@ -105,8 +107,9 @@ class SessionMachine(RuleBasedStateMachine):
 
             redis.Redis.from_url(self.store).flushdb()
         self.client = self.stack.enter_context(
-            app_client(model_repo=self.root, session_store=self.store)
+            app_client(model_repo=self.root, session_store=self.store, api_keys=[OWNER, OTHER])
         )
+        self.client.headers["X-API-Key"] = OWNER
         self.loaded: str | None = "A"
         """The variant the repository serves (None once the version is removed)."""
         self.sessions: dict[str, Expected] = {}
@@ -331,6 +334,43 @@ class SessionMachine(RuleBasedStateMachine):
         for got, x in zip(r.json()["outputs"], xs):
             self.close(got, self.run(self.loaded, x, None)[0], "predict outputs")
 
+    @precondition(lambda self: self.sessions or self.gone or self.sequences)
+    @rule(
+        k=st.integers(0, 99),
+        action=st.sampled_from(["info", "state", "steps", "generate", "reset", "delete", "stream", "v2"]),
+    )
+    def another_key(self, k: int, action: str) -> None:
+        """Another key sees nothing of these sessions: every answer is the unknown id's, and
+        nothing changes (the invariant checks the sessions afterwards)."""
+        ids = sorted(self.sessions) + self.gone[-2:] + [_sequence_session(i) for i in self.sequences]
+        sid = ids[k % len(ids)]
+        other = {"X-API-Key": OTHER}
+        if action == "stream":
+            with self.client.websocket_connect(f"/v1/sessions/{sid}/stream", headers=other) as ws:
+                assert ws.receive_json()["error"]["code"] == "session_not_found"
+            return
+        if action == "v2":  # the same sequence id under another key is another sequence
+            sequence_id = SEQUENCE_IDS[k % len(SEQUENCE_IDS)]
+            body = {
+                "inputs": [{"name": "x", "shape": [1, 1, 1], "datatype": "FP32", "data": [0.5]}],
+                "parameters": {"sequence_id": sequence_id},
+            }
+            r = self.client.post(f"/v2/models/{MODEL}/infer", json=body, headers=other)
+            assert r.status_code == 400 and "START" in r.json()["error"], r.text
+            return
+        method, path, body = {
+            "info": ("GET", "", None),
+            "state": ("GET", "/state", None),
+            "steps": ("POST", "/steps", {"inputs": [[0.5]]}),
+            "generate": ("POST", "/generate", {"steps": 1, "prime": [[0.5]]}),
+            "reset": ("POST", "/reset", None),
+            "delete": ("DELETE", "", None),
+        }[action]
+        r = self.client.request(method, f"/v1/sessions/{sid}{path}", json=body, headers=other)
+        unknown = self.client.request(method, f"/v1/sessions/{sid}x{path}", json=body, headers=other)
+        self.expect_error(r, 404, "session_not_found")
+        assert r.json()["error"]["message"] == unknown.json()["error"]["message"].replace(f"{sid}x", sid)
+
     # -- Triton sequences over v2 ----------------------------------------------------------
 
     def v2(self, sequence_id: int, x, start: bool, end: bool, seq: int | None = None):
@@ -463,8 +503,9 @@ class SessionMachine(RuleBasedStateMachine):
 
 
 def _sequence_session(sequence_id: int) -> str:
-    """The session behind a Triton sequence without API keys (docs/v2.md)."""
-    key = f"\x00{MODEL}\x00u:{sequence_id}".encode()
+    """The session behind a Triton sequence of OWNER's key (docs/v2.md)."""
+    owner = hashlib.sha256(OWNER.encode()).hexdigest()[:32]
+    key = f"{owner}\x00{MODEL}\x00u:{sequence_id}".encode()
     return "seq-" + hashlib.sha256(key).hexdigest()[:32]
 
 
