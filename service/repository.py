@@ -56,13 +56,13 @@ class ModelVersion:
     error: str | None = None
     """Why the last load of this folder failed (None when it succeeded). A version that is
     ready with an error serves its previously loaded copy."""
-    fingerprint: tuple[float, int] = (0.0, 0)
-    """(mtime, size) of the files the serving copy (or the failed attempt) was read from."""
+    fingerprint: tuple = ()
+    """What the files looked like when the serving copy (or the failed attempt) was read."""
     digest: str = ""
     """Identity of the exact model loaded (ONNX file + card); sessions record it."""
     extras: dict = field(default_factory=dict)
     """Per-version objects owned by the server (e.g. its batcher)."""
-    failed_fingerprint: tuple[float, int] | None = None
+    failed_fingerprint: tuple | None = None
     """The files of the last failed reload, so an unchanged broken folder is not retried."""
 
     @property
@@ -74,9 +74,18 @@ class ModelVersion:
         return (self.name, self.version)
 
 
-def _fingerprint(folder: Path) -> tuple[float, int]:
-    stats = [(folder / f).stat() for f in (MODEL_FILE, CARD_FILE) if (folder / f).exists()]
-    return (max((s.st_mtime for s in stats), default=0.0), sum(s.st_size for s in stats))
+def _fingerprint(folder: Path) -> tuple:
+    """A cheap change detector (no file is read): a write changes ctime even when a copy
+    keeps the old mtime and size (``cp -p``, ``rsync -a``), a rename-into-place the inode."""
+    out = []
+    for name in (MODEL_FILE, CARD_FILE):
+        try:
+            st = (folder / name).stat()
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(out)
 
 
 def _public(message: str, folder: Path, repo: Path) -> str:

@@ -172,3 +172,34 @@ def test_non_version_folders_are_skipped_with_a_warning(client_for, repo_copy, c
             (repo_copy / "tiny-rnn" / "٣").mkdir()  # Arabic-Indic digit three
             assert client.post("/v1/repository/reload").status_code == 200
     assert any("²" in r.getMessage() for r in caplog.records)
+
+
+def test_a_copy_that_keeps_mtime_and_size_is_still_a_change(client_for, repo_copy, reference):
+    """``cp -p`` / ``rsync -a`` of another model of the same size keeps the old mtime: the
+    change is still seen, and the sessions of the old model answer model_changed."""
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+
+    folder = repo_copy / "tiny-lstm" / "1"
+    with client_for(model_repo=repo_copy) as client:
+        sid = client.post("/v1/models/tiny-lstm/sessions").json()["session_id"]
+        before = {f: (folder / f).stat() for f in ("model.onnx", "card.json")}
+        proto = onnx.load(folder / "model.onnx")
+        tensor = next(t for t in proto.graph.initializer if numpy_helper.to_array(t).dtype == np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
+        data = proto.SerializeToString()
+        assert len(data) == before["model.onnx"].st_size
+        card = json.loads((folder / "card.json").read_text())
+        card.pop("sha256", None)
+        text = json.dumps(card)
+        text += " " * (before["card.json"].st_size - len(text))
+        (folder / "model.onnx").write_bytes(data)
+        (folder / "card.json").write_text(text)
+        for f, st in before.items():
+            os.utime(folder / f, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert (folder / f).stat().st_size == st.st_size
+        assert reload(client)["loaded"] == ["tiny-lstm/1"]
+        r = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": X})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_changed", r.text
