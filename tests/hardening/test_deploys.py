@@ -164,13 +164,15 @@ def test_removed_version_answers_model_not_ready_and_still_exports(client_for, r
 def test_non_version_folders_are_skipped_with_a_warning(client_for, repo_copy, caplog):
     for odd in ("²", "1_0", "+1", "v2"):
         shutil.copytree(repo_copy / "tiny-rnn" / "1", repo_copy / "tiny-rnn" / odd)
-    with caplog.at_level(logging.WARNING, logger="service.repository"):
-        with client_for(model_repo=repo_copy) as client:
-            report = reload(client)
-            assert report["failed"] == []
-            assert [v["version"] for v in client.get("/v1/models/tiny-rnn").json()["versions"]] == [1]
-            (repo_copy / "tiny-rnn" / "٣").mkdir()  # Arabic-Indic digit three
-            assert client.post("/v1/repository/reload").status_code == 200
+    with (
+        caplog.at_level(logging.WARNING, logger="service.repository"),
+        client_for(model_repo=repo_copy) as client,
+    ):
+        report = reload(client)
+        assert report["failed"] == []
+        assert [v["version"] for v in client.get("/v1/models/tiny-rnn").json()["versions"]] == [1]
+        (repo_copy / "tiny-rnn" / "٣").mkdir()  # Arabic-Indic digit three
+        assert client.post("/v1/repository/reload").status_code == 200
     assert any("²" in r.getMessage() for r in caplog.records)
 
 

@@ -29,7 +29,13 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from service.frames import FLAG_TOP_K, HEADER, decode_response, decode_top_k_response, encode_request
+from service.frames import (
+    FLAG_TOP_K,
+    HEADER,
+    decode_response,
+    decode_top_k_response,
+    encode_request,
+)
 from tests.conftest import ServerProcess, start_server
 
 EXAMPLES = int(os.environ.get("RNNSERVE_WIRE_FUZZ_EXAMPLES", "120"))

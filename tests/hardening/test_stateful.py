@@ -28,6 +28,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import hypothesis
 import numpy as np
@@ -90,8 +91,8 @@ class Expected:
 
 
 class SessionMachine(RuleBasedStateMachine):
-    variants: dict[str, Path] = {}
-    store = "memory"
+    variants: ClassVar[dict[str, Path]] = {}
+    store: ClassVar[str] = "memory"
 
     def __init__(self) -> None:
         super().__init__()
