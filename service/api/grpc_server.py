@@ -79,6 +79,7 @@ _INT64_MAX = 2**63 - 1
 _BY_CODE = {
     "session_conflict": grpc.StatusCode.ABORTED,
     "seq_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    "model_changed": grpc.StatusCode.FAILED_PRECONDITION,  # retrying cannot help: re-create
 }
 _BY_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,

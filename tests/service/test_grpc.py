@@ -690,3 +690,21 @@ def test_no_grpc_extra_serves_http_only(tmp_path, model_repo):
             grpcclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live(client_timeout=2)
     finally:
         server.stop()
+
+
+def test_error_codes_map_to_the_grpc_status_a_client_can_act_on():
+    """Retrying is what ABORTED tells a client; a changed model or a seq gap needs another
+    action, so they are FAILED_PRECONDITION, and every 4xx maps to a non-INTERNAL status."""
+    import grpc
+
+    from service import errors
+    from service.api.grpc_server import status_of
+
+    assert status_of(errors.SessionConflict("x"))[0] is grpc.StatusCode.ABORTED
+    assert status_of(errors.SequenceMismatch("x"))[0] is grpc.StatusCode.FAILED_PRECONDITION
+    changed = [c for c in vars(errors).values() if getattr(c, "code", None) == "model_changed"]
+    assert changed, "the model_changed error exists"
+    assert status_of(changed[0]("x"))[0] is grpc.StatusCode.FAILED_PRECONDITION
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.ServeError) and cls.status < 500:
+            assert status_of(cls("x"))[0] is not grpc.StatusCode.INTERNAL, cls
