@@ -97,7 +97,8 @@ _BY_STATUS = {
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(gRPC status, message, our stable error code) for any failure of a call."""
     if isinstance(exc, ServeError):
-        code = _BY_CODE.get(exc.code) or _BY_STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
+        fallback = grpc.StatusCode.INVALID_ARGUMENT if exc.status < 500 else grpc.StatusCode.INTERNAL
+        code = _BY_CODE.get(exc.code) or _BY_STATUS.get(exc.status, fallback)
         if code is grpc.StatusCode.INTERNAL:
             log.error("gRPC request failed: %s", exc.message)
         return code, exc.message, exc.code
