@@ -71,6 +71,18 @@ class LayerSpec(BaseModel):
     hidden_size: int = Field(ge=1)
 
 
+def layer_fields(layers: list[LayerSpec]) -> dict[str, Any]:
+    """The card's descriptive layer fields (cell, num_layers, hidden_size, layers) for a
+    stack of recurrent layers, any mix of cells and sizes."""
+    cells = {layer.cell for layer in layers}
+    return {
+        "cell": layers[0].cell if len(cells) == 1 else "mixed",
+        "num_layers": len(layers),
+        "hidden_size": max(layer.hidden_size for layer in layers),
+        "layers": layers,
+    }
+
+
 class Generation(BaseModel):
     """How the model's output is fed back as its next input (one-to-many)."""
 

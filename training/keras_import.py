@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.card import CardInputs, CardOutputs, LayerSpec, ModelCard, StateSpec
+from service.card import CardInputs, CardOutputs, LayerSpec, ModelCard, StateSpec, layer_fields
 from training.export import (
     LENGTHS_INPUT,
     GraphIO,
@@ -449,17 +449,13 @@ def import_keras(model_or_path: Any, repo: Path | str, name: str, **card_fields:
         shapes=KERAS_VERIFY_SHAPES,
     )
     layers = [LayerSpec(cell=r.cell, hidden_size=r.units) for r in p.recurrent]
-    cells = {layer.cell for layer in layers}
     versions = {**library_versions(), "keras": keras.__version__}
 
     def make_card(version: int, sha256: str) -> ModelCard:
         return ModelCard(
             name=name,
             version=version,
-            cell=layers[0].cell if len(cells) == 1 else "mixed",
-            num_layers=len(layers),
-            hidden_size=max(layer.hidden_size for layer in layers),
-            layers=layers,
+            **layer_fields(layers),
             input_size=p.input_size,
             output_size=p.output_size,
             output_activation=p.output_activation,

@@ -23,7 +23,15 @@ import onnx
 import torch
 from torch import nn
 
-from service.card import CardInputs, CardOutputs, InputKind, LayerSpec, ModelCard, StateSpec
+from service.card import (
+    CardInputs,
+    CardOutputs,
+    InputKind,
+    LayerSpec,
+    ModelCard,
+    StateSpec,
+    layer_fields,
+)
 from training.export import (
     LENGTHS_INPUT,
     GraphIO,
@@ -236,16 +244,12 @@ def export_module(
     declared = card_fields.pop("output_activation", None)
     if activation is not None and declared not in (None, activation):
         raise ValueError(f"activation={activation!r} but output_activation={declared!r}")
-    cells = {layer.cell for layer in layers}
 
     def make_card(version: int, sha256: str) -> ModelCard:
         return ModelCard(
             name=name,
             version=version,
-            cell=layers[0].cell if len(cells) == 1 else "mixed",
-            num_layers=len(layers),
-            hidden_size=max(layer.hidden_size for layer in layers),
-            layers=layers,
+            **layer_fields(layers),
             input_size=input_size,
             output_size=output_size,
             output_activation=activation or declared or "identity",
