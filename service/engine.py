@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -35,7 +35,7 @@ from service.errors import (
 from service.inputs import sequence_array
 from service.metrics import Metrics, note_served_model
 from service.repository import ModelRepository, ModelVersion, ReloadReport
-from service.sessions import SessionRecord, SessionStore, make_store
+from service.sessions import MemorySessionStore, SessionRecord, SessionStore, make_store
 
 log = logging.getLogger("service.engine")
 _UNKNOWN_OWNER = object()
@@ -46,7 +46,14 @@ _COMMIT_ATTEMPTS = 3
 class StepResult:
     outputs: np.ndarray
     record: SessionRecord
+    """From ``step_many`` on the memory store, the store's own record, which later steps
+    change: read ``step_count`` here, not from it."""
     replayed: bool = False
+    step_count: int = field(init=False)
+    """The session's step count right after this step."""
+
+    def __post_init__(self) -> None:
+        self.step_count = self.record.step_count
 
 
 @dataclass(slots=True)
@@ -85,6 +92,8 @@ class Engine:
             max_workers=max(2, settings.batch_max_inflight), thread_name_prefix="ort"
         )
         self._turns = _Turns()
+        self._bulk = self.store if isinstance(self.store, MemorySessionStore) else None
+        """The memory store's slab path for multiplexed steps (other stores: get/commit_many)."""
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
@@ -487,7 +496,9 @@ class Engine:
         self, owner: str | None, items: list[StepItem], indices: list[int], results: list
     ) -> None:
         """At most one item per session, every session's turn held."""
-        records = await self.store.get_many([items[i].session_id for i in indices])
+        bulk = self._bulk
+        ids = [items[i].session_id for i in indices]
+        records = bulk.lease(ids) if bulk is not None else await self.store.get_many(ids)
         slow: list[int] = []  # through the single-session path (fresh reads, retries)
         by_entry: dict[int, tuple[ModelVersion, list]] = {}
         models: dict[tuple, ModelVersion] = {}
@@ -531,8 +542,49 @@ class Engine:
                 for a in range(0, len(block), size):
                     jobs.append((entry, steps, block[a : a + size]))
         outcomes = await asyncio.gather(
-            *(self._run_block(entry, block) for entry, _, block in jobs), return_exceptions=True
+            *(self._run_block(entry, block, bulk) for entry, _, block in jobs),
+            return_exceptions=True,
         )
+        if bulk is not None:
+            self._advance_leased(bulk, items, jobs, outcomes, results, slow)
+        else:
+            await self._commit_round(items, jobs, outcomes, results, slow)
+        for i in sorted(slow):
+            item = items[i]
+            try:
+                results[i] = await self._advance(
+                    item.session_id, owner, item.inputs, item.seq, None, release=False
+                )
+            except ServeError as exc:
+                results[i] = exc
+
+    def _advance_leased(
+        self, bulk, items: list[StepItem], jobs: list, outcomes: list, results: list, slow: list
+    ) -> None:
+        """The memory store's path: each block's new states written back in one operation."""
+        for (entry, steps, block), outcome in zip(jobs, outcomes):
+            if isinstance(outcome, BaseException):
+                slow.extend(i for i, _, _ in block)  # isolate the failing item, if any
+                continue
+            ys, states = outcome
+            leased = [record for _, record, _ in block]
+            errors = bulk.advance(leased, states, steps, ys, [items[i].seq for i, _, _ in block])
+            done = 0
+            for row, ((i, record, _), error) in enumerate(zip(block, errors)):
+                if error is None:
+                    results[i] = StepResult(ys[row], record)
+                    done += 1
+                elif isinstance(error, SessionConflict):
+                    slow.append(i)
+                else:
+                    results[i] = _as_error(error)
+            if done:
+                self._steps_counter(entry).inc(done * steps)
+
+    async def _commit_round(
+        self, items: list[StepItem], jobs: list, outcomes: list, results: list, slow: list
+    ) -> None:
+        """Any store: the round's records committed with one ``commit_many``."""
         committed: list[SessionRecord] = []
         placed: list[tuple[int, np.ndarray, ModelVersion]] = []
         for (entry, steps, block), outcome in zip(jobs, outcomes):
@@ -560,18 +612,15 @@ class Engine:
                     results[i] = _as_error(error)
             for entry, n in counted.values():
                 self._steps_counter(entry).inc(n)
-        for i in sorted(slow):
-            item = items[i]
-            try:
-                results[i] = await self._advance(
-                    item.session_id, owner, item.inputs, item.seq, None, release=False
-                )
-            except ServeError as exc:
-                results[i] = exc
 
-    async def _run_block(self, entry: ModelVersion, block: list) -> tuple[np.ndarray, np.ndarray]:
+    async def _run_block(
+        self, entry: ModelVersion, block: list, bulk
+    ) -> tuple[np.ndarray, np.ndarray]:
         x = np.stack([x for _, _, x in block])
-        states = np.stack([record.state for _, record, _ in block])
+        if bulk is not None:
+            states = bulk.gather([record for _, record, _ in block])
+        else:
+            states = np.stack([record.state for _, record, _ in block])
         return await self.batcher(entry).submit_block(x, states)
 
     def _parse_many(

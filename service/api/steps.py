@@ -160,7 +160,7 @@ def render_json(engine: Engine, parsed: Parsed, results: list) -> bytes:
             else:  # the best k classes instead of the outputs, as on the single routes
                 card = engine.session_model(result.record).card
                 item["top_k"] = top_k(result.outputs, k, card.output_names if card else None)
-            item["step_count"] = result.record.step_count
+            item["step_count"] = result.step_count
             if result.replayed:
                 item["replayed"] = True
             out.append(item)
@@ -185,7 +185,7 @@ async def run_binary(engine: Engine, who: str | None, frame: bytes) -> bytes:
     errors = []
     for k, result in enumerate(results):
         if isinstance(result, StepResult):
-            encoded.append((result.outputs, result.record.step_count, result.replayed))
+            encoded.append((result.outputs, result.step_count, result.replayed))
         else:
             body = result.body()["error"]
             errors.append({"index": k, **body})

@@ -1,18 +1,70 @@
-"""In-process session store: an insertion-ordered dict kept in last-use order.
+"""In-process session store: an insertion-ordered dict kept in last-use order, states in slabs.
 
 Because every session has the same idle TTL, last-use order is also expiry order, so
 expired sessions are always at the front and a sweep stops at the first live one.
+
+The states of one model version's sessions are rows of one contiguous float32 array (a
+slab, grown by doubling, freed rows reused, dropped when its last session goes); a stored
+record holds its row. ``get``/``commit`` copy a row out and in, as the store contract
+says; the engine's multiplexed path leases the stored records, gathers a batch's states
+with one indexing operation and writes the new ones back with one (``lease``, ``gather``,
+``advance``).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
 
 from service.errors import SessionConflict, SessionExpired, SessionNotFound, TooManySessions
 from service.sessions.base import SessionRecord, SessionStore
 
 _TOMBSTONES = 100_000
+_FIRST_ROWS = 16
+_NO_STATE = np.zeros(0, np.float32)
+_NO_STATE.flags.writeable = False
+
+
+class _Slab:
+    """One model version's states: rows of a float32 array, free rows reused."""
+
+    __slots__ = ("free", "rows", "used")
+
+    def __init__(self, width: int) -> None:
+        self.rows = np.zeros((_FIRST_ROWS, width), np.float32)
+        self.free = list(range(_FIRST_ROWS - 1, -1, -1))  # pop() hands out low rows first
+        self.used = 0
+
+    def take(self) -> int:
+        if not self.free:
+            n = len(self.rows)
+            grown = np.zeros((2 * n, self.rows.shape[1]), np.float32)
+            grown[:n] = self.rows
+            self.rows = grown
+            self.free = list(range(2 * n - 1, n - 1, -1))
+        self.used += 1
+        return self.free.pop()
+
+    def give_back(self, row: int) -> None:
+        self.rows[row] = 0.0  # a freed row keeps nothing of its session
+        self.free.append(row)
+        self.used -= 1
+
+
+@dataclass(slots=True)
+class _Held(SessionRecord):
+    """A stored record: its state is row ``row`` of ``slab`` (``state`` is empty)."""
+
+    slab: _Slab | None = None
+    row: int = -1
+    key: tuple = ()
+
+
+def _key(record: SessionRecord) -> tuple:
+    return (record.model, record.version, record.fingerprint, record.state.size)
 
 
 class MemorySessionStore(SessionStore):
@@ -25,11 +77,60 @@ class MemorySessionStore(SessionStore):
     ) -> None:
         super().__init__(ttl_s, max_sessions, max_sessions_per_owner)
         self._clock = clock
-        self._records: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._records: OrderedDict[str, _Held] = OrderedDict()
+        self._slabs: dict[tuple, _Slab] = {}
         self._expired: OrderedDict[str, str | None] = OrderedDict()
         """Tombstones of expired sessions: id -> owner (for the engine's privacy check)."""
         self._per_owner: Counter[str | None] = Counter()
         self.expired_total = 0
+
+    # -- slabs ------------------------------------------------------------------------
+
+    def _hold(self, record: SessionRecord, slab: _Slab, row: int, key: tuple) -> _Held:
+        slab.rows[row] = record.state
+        return _Held(
+            record.session_id,
+            record.model,
+            record.version,
+            _NO_STATE,
+            record.created_at,
+            record.last_used,
+            record.step_count,
+            record.revision,
+            record.owner,
+            record.last_seq,
+            record.last_outputs,
+            record.last_outputs_shape,
+            record.fingerprint,
+            slab,
+            row,
+            key,
+        )
+
+    def _place(self, key: tuple) -> tuple[_Slab, int]:
+        slab = self._slabs.get(key)
+        if slab is None:
+            slab = self._slabs[key] = _Slab(key[3])
+        return slab, slab.take()
+
+    def _free(self, held: _Held) -> None:
+        slab = held.slab
+        assert slab is not None
+        slab.give_back(held.row)
+        if slab.used == 0 and self._slabs.get(held.key) is slab:
+            del self._slabs[held.key]
+
+    @staticmethod
+    def _copy(held: _Held) -> SessionRecord:
+        record = held.shallow()
+        record.state = held.slab.rows[held.row].copy()  # type: ignore[union-attr]
+        return record
+
+    def rows_allocated(self) -> int:
+        """Rows held by every slab (live sessions plus free rows kept for reuse)."""
+        return sum(len(slab.rows) for slab in self._slabs.values())
+
+    # -- the store contract -------------------------------------------------------------
 
     async def create(self, record: SessionRecord) -> None:
         await self.sweep(self._clock())
@@ -41,10 +142,12 @@ class MemorySessionStore(SessionStore):
             raise TooManySessions(
                 f"this API key holds its maximum of {self.max_sessions_per_owner} sessions"
             )
-        self._records[record.session_id] = record.clone()
+        key = _key(record)
+        slab, row = self._place(key)
+        self._records[record.session_id] = self._hold(record, slab, row, key)
         self._per_owner[record.owner] += 1
 
-    def _live(self, session_id: str) -> SessionRecord:
+    def _live(self, session_id: str) -> _Held:
         record = self._records.get(session_id)
         if record is not None and record.expires_at(self.ttl_s) <= self._clock():
             self._expire(session_id)
@@ -58,7 +161,7 @@ class MemorySessionStore(SessionStore):
         return record
 
     async def get(self, session_id: str, *, fresh: bool = False) -> SessionRecord:
-        return self._live(session_id).clone()
+        return self._copy(self._live(session_id))
 
     async def get_many(
         self, session_ids: list[str], *, fresh: bool = False
@@ -66,7 +169,7 @@ class MemorySessionStore(SessionStore):
         out: list[SessionRecord | BaseException] = []
         for session_id in session_ids:
             try:
-                out.append(self._live(session_id).shallow())
+                out.append(self._copy(self._live(session_id)))
             except (SessionNotFound, SessionExpired) as exc:
                 out.append(exc)
         return out
@@ -77,7 +180,7 @@ class MemorySessionStore(SessionStore):
         out: list[BaseException | None] = []
         for k, record in enumerate(records):
             try:
-                self._commit(record, bool(release and release[k]), adopt=True)
+                self._commit(record, bool(release and release[k]))
                 out.append(None)
             except (SessionConflict, SessionNotFound, SessionExpired) as exc:
                 out.append(exc)
@@ -86,8 +189,7 @@ class MemorySessionStore(SessionStore):
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
         self._commit(record, release)
 
-    def _commit(self, record: SessionRecord, release: bool, adopt: bool = False) -> None:
-        """``adopt``: keep ``record`` itself (the bulk path's caller hands it over)."""
+    def _commit(self, record: SessionRecord, release: bool) -> None:
         stored = self._live(record.session_id)
         if stored.revision != record.revision:
             raise SessionConflict(
@@ -97,17 +199,16 @@ class MemorySessionStore(SessionStore):
             self._drop(record.session_id)
             record.revision += 1
             return
-        if adopt:
-            if record.state.base is not None:  # a row of a batch: keep only the row
-                record.state = record.state.copy()
-            fresh = record
-        else:
-            fresh = record.clone()
-        fresh.revision += 1
-        fresh.last_used = self._clock()
-        record.revision = fresh.revision
-        record.last_used = fresh.last_used
-        self._records[record.session_id] = fresh
+        key = _key(record)
+        if key == stored.key:
+            slab, row = stored.slab, stored.row
+        else:  # the sequence restarted on another model: move to that model's slab
+            self._free(stored)
+            slab, row = self._place(key)
+        assert slab is not None
+        record.revision += 1
+        record.last_used = self._clock()
+        self._records[record.session_id] = self._hold(record, slab, row, key)
         self._records.move_to_end(record.session_id)
 
     async def touch(self, session_id: str, now: float) -> None:
@@ -121,6 +222,7 @@ class MemorySessionStore(SessionStore):
         record = self._records.pop(session_id, None)
         if record is None:
             return False
+        self._free(record)
         self._forget_owner(record.owner)
         return True
 
@@ -139,6 +241,7 @@ class MemorySessionStore(SessionStore):
 
     def _expire(self, session_id: str) -> None:
         record = self._records.pop(session_id)
+        self._free(record)
         self._forget_owner(record.owner)
         self.expired_total += 1
         self._expired[session_id] = record.owner
@@ -149,3 +252,79 @@ class MemorySessionStore(SessionStore):
         self._per_owner[owner] -= 1
         if self._per_owner[owner] <= 0:
             del self._per_owner[owner]
+
+    # -- the engine's bulk path ---------------------------------------------------------
+
+    def lease(self, session_ids: list[str]) -> list[SessionRecord | BaseException]:
+        """The stored records themselves (no copies; ``state`` empty), or the error ``get``
+        would raise. For the engine's multiplexed path, which holds every session's turn,
+        reads states with ``gather`` and changes a record only through ``advance``."""
+        records, now, ttl = self._records, self._clock(), self.ttl_s
+        out: list[SessionRecord | BaseException] = []
+        for session_id in session_ids:
+            record = records.get(session_id)
+            if record is not None and record.last_used + ttl > now:
+                out.append(record)
+                continue
+            try:
+                out.append(self._live(session_id))
+            except (SessionNotFound, SessionExpired) as exc:
+                out.append(exc)
+        return out
+
+    @staticmethod
+    def gather(leased: list) -> np.ndarray:
+        """The states of leased records of one slab, stacked: one indexing operation."""
+        slab = leased[0].slab
+        if any(record.slab is not slab for record in leased):
+            raise ValueError("leased records of different slabs")  # the caller's bug
+        return slab.rows[[record.row for record in leased]]
+
+    def advance(
+        self,
+        leased: list,
+        states: np.ndarray,
+        steps: int,
+        outputs: np.ndarray,
+        seqs: list[int | None],
+    ) -> list[BaseException | None]:
+        """Commit ``steps`` applied steps to leased records of one slab: row k of
+        ``states`` is record k's new state and ``outputs[k]`` its outputs. A record that
+        changed or went since its lease is left alone (its error answered instead), so
+        the new states are written only where the lease still holds, in one operation."""
+        now, ttl = self._clock(), self.ttl_s
+        records = self._records
+        errors: list[BaseException | None] = [None] * len(leased)
+        keep: list[int] = []
+        for k, record in enumerate(leased):
+            if records.get(record.session_id) is record and record.last_used + ttl > now:
+                keep.append(k)
+                continue
+            try:
+                self._live(record.session_id)
+                errors[k] = SessionConflict("the session was changed by another request")
+            except (SessionNotFound, SessionExpired) as exc:
+                errors[k] = exc
+        if not keep:
+            return errors
+        slab = leased[0].slab
+        if len(keep) == len(leased):
+            slab.rows[[record.row for record in leased]] = states
+        else:
+            slab.rows[[leased[k].row for k in keep]] = states[keep]
+        move = records.move_to_end
+        width = outputs.shape[-1]
+        for k in keep:
+            record, seq = leased[k], seqs[k]
+            record.revision += 1
+            record.last_used = now
+            record.step_count += steps
+            record.last_seq = seq
+            if seq is not None:  # keep the whole answer: a retry may need it
+                record.last_outputs = outputs[k].tobytes()
+                record.last_outputs_shape = outputs[k].shape
+            else:  # keep only the last row: generation continues from it
+                record.last_outputs = outputs[k, -1].tobytes()
+                record.last_outputs_shape = (1, width)
+            move(record.session_id)
+        return errors
