@@ -17,7 +17,8 @@ over stdin/stdout::
 
 The parent side (``drive``) splits the connections over one or more generator processes,
 starts them together, samples the server's and the generators' CPU time over the window
-and merges the results. ``ServerProcess`` starts and stops a real ``rnn-serve``.
+and merges the results. ``ServerProcess`` starts and stops a real server: this checkout's
+``python -m service.cli`` (not the installed ``rnn-serve``, which may be another checkout's).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 # --------------------------------------------------------------------------------------
 # Child side: the clients.
@@ -731,16 +731,25 @@ class ServerProcess:
     ready_s: float = float("nan")
 
     def start(self, timeout: float = 60.0) -> Self:
-        """Spawn ``rnn-serve`` and return once /readyz answers 200 (``ready_s`` after spawn)."""
+        """Spawn this checkout's server and return once /readyz answers 200 (``ready_s``
+        after spawn)."""
         import httpx
 
         self.port = self.port or free_port()
         log = self.log_dir / f"server-{self.port}.log"
-        env = {**os.environ, "RNNSERVE_LOG_LEVEL": "warning", "RNNSERVE_GRPC_PORT": "0", **self.env}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "RNNSERVE_LOG_LEVEL": "warning",
+            "RNNSERVE_GRPC_PORT": "0",
+            **self.env,
+        }
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [
-                str(BIN / "rnn-serve"),
+                sys.executable,
+                "-m",
+                "service.cli",
                 "--model-repo",
                 str(self.repo),
                 "--host",
@@ -748,6 +757,7 @@ class ServerProcess:
                 "--port",
                 str(self.port),
             ],
+            cwd=ROOT,
             env=env,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -757,7 +767,7 @@ class ServerProcess:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(
-                        f"rnn-serve exited with {self.proc.returncode}: {log.read_text()[-2000:]}"
+                        f"the server exited with {self.proc.returncode}: {log.read_text()[-2000:]}"
                     )
                 try:
                     if client.get(f"{self.url}/readyz").status_code == 200:
@@ -767,7 +777,7 @@ class ServerProcess:
                     pass
                 time.sleep(0.01)
         self.stop()
-        raise RuntimeError(f"rnn-serve not ready in {timeout} s: {log.read_text()[-2000:]}")
+        raise RuntimeError(f"the server was not ready in {timeout} s: {log.read_text()[-2000:]}")
 
     @property
     def url(self) -> str:
