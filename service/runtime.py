@@ -78,6 +78,13 @@ class Runner:
         batched tensors the graph takes."""
         rows = np.asarray(flats, np.float32)
         batch = rows.shape[0]
+        if batch == 1:  # a size-1 axis moves without reordering memory: plain reshapes
+            return [
+                np.ascontiguousarray(rows[0, a:b].reshape(shape[:axis] + (1,) + shape[axis:]))
+                for a, b, shape, axis in zip(
+                    self._offsets, self._offsets[1:], self._row_shapes, self._axes
+                )
+            ]
         batched = []
         for a, b, shape, axis in zip(self._offsets, self._offsets[1:], self._row_shapes, self._axes):
             tensor = rows[:, a:b].reshape((batch, *shape))
@@ -87,6 +94,8 @@ class Runner:
     def split_states(self, batched: list[np.ndarray]) -> np.ndarray:
         """The inverse of ``stack_states``: a [batch, state_size] array, one flat state per row."""
         batch = batched[0].shape[self._axes[0]]
+        if batch == 1:
+            return np.concatenate([tensor.reshape(-1) for tensor in batched])[np.newaxis]
         out = np.empty((batch, self.state_size), np.float32)
         for a, b, tensor, axis in zip(self._offsets, self._offsets[1:], batched, self._axes):
             out[:, a:b] = np.moveaxis(tensor, axis, 0).reshape(batch, b - a)
