@@ -541,13 +541,13 @@ class Engine:
                 size = self.settings.batch_max_size
                 for a in range(0, len(block), size):
                     jobs.append((entry, steps, block[a : a + size]))
-        outcomes = await asyncio.gather(
-            *(self._run_block(entry, block, bulk) for entry, _, block in jobs),
-            return_exceptions=True,
-        )
         if bulk is not None:
-            self._advance_leased(bulk, items, jobs, outcomes, results, slow)
+            await asyncio.gather(*(self._run_leased(bulk, job, items, results, slow) for job in jobs))
         else:
+            outcomes = await asyncio.gather(
+                *(self._run_block(entry, block) for entry, _, block in jobs),
+                return_exceptions=True,
+            )
             await self._commit_round(items, jobs, outcomes, results, slow)
         for i in sorted(slow):
             item = items[i]
@@ -558,28 +558,33 @@ class Engine:
             except ServeError as exc:
                 results[i] = exc
 
-    def _advance_leased(
-        self, bulk, items: list[StepItem], jobs: list, outcomes: list, results: list, slow: list
+    async def _run_leased(
+        self, bulk, job: tuple, items: list[StepItem], results: list, slow: list
     ) -> None:
-        """The memory store's path: each block's new states written back in one operation."""
-        for (entry, steps, block), outcome in zip(jobs, outcomes):
-            if isinstance(outcome, BaseException):
-                slow.extend(i for i, _, _ in block)  # isolate the failing item, if any
-                continue
-            ys, states = outcome
-            leased = [record for _, record, _ in block]
-            errors = bulk.advance(leased, states, steps, ys, [items[i].seq for i, _, _ in block])
-            done = 0
-            for row, ((i, record, _), error) in enumerate(zip(block, errors)):
-                if error is None:
-                    results[i] = StepResult(ys[row], record)
-                    done += 1
-                elif isinstance(error, SessionConflict):
-                    slow.append(i)
-                else:
-                    results[i] = _as_error(error)
-            if done:
-                self._steps_counter(entry).inc(done * steps)
+        """The memory store's path for one block: its states gathered with one indexing
+        operation, run, and written back with one as soon as its call returns (while the
+        next block's call runs)."""
+        entry, steps, block = job
+        try:
+            x = np.stack([x for _, _, x in block])
+            states = bulk.gather([record for _, record, _ in block])
+            ys, states = await self.batcher(entry).submit_block(x, states)
+        except Exception:  # noqa: BLE001 - isolate the failing item, if any
+            slow.extend(i for i, _, _ in block)
+            return
+        leased = [record for _, record, _ in block]
+        errors = bulk.advance(leased, states, steps, ys, [items[i].seq for i, _, _ in block])
+        done = 0
+        for row, ((i, record, _), error) in enumerate(zip(block, errors)):
+            if error is None:
+                results[i] = StepResult(ys[row], record)
+                done += 1
+            elif isinstance(error, SessionConflict):
+                slow.append(i)
+            else:
+                results[i] = _as_error(error)
+        if done:
+            self._steps_counter(entry).inc(done * steps)
 
     async def _commit_round(
         self, items: list[StepItem], jobs: list, outcomes: list, results: list, slow: list
@@ -613,14 +618,9 @@ class Engine:
             for entry, n in counted.values():
                 self._steps_counter(entry).inc(n)
 
-    async def _run_block(
-        self, entry: ModelVersion, block: list, bulk
-    ) -> tuple[np.ndarray, np.ndarray]:
+    async def _run_block(self, entry: ModelVersion, block: list) -> tuple[np.ndarray, np.ndarray]:
         x = np.stack([x for _, _, x in block])
-        if bulk is not None:
-            states = bulk.gather([record for _, record, _ in block])
-        else:
-            states = np.stack([record.state for _, record, _ in block])
+        states = np.stack([record.state for _, record, _ in block])
         return await self.batcher(entry).submit_block(x, states)
 
     def _parse_many(
