@@ -153,6 +153,10 @@ class StepBatcher:
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
         self._closed = False
+        self._lone = True
+        """The last call carried one single-sequence job (a lone stream, not a crowd)."""
+        self._hot = False
+        """A step ran inline in this loop iteration: the next ones queue."""
 
     @property
     def queued(self) -> int:
@@ -160,12 +164,40 @@ class StepBatcher:
 
     async def submit(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run ``x`` from ``state``; returns (y [steps, output_size], new flat state)."""
+        if (
+            x.shape[0] <= self.inline_steps
+            and self._lone
+            and not self._hot
+            and not self._queue
+            and not self._inflight
+            and self.max_delay_s == 0
+            and not self._closed
+        ):
+            # A lone stream's small step while the runtime is idle: run it here and now, as
+            # the dispatch loop would inline it, without the loop's wake-up and future hops.
+            # Only while calls carry one job each and once per loop iteration, so steps
+            # arriving together still queue and share a call.
+            return self._run_now(StepJob(x, state))
         job = self._enqueue([(x, state)])[0]
         try:
             return await job.future
         except asyncio.CancelledError:
             job.future.cancel()
             raise
+
+    def _run_now(self, job: StepJob) -> tuple[np.ndarray, np.ndarray]:
+        self._hot = True
+        asyncio.get_running_loop().call_soon(self._cool)
+        StepBatch(self.runner, [job]).run()
+        if self._observe is not None:
+            self._observe(BatchStats(1, [0.0]))
+        if job.error is not None:
+            raise InferenceFailed(f"inference failed: {type(job.error).__name__}: {job.error}")
+        assert job.result is not None
+        return job.result
+
+    def _cool(self) -> None:
+        self._hot = False
 
     async def submit_many(
         self, items: list[tuple[np.ndarray, np.ndarray]]
@@ -275,6 +307,7 @@ class StepBatcher:
 
     def _settle(self, jobs: list[StepJob], started: float) -> None:
         """Hand each waiter its result or error, and report the batch."""
+        self._lone = len(jobs) == 1 and not jobs[0].block
         for job in jobs:
             if job.future.done():
                 continue

@@ -219,6 +219,50 @@ async def test_batcher_really_batches_and_stays_exact(runners, executor, referen
         np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
 
 
+async def test_lone_small_steps_run_inline_and_crowds_still_share_calls(
+    runners, executor, reference
+):
+    """A lone stream's small steps run in the caller (no pool thread, no dispatch hop);
+    small steps arriving in the same loop iteration still queue and share a call."""
+    runner, ref = runners["tiny-lstm"], reference("tiny-lstm")
+    rng = np.random.default_rng(11)
+    sizes: list[int] = []
+    threads: set[int] = set()
+
+    class Watched:
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def run(self, x, states, lengths):
+            threads.add(threading.get_ident())
+            return runner.run(x, states, lengths)
+
+    batcher = StepBatcher(
+        Watched(), executor, max_size=64, inline_steps=4, observe=lambda s: sizes.append(s.size)
+    )
+    try:
+        x = rng.normal(size=(6, 3)).astype(np.float32)
+        state = runner.zero_state()
+        for t in range(6):  # one stream, one step per message, the loop turning in between
+            turned: list[int] = []
+            asyncio.get_running_loop().call_soon(turned.append, 1)
+            y, state = await batcher.submit(x[t : t + 1], state)
+            assert not turned  # answered without handing the loop a turn
+            await asyncio.sleep(0)
+        y_ref, finals = ref.run(x)
+        np.testing.assert_allclose(y, y_ref[-1:], atol=TOL)
+        np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
+        assert threads == {threading.get_ident()} and sizes == [1] * 6
+        sizes.clear()
+        crowd = [rng.normal(size=(1, 3)).astype(np.float32) for _ in range(16)]
+        results = await asyncio.gather(*(batcher.submit(c, runner.zero_state()) for c in crowd))
+        assert sum(sizes) == 16 and max(sizes) > 1 and len(sizes) <= 3
+        for c, (y, _) in zip(crowd, results):
+            np.testing.assert_allclose(y, ref.run(c)[0], atol=TOL)
+    finally:
+        await batcher.close()
+
+
 class _GatedRunner:
     """A Runner whose calls wait for a gate: lets a test hold the batcher busy."""
 
