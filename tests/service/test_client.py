@@ -6,6 +6,7 @@ broken on purpose to check that reconnecting never applies a step twice nor lose
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -350,6 +351,9 @@ def drop_after_send(stream) -> None:
 
     def send(message):
         original(message)
+        # Cut the TCP connection at once (no closing handshake, during which a fast
+        # server's answer could still be read): the answer surely never arrives.
+        connection.socket.shutdown(socket.SHUT_RDWR)
         connection.close()
 
     connection.send = send
