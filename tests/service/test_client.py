@@ -448,6 +448,8 @@ async def test_async_stream(server, reference):
 
             async def send(message):
                 await original(message)
+                # at once, no closing handshake (see drop_after_send)
+                connection.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
                 await connection.close()
 
             connection.send = send
