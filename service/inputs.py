@@ -28,6 +28,16 @@ def _symbol_rows(card: ModelCard, steps: list[Any], where: str) -> np.ndarray:
     return x
 
 
+def _check_length(steps: int, settings: Settings, where: str) -> None:
+    if steps == 0:
+        raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
+    if steps > settings.max_steps_per_request:
+        raise SequenceTooLong(
+            f"{where}{steps} steps exceed the limit of {settings.max_steps_per_request}",
+            limit=settings.max_steps_per_request,
+        )
+
+
 def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str = "") -> np.ndarray:
     """A [steps, input_size] float32 array from a list of steps (numbers or symbols) or an
     array; for a token model, an int64 [steps] array of ids (see ``token_ids``)."""
@@ -38,13 +48,7 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
     else:
         if not isinstance(steps, list):
             raise InvalidInput(f"{where}a sequence must be a list of time steps")
-        if not steps:
-            raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
-        if len(steps) > settings.max_steps_per_request:
-            raise SequenceTooLong(
-                f"{where}{len(steps)} steps exceed the limit of {settings.max_steps_per_request}",
-                limit=settings.max_steps_per_request,
-            )
+        _check_length(len(steps), settings, where)
         fast = _plain_numbers(steps, card.input_size)
         if fast is not None:
             return fast
@@ -69,13 +73,7 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
             x = np.asarray(steps, np.float32)
     if x.ndim != 2 or x.shape[1] != card.input_size:
         raise InvalidInput(f"{where}expected [steps, {card.input_size}] values, got shape {list(x.shape)}")
-    if x.shape[0] == 0:
-        raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
-    if x.shape[0] > settings.max_steps_per_request:
-        raise SequenceTooLong(
-            f"{where}{x.shape[0]} steps exceed the limit of {settings.max_steps_per_request}",
-            limit=settings.max_steps_per_request,
-        )
+    _check_length(x.shape[0], settings, where)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     if not np.isfinite(x).all():
@@ -122,13 +120,7 @@ def token_ids(card: ModelCard, steps: Any, settings: Settings, where: str = "") 
         ids = np.array(values, np.int64) if all(-(2**63) <= v < 2**63 for v in values) else None
         if ids is None:
             raise InvalidInput(f"{where}a token id is out of range [0, {size})")
-    if ids.shape[0] == 0:
-        raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
-    if ids.shape[0] > settings.max_steps_per_request:
-        raise SequenceTooLong(
-            f"{where}{ids.shape[0]} steps exceed the limit of {settings.max_steps_per_request}",
-            limit=settings.max_steps_per_request,
-        )
+    _check_length(ids.shape[0], settings, where)
     bad = np.flatnonzero((ids < 0) | (ids >= size))
     if bad.size:
         raise InvalidInput(

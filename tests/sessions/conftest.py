@@ -70,34 +70,46 @@ def db_url(redis_url: str, key_prefix: str) -> Iterator[Callable[[int], str]]:
         _drop(url, f"{key_prefix}*")
 
 
+class _Stores:
+    """Makes stores of one class with test defaults and closes them after the test."""
+
+    def __init__(self, cls: type, key_prefix: str) -> None:
+        self.cls = cls
+        self.key_prefix = key_prefix
+        self.made: list = []
+
+    def make(
+        self,
+        url: str,
+        ttl_s: float = 60.0,
+        max_sessions: int = 1000,
+        max_sessions_per_owner: int = 1000,
+        **kwargs: object,
+    ):
+        store = self.cls(
+            url,
+            ttl_s=ttl_s,
+            max_sessions=max_sessions,
+            max_sessions_per_owner=max_sessions_per_owner,
+            prefix=self.key_prefix,
+            **kwargs,
+        )
+        self.made.append(store)
+        return store
+
+    async def close(self) -> None:
+        for store in self.made:
+            await store.close()
+
+
 @pytest.fixture
 async def redis_store(
     db_url: Callable[[int], str], key_prefix: str
 ) -> AsyncIterator[Callable[..., RedisSessionStore]]:
     """``redis_store(db=..., ttl_s=..., ...)``: a RedisSessionStore closed after the test."""
-    stores: list[RedisSessionStore] = []
-
-    def make(
-        db: int = REDIS_DB,
-        ttl_s: float = 60.0,
-        max_sessions: int = 1000,
-        max_sessions_per_owner: int = 1000,
-        **kwargs: object,
-    ) -> RedisSessionStore:
-        store = RedisSessionStore(
-            db_url(db),
-            ttl_s=ttl_s,
-            max_sessions=max_sessions,
-            max_sessions_per_owner=max_sessions_per_owner,
-            prefix=key_prefix,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
+    stores = _Stores(RedisSessionStore, key_prefix)
+    yield lambda db=REDIS_DB, *args, **kwargs: stores.make(db_url(db), *args, **kwargs)
+    await stores.close()
 
 
 @pytest.fixture
@@ -105,25 +117,6 @@ async def cluster_store(
     cluster_url: str, key_prefix: str
 ) -> AsyncIterator[Callable[..., RedisClusterSessionStore]]:
     """``cluster_store(ttl_s=..., ...)``: a store on the local 3-primary Redis Cluster."""
-    stores: list[RedisClusterSessionStore] = []
-
-    def make(
-        ttl_s: float = 60.0,
-        max_sessions: int = 1000,
-        max_sessions_per_owner: int = 1000,
-        **kwargs: object,
-    ) -> RedisClusterSessionStore:
-        store = RedisClusterSessionStore(
-            cluster_url,
-            ttl_s=ttl_s,
-            max_sessions=max_sessions,
-            max_sessions_per_owner=max_sessions_per_owner,
-            prefix=key_prefix,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
+    stores = _Stores(RedisClusterSessionStore, key_prefix)
+    yield lambda *args, **kwargs: stores.make(cluster_url, *args, **kwargs)
+    await stores.close()
