@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from service import __version__
 from service.api import health, playground, rest, steps, stream, v2
-from service.api.common import ORJSONResponse, json_problem
+from service.api.common import (
+    ORJSONResponse,
+    error_response,
+    internal_error_response,
+    json_problem,
+)
 from service.api.middleware import RequestContext
 from service.config import Settings
 from service.engine import Engine
@@ -52,7 +59,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
                 await grpc_server.stop()
             await engine.stop()
 
-    app = FastAPI(
+    app = _App(
         title="rnnserve",
         version=__version__,
         description="Stateful serving of RNN, LSTM and GRU models: batch predict, sessions "
@@ -70,13 +77,27 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
     app.include_router(v2.router)
     app.include_router(playground.router)
     _install_error_handlers(app)
-    app.add_middleware(
+    app.outermost = partial(
         RequestContext,
         metrics=engine.metrics,
         max_body_bytes=settings.max_body_bytes,
         known_models=lambda: engine.repository.known_names,
+        lean=rest.LeanStep(),
     )
     return app
+
+
+class _App(FastAPI):
+    """FastAPI with the access middleware (``outermost``) wrapped around its whole middleware
+    stack rather than inside it: every answer, a 500 of Starlette's error middleware
+    included, carries the request id and is counted, and the lean step path
+    (``rest.LeanStep``) skips the layers and routing its requests do not need."""
+
+    outermost: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.outermost is None else self.outermost(stack)
 
 
 async def _start_grpc(engine: Engine):
@@ -109,9 +130,7 @@ def _problem(error: dict, body: object) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> ORJSONResponse:
-        if exc.status >= 500 and exc.status != 503:
-            log.error("request failed: %s", exc.message)
-        return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
@@ -133,6 +152,4 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> ORJSONResponse:
         log.exception("unhandled error")
-        return ORJSONResponse(
-            {"error": {"code": "internal_error", "message": "internal error"}}, status_code=500
-        )
+        return internal_error_response()

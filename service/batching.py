@@ -53,6 +53,10 @@ class BatchStats:
     queue_wait_s: list[float] = field(default_factory=list)
 
 
+_LONE = BatchStats(1, [0.0])
+"""The stats of every inline call (read only)."""
+
+
 class StepBatch:
     """Runs jobs as few onnxruntime calls as the model allows and splits results back."""
 
@@ -164,20 +168,8 @@ class StepBatcher:
 
     async def submit(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run ``x`` from ``state``; returns (y [steps, output_size], new flat state)."""
-        if (
-            x.shape[0] <= self.inline_steps
-            and self._lone
-            and not self._hot
-            and not self._queue
-            and not self._inflight
-            and self.max_delay_s == 0
-            and not self._closed
-        ):
-            # A lone stream's small step while the runtime is idle: run it here and now, as
-            # the dispatch loop would inline it, without the loop's wake-up and future hops.
-            # Only while calls carry one job each and once per loop iteration, so steps
-            # arriving together still queue and share a call.
-            return self._run_now(StepJob(x, state))
+        if self.can_run_inline(x.shape[0]):
+            return self.run_inline(x, state)
         job = self._enqueue([(x, state)])[0]
         try:
             return await job.future
@@ -185,16 +177,32 @@ class StepBatcher:
             job.future.cancel()
             raise
 
-    def _run_now(self, job: StepJob) -> tuple[np.ndarray, np.ndarray]:
+    def can_run_inline(self, steps: int) -> bool:
+        """Whether a lone stream's small step may run here and now (``run_inline``), as the
+        dispatch loop would inline it, without the loop's wake-up and future hops: only
+        while the runtime is idle, calls carry one job each, and once per loop iteration,
+        so steps arriving together still queue and share a call."""
+        return (
+            steps <= self.inline_steps
+            and self._lone
+            and not self._hot
+            and not self._queue
+            and not self._inflight
+            and self.max_delay_s == 0
+            and not self._closed
+        )
+
+    def run_inline(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One sequence's steps on the caller's thread (only after ``can_run_inline``)."""
         self._hot = True
         asyncio.get_running_loop().call_soon(self._cool)
-        StepBatch(self.runner, [job]).run()
+        try:
+            result = self.runner.run_one(x, np.ascontiguousarray(state))
+        except Exception as exc:  # onnxruntime's errors have no common base
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
         if self._observe is not None:
-            self._observe(BatchStats(1, [0.0]))
-        if job.error is not None:
-            raise InferenceFailed(f"inference failed: {type(job.error).__name__}: {job.error}")
-        assert job.result is not None
-        return job.result
+            self._observe(_LONE)
+        return result
 
     def _cool(self) -> None:
         self._hot = False

@@ -241,14 +241,8 @@ class Engine:
         try:
             record = await self.store.get(session_id, fresh=fresh)
         except SessionExpired as exc:
-            if _hides(exc, owner):
-                raise SessionNotFound(f"no session {session_id}") from None
-            raise
-        if record.owner != owner:
-            # Another key's session: answer exactly as if it did not exist.
-            raise SessionNotFound(f"no session {session_id}")
-        note_served_model(record.model)  # the request's metrics carry the session's model
-        return record
+            raise _as_seen_by(exc, owner, session_id) from None
+        return _claimed(record, owner)
 
     async def create_session(
         self, entry: ModelVersion, owner: str | None, state: np.ndarray | None = None
@@ -403,7 +397,45 @@ class Engine:
         for lists of steps (numbers or symbols) and arrays alike.
         """
         async with self._session_lock(session_id):
+            if self._bulk is not None:
+                return await self._advance_leased(self._bulk, session_id, owner, inputs, seq, parse)
             return await self._advance(session_id, owner, inputs, seq, parse, release=False)
+
+    async def _advance_leased(
+        self,
+        bulk: MemorySessionStore,
+        session_id: str,
+        owner: str | None,
+        inputs: object,
+        seq: int | None,
+        parse,
+    ) -> StepResult:
+        """``_advance`` on the memory store, under the session's lock, without copies: the
+        stored record is leased, its slab row read in place (run inline when the runtime
+        is idle) and the new state written back with one assignment. A ``seq`` that is
+        not the next one (a replay or a mismatch) and a lease broken meanwhile (the
+        session expired during a queued call) go through ``_advance``, which decides
+        them exactly as on any store."""
+        try:
+            record = _claimed(bulk.lease_one(session_id), owner)
+        except SessionExpired as exc:
+            raise _as_seen_by(exc, owner, session_id) from None
+        entry = self.session_model(record)
+        x = (parse or self._parse)(entry.card, inputs)
+        steps = x.shape[0]
+        if seq is not None and seq != record.step_count + steps:
+            return await self._advance(session_id, owner, inputs, seq, parse, release=False)
+        batcher = self.batcher(entry)
+        if batcher.can_run_inline(steps):
+            y, state = batcher.run_inline(x, bulk.state_row(record))
+        else:
+            y, state = await batcher.submit(x, bulk.state_row(record).copy())
+        try:
+            bulk.advance_one(record, state, steps, y, seq)
+        except SessionConflict:
+            return await self._advance(session_id, owner, inputs, seq, parse, release=False)
+        self._steps_counter(entry).inc(steps)
+        return StepResult(y, record)
 
     async def _advance(
         self,
@@ -851,6 +883,20 @@ def _hides(exc: BaseException, owner: str | None) -> bool:
         and owner is not None
         and getattr(exc, "owner", _UNKNOWN_OWNER) != owner
     )
+
+
+def _as_seen_by(exc: SessionExpired, owner: str | None, session_id: str) -> ServeError:
+    """What the caller may learn of an expired session: that it expired, or (another key's)
+    nothing more than of an unknown id."""
+    return SessionNotFound(f"no session {session_id}") if _hides(exc, owner) else exc
+
+
+def _claimed(record: SessionRecord, owner: str | None) -> SessionRecord:
+    """The caller's own session; another key's answers exactly as an unknown id would."""
+    if record.owner != owner:
+        raise SessionNotFound(f"no session {record.session_id}")
+    note_served_model(record.model)  # the request's metrics carry the session's model
+    return record
 
 
 def _as_error(exc: BaseException) -> ServeError:

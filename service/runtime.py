@@ -6,6 +6,8 @@ batch axis removed, concatenated in card order): cheap to store, copy and serial
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,17 @@ _EXEC_MODES = {
     "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
     "parallel": ort.ExecutionMode.ORT_PARALLEL,
 }
+
+
+_BOUND_STEPS = 8
+"""``run_one`` keeps an I/O binding for each step count up to this."""
+
+
+@dataclass(slots=True)
+class _Bound:
+    binding: ort.IOBinding
+    buffers: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    """x [1, steps, ...], flat state in, y [1, steps, out], flat state out."""
 
 
 class CardMismatch(ValueError):
@@ -56,6 +69,15 @@ class Runner:
         self._axes = [s.batch_axis for s in card.states]
         self._offsets = np.cumsum([0, *(s.row_size for s in card.states)]).tolist()
         self.state_size = self._offsets[-1]
+        self._one_feed = [
+            (name, a, b, shape[:axis] + (1,) + shape[axis:])
+            for name, a, b, shape, axis in zip(
+                self._state_inputs, self._offsets, self._offsets[1:], self._row_shapes, self._axes
+            )
+        ]
+        """Per state input: (name, start, end, batch-1 shape) of its slice of a flat state."""
+        self._bound: dict[int, _Bound] = {}
+        self._one_lock = threading.Lock()
         self._check_graph()
         self._dry_run()
 
@@ -112,6 +134,63 @@ class Runner:
             feed[self._lengths_input] = lengths
         y, *new_states = self.session.run(self._output_names, feed)
         return y, new_states
+
+    def run_one(self, x: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One sequence's steps ``x`` ([steps, ...]) from its flat state, as one onnxruntime
+        call without the batch machinery. Returns (y [steps, out], the new flat state).
+
+        Up to ``_BOUND_STEPS`` steps it runs through an I/O binding made once per step
+        count: the inputs are copied into buffers bound to the graph and the outputs land
+        in bound buffers, so onnxruntime allocates and converts nothing. One caller at a
+        time uses the buffers (the batcher's inline path, on the event loop's thread); a
+        concurrent caller takes the plain path.
+        """
+        steps = x.shape[0]
+        if steps <= _BOUND_STEPS and self._one_lock.acquire(blocking=False):
+            try:
+                bound = self._bound.get(steps) or self._bind(steps)
+                x_buf, flat_in, y_buf, flat_out = bound.buffers
+                x_buf[0] = x
+                flat_in[:] = flat
+                self.session.run_with_iobinding(bound.binding)
+                return y_buf[0].copy(), flat_out.copy()
+            finally:
+                self._one_lock.release()
+        feed = {self._sequence_input: x[np.newaxis]}
+        for name, a, b, shape in self._one_feed:
+            feed[name] = np.ascontiguousarray(flat[a:b]).reshape(shape)
+        if self._lengths_input is not None:
+            feed[self._lengths_input] = np.array([steps], np.int32)
+        y, *states = self.session.run(self._output_names, feed)
+        # Removing a batch axis of size 1 never reorders memory: plain reshapes.
+        return y[0], np.concatenate([tensor.reshape(-1) for tensor in states])
+
+    def _bind(self, steps: int) -> _Bound:
+        """The I/O binding of one sequence of ``steps`` steps, and its buffers."""
+        card = self.card
+        if card.token_inputs:
+            x_buf = np.zeros((1, steps), np.int64)
+        else:
+            x_buf = np.zeros((1, steps, card.input_size), np.float32)
+        flat_in = np.zeros(self.state_size, np.float32)
+        flat_out = np.zeros(self.state_size, np.float32)
+        y_buf = np.zeros((1, steps, card.output_size), np.float32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self._sequence_input, x_buf)
+        for name, a, b, shape in self._one_feed:
+            binding.bind_cpu_input(name, flat_in[a:b].reshape(shape))
+        if self._lengths_input is not None:
+            binding.bind_cpu_input(self._lengths_input, np.array([steps], np.int32))
+        outputs = [(self._output_names[0], y_buf)] + [
+            (out, flat_out[a:b].reshape(shape))
+            for out, (_, a, b, shape) in zip(self._output_names[1:], self._one_feed)
+        ]
+        for name, buffer in outputs:
+            binding.bind_output(
+                name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data
+            )
+        bound = self._bound[steps] = _Bound(binding, (x_buf, flat_in, y_buf, flat_out))
+        return bound
 
     def _check_graph(self) -> None:
         card = self.card

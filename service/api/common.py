@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -17,10 +18,11 @@ from starlette.responses import JSONResponse, Response
 from service.api.schemas import ErrorResponse
 from service.config import Settings
 from service.engine import Engine
-from service.errors import Unauthorized
+from service.errors import ServeError, Unauthorized
 from service.sessions import SessionRecord
 
 _ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+log = logging.getLogger("service.app")
 
 
 def dumps(content: Any) -> bytes:
@@ -41,6 +43,21 @@ class ORJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
+
+
+def error_response(exc: ServeError) -> ORJSONResponse:
+    """The HTTP answer to a ServeError, wherever it is raised (the app's exception handler,
+    the lean step path)."""
+    if exc.status >= 500 and exc.status != 503:
+        log.error("request failed: %s", exc.message)
+    return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def internal_error_response() -> ORJSONResponse:
+    """The answer to an unexpected exception (logged by the caller): no detail leaks."""
+    return ORJSONResponse(
+        {"error": {"code": "internal_error", "message": "internal error"}}, status_code=500
+    )
 
 
 class ORJSONRequest(Request):

@@ -1,7 +1,9 @@
 """One ASGI middleware for every HTTP request: request id, body limit, metrics, one log line.
 
 It also undoes ``Content-Encoding: gzip|deflate`` on v1 bodies (v2 does so in its own codec),
-within the same body limit after inflating.
+within the same body limit after inflating. It wraps the whole app (outside FastAPI's own
+middleware), and hands ``POST /v1/sessions/{id}/steps`` to the lean step path
+(``service.api.rest.LeanStep``), which falls back to the app for any uncommon body.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +24,16 @@ from service.metrics import UNKNOWN_MODEL, Metrics, track_served_model
 log = logging.getLogger("service.access")
 
 
+class LeanPath(Protocol):
+    """A route served before the app's middleware and routing (``rest.LeanStep``)."""
+
+    def session_id(self, scope: Scope) -> str | None: ...
+
+    async def __call__(
+        self, session_id: str, scope: Scope, receive: Receive, send: Send, app: ASGIApp
+    ) -> None: ...
+
+
 class RequestContext:
     def __init__(
         self,
@@ -28,11 +41,16 @@ class RequestContext:
         metrics: Metrics,
         max_body_bytes: int,
         known_models: Callable[[], Collection[str]] = frozenset,
+        lean: LeanPath | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.known_models = known_models
+        self.lean = lean
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        """(route, model, status) -> the request counter's and latency histogram's children:
+        labels() takes a lock and builds a key, so it runs once per series, not per request."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,8 +111,13 @@ class RequestContext:
                 self._record(scope, failure.status, started, request_id, served)
                 return
 
+        lean = self.lean
+        session_id = lean.session_id(scope) if lean is not None and encoding is None else None
         try:
-            await self.app(scope, app_receive, send_with_id)
+            if session_id is None:
+                await self.app(scope, app_receive, send_with_id)
+            else:
+                await lean(session_id, scope, app_receive, send_with_id, self.app)
         finally:
             self._record(scope, status, started, request_id, served)
 
@@ -102,15 +125,20 @@ class RequestContext:
         self, scope: Scope, status: int, started: float, request_id: str, served: list[str]
     ) -> None:
         elapsed = time.perf_counter() - started
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
+        template = scope.get("route_template") or getattr(scope.get("route"), "path", None) or "unmatched"
         params = scope.get("path_params") or {}
         # The URL's model, else the model of the session the request touched.
         named = params.get("name") or params.get("model_name") or (served[0] if served else None)
         # Only loaded model names become labels: a caller's text never creates a series.
         model = named if named in self.known_models() else UNKNOWN_MODEL
-        self.metrics.requests.labels(template, model, str(status)).inc()
-        self.metrics.latency.labels(template, model).observe(elapsed)
+        series = self._series.get((template, model, status))
+        if series is None:
+            series = self._series[(template, model, status)] = (
+                self.metrics.requests.labels(template, model, str(status)),
+                self.metrics.latency.labels(template, model),
+            )
+        series[0].inc()
+        series[1].observe(elapsed)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "request",

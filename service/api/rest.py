@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from itertools import chain
 from typing import Any
 
@@ -9,14 +10,16 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Depends, Request, Response
 from starlette.datastructures import Headers
-from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import (
     ORJSONResponse,
     ORJSONRoute,
     dumps,
     engine_of,
+    error_response,
     error_responses,
+    internal_error_response,
     owner,
     owner_for_key,
     presented_key,
@@ -37,10 +40,12 @@ from service.api.schemas import (
     StepResponse,
 )
 from service.engine import Engine
+from service.errors import ServeError
 from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
 from service.repository import ModelVersion, parse_version
 from service.topk import top_k
 
+log = logging.getLogger("service.app")
 router = APIRouter(
     prefix="/v1", tags=["v1"], dependencies=[Depends(owner)], route_class=ORJSONRoute
 )
@@ -210,21 +215,29 @@ async def step(
     engine = engine_of(request)
     result = await engine.step(session_id, who, body.inputs, body.seq)
     return ORJSONResponse(
-        step_content(engine, result.record, result.outputs, result.replayed, body.top_k)
+        step_content(
+            engine, result.record, result.outputs, result.replayed, body.top_k, result.step_count
+        )
     )
 
 
 def step_content(
-    engine: Engine, record, outputs: np.ndarray, replayed: bool, k: int | None = None
+    engine: Engine,
+    record,
+    outputs: np.ndarray,
+    replayed: bool,
+    k: int | None = None,
+    step_count: int | None = None,
 ) -> dict[str, Any]:
-    """The answer to a step: ``outputs`` (or, given k, ``top_k``), ``step_count``, ``symbols``."""
+    """The answer to a step: ``outputs`` (or, given k, ``top_k``), ``step_count`` (the
+    record's unless given), ``symbols``."""
     card = engine.session_model(record).card
     content: dict[str, Any] = (
         {"outputs": outputs.tolist()}
         if k is None or card is None
         else {"top_k": top_k(outputs, k, card.output_names)}
     )
-    content["step_count"] = record.step_count
+    content["step_count"] = record.step_count if step_count is None else step_count
     named = top_symbols(card, outputs) if card is not None else None
     if named is not None:
         content["symbols"] = named
@@ -286,50 +299,55 @@ async def reload(request: Request) -> ORJSONResponse:
     )
 
 
-class _LeanStep:
-    """``POST /v1/sessions/{id}/steps`` without FastAPI's per-request machinery (dependency
-    solving, pydantic body model, response model) for the common body: ``inputs`` as lists
-    of floats, optional ``seq`` and ``top_k``. Any other body goes, unchanged, to the
+class LeanStep:
+    """``POST /v1/sessions/{id}/steps`` taken by the access middleware before FastAPI's
+    middleware, routing and per-request machinery (dependency solving, pydantic body
+    model, response model) for the common body: ``inputs`` as lists of floats, optional
+    ``seq`` and ``top_k``. Any other body goes, unchanged, through the whole app to the
     documented route above, so every answer and error reads the same either way."""
 
     _FIELDS = frozenset({"inputs", "seq", "top_k"})
+    _PREFIX, _SUFFIX = "/v1/sessions/", "/steps"
+    template = "/v1/sessions/{session_id}/steps"
 
-    def __init__(self, documented: Any) -> None:
-        self.documented = documented
+    def session_id(self, scope: Scope) -> str | None:
+        """The session of a request this path takes, else None."""
+        path: str = scope["path"]
+        if scope["method"] != "POST" or not path.startswith(self._PREFIX) or not path.endswith(self._SUFFIX):
+            return None
+        session_id = path[len(self._PREFIX) : -len(self._SUFFIX)]
+        return session_id if session_id and "/" not in session_id else None
 
-    async def __call__(self, scope, receive, send) -> None:
-        scope["route"] = self.documented  # the route template of metrics and logs
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
+    async def __call__(
+        self, session_id: str, scope: Scope, receive: Receive, send: Send, app: ASGIApp
+    ) -> None:
+        try:
+            body = await _read_body(receive)
+            if body is None:
                 return  # the client went away
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        fields = _lean_fields(body, self._FIELDS)
-        if fields is None:
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.documented.handle(scope, replay, send)
+            fields = _lean_fields(body, self._FIELDS)
+            if fields is None:
+                await app(scope, _replaying(body, receive), send)
+                return
+            scope["path_params"] = {"session_id": session_id}  # for metrics and logs
+            scope["route_template"] = self.template
+            app_state = scope["app"].state
+            engine: Engine = app_state.engine
+            who = owner_for_key(app_state.settings, presented_key(Headers(scope=scope)))
+            result = await engine.step(session_id, who, fields["inputs"], fields.get("seq"))
+            content = dumps(
+                step_content(
+                    engine, result.record, result.outputs, result.replayed, fields.get("top_k"),
+                    result.step_count,
+                )
+            )
+        except ServeError as exc:
+            await error_response(exc)(scope, receive, send)
             return
-        app = scope["app"]
-        engine: Engine = app.state.engine
-        who = owner_for_key(app.state.settings, presented_key(Headers(scope=scope)))
-        result = await engine.step(
-            scope["path_params"]["session_id"], who, fields["inputs"], fields.get("seq")
-        )
-        content = dumps(
-            step_content(engine, result.record, result.outputs, result.replayed, fields.get("top_k"))
-        )
+        except Exception:
+            log.exception("unhandled error")
+            await internal_error_response()(scope, receive, send)
+            return
         await send(
             {
                 "type": "http.response.start",
@@ -341,6 +359,32 @@ class _LeanStep:
             }
         )
         await send({"type": "http.response.body", "body": content})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole body, or None when the client went away first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for an app that reads a body this path has already read."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _lean_fields(body: bytes, allowed: frozenset) -> dict | None:
@@ -363,8 +407,3 @@ def _lean_fields(body: bytes, allowed: frozenset) -> dict | None:
     return fields
 
 
-_documented_step = next(r for r in router.routes if getattr(r, "endpoint", None) is step)
-router.routes.insert(
-    0, Route("/v1/sessions/{session_id}/steps", _LeanStep(_documented_step), methods=["POST"],
-             include_in_schema=False)
-)  # fmt: skip

@@ -312,19 +312,48 @@ class MemorySessionStore(SessionStore):
             slab.rows[[record.row for record in leased]] = states
         else:
             slab.rows[[leased[k].row for k in keep]] = states[keep]
-        move = records.move_to_end
-        width = outputs.shape[-1]
         for k in keep:
-            record, seq = leased[k], seqs[k]
-            record.revision += 1
-            record.last_used = now
-            record.step_count += steps
-            record.last_seq = seq
-            if seq is not None:  # keep the whole answer: a retry may need it
-                record.last_outputs = outputs[k].tobytes()
-                record.last_outputs_shape = outputs[k].shape
-            else:  # keep only the last row: generation continues from it
-                record.last_outputs = outputs[k, -1].tobytes()
-                record.last_outputs_shape = (1, width)
-            move(record.session_id)
+            self._account(leased[k], steps, outputs[k], seqs[k], now)
         return errors
+
+    def lease_one(self, session_id: str) -> SessionRecord:
+        """``lease`` for one session: the stored record, or the error ``get`` raises."""
+        record = self._records.get(session_id)
+        if record is not None and record.last_used + self.ttl_s > self._clock():
+            return record
+        return self._live(session_id)
+
+    @staticmethod
+    def state_row(leased: SessionRecord) -> np.ndarray:
+        """A leased record's state: a view of its slab row (read it before ``advance_one``)."""
+        assert isinstance(leased, _Held) and leased.slab is not None
+        return leased.slab.rows[leased.row]
+
+    def advance_one(
+        self, leased: SessionRecord, state: np.ndarray, steps: int, outputs: np.ndarray, seq: int | None
+    ) -> None:
+        """``advance`` for one leased record; raises what ``commit`` would (SessionConflict
+        when it changed since its lease, SessionNotFound/SessionExpired when it went)."""
+        now = self._clock()
+        if self._records.get(leased.session_id) is not leased or leased.last_used + self.ttl_s <= now:
+            self._live(leased.session_id)  # raises when it went
+            raise SessionConflict("the session was changed by another request")
+        assert isinstance(leased, _Held) and leased.slab is not None
+        leased.slab.rows[leased.row] = state
+        self._account(leased, steps, outputs, seq, now)
+
+    def _account(
+        self, record: _Held, steps: int, outputs: np.ndarray, seq: int | None, now: float
+    ) -> None:
+        """A stored record after ``steps`` applied steps with ``outputs`` [steps, out]."""
+        record.revision += 1
+        record.last_used = now
+        record.step_count += steps
+        record.last_seq = seq
+        if seq is not None:  # keep the whole answer: a retry may need it
+            record.last_outputs = outputs.tobytes()
+            record.last_outputs_shape = outputs.shape
+        else:  # keep only the last row: generation continues from it
+            record.last_outputs = outputs[-1].tobytes()
+            record.last_outputs_shape = (1, outputs.shape[-1])
+        self._records.move_to_end(record.session_id)

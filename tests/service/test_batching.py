@@ -106,6 +106,33 @@ def test_batch_run_collates_and_splits_per_sequence(runners, reference, name):
         np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
 
 
+@pytest.mark.parametrize("name", ["tiny-lstm", "nolengths-lstm", "tiny-gru"])
+def test_run_one_equals_the_reference_bound_or_not(runners, reference, name):
+    """``Runner.run_one`` (one sequence; through a reused I/O binding up to 8 steps, plainly
+    beyond, and plainly for a caller that finds the binding in use) chains states exactly
+    as the reference runs the whole sequence, and hands out copies, not its buffers."""
+    runner, ref = runners[name], reference(name)
+    rng = np.random.default_rng(5)
+    chunks = [1, 1, 3, 8, 9, 1, 2, 1]
+    x = rng.normal(size=(sum(chunks), runner.card.input_size)).astype(np.float32)
+    state, ys, at = runner.zero_state(), [], 0
+    for k, n in enumerate(chunks):
+        if k == 5:  # another caller holds the binding: the plain path, same numbers
+            with runner._one_lock:
+                y, state = runner.run_one(x[at : at + n], state)
+        else:
+            y, state = runner.run_one(x[at : at + n], state)
+        ys.append(y)
+        at += n
+    y_ref, finals = ref.run(x)
+    np.testing.assert_allclose(np.concatenate(ys), y_ref, atol=TOL)
+    np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
+    first, _ = runner.run_one(x[:1], runner.zero_state())
+    kept = first.copy()
+    runner.run_one(x[1:2], state)  # a later call must not change an earlier answer
+    np.testing.assert_array_equal(first, kept)
+
+
 @pytest.mark.parametrize("name", ["tiny-lstm", "nolengths-lstm"])
 def test_a_failing_job_fails_alone(runners, reference, name):
     runner, ref = runners[name], reference(name)
@@ -236,6 +263,10 @@ async def test_lone_small_steps_run_inline_and_crowds_still_share_calls(
         def run(self, x, states, lengths):
             threads.add(threading.get_ident())
             return runner.run(x, states, lengths)
+
+        def run_one(self, x, flat):
+            threads.add(threading.get_ident())
+            return runner.run_one(x, flat)
 
     batcher = StepBatcher(
         Watched(), executor, max_size=64, inline_steps=4, observe=lambda s: sizes.append(s.size)

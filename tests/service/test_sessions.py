@@ -412,3 +412,60 @@ async def test_per_key_session_limit(make_client, model_repo):
         assert (
             await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [1.0]}, headers=b)
         ).status_code == 200
+
+
+async def test_lean_and_documented_step_paths_answer_alike(make_client, model_repo, reference):
+    """``POST /v1/sessions/{id}/steps`` has two implementations: the lean path taken before
+    FastAPI's routing (bodies of floats) and the documented route (anything else, e.g.
+    integer inputs). Interleaved on one session they give the reference's numbers, and
+    every answer, error or not, reads the same from either, request id and metrics included."""
+    ref = reference("tiny-lstm")
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(7, 3)).astype(np.float32)
+    x[2] = [1.0, -2.0, 0.0]  # sent as integers: the documented route
+    async with make_client(model_repo=model_repo, api_keys=["alpha", "beta"]) as client:
+        alpha = {"x-api-key": "alpha"}
+        r = await client.post("/v1/models/tiny-lstm/sessions", headers=alpha)
+        sid = r.json()["session_id"]
+        ys = []
+        for t, (a, b) in enumerate([(0, 2), (2, 3), (3, 6), (6, 7)]):
+            inputs = x[a:b].tolist() if t != 1 else [[int(v) for v in x[a]]]
+            r = await client.post(
+                f"/v1/sessions/{sid}/steps",
+                json={"inputs": inputs, "seq": b},
+                headers={**alpha, "x-request-id": f"req-{t}"},
+            )
+            assert r.status_code == 200, r.text
+            assert r.headers["x-request-id"] == f"req-{t}"
+            ys.append(np.asarray(r.json()["outputs"]))
+        y_ref, _ = ref.run(x)
+        np.testing.assert_allclose(np.concatenate(ys), y_ref, atol=TOL)
+        assert r.json()["step_count"] == 7
+
+        lean, documented = {"inputs": [[0.5, 0.25, 0.125]]}, {"inputs": [[1, 2, 3]]}
+        cases = [
+            (f"/v1/sessions/{sid}/steps", alpha, {"seq": 99}),  # seq mismatch: 409
+            (f"/v1/sessions/{sid}/steps", {"x-api-key": "beta"}, {}),  # another key's: 404
+            (f"/v1/sessions/{sid}/steps", {}, {}),  # no key: 401
+            ("/v1/sessions/no-such-id/steps", alpha, {}),  # unknown: 404
+        ]
+        for url, headers, extra in cases:
+            a = await client.post(url, json={**lean, **extra}, headers=headers)
+            b = await client.post(url, json={**documented, **extra}, headers=headers)
+            assert a.status_code == b.status_code and a.status_code >= 400, (a.text, b.text)
+            assert a.json() == b.json()
+            same = lambda r: {
+                k: v for k, v in r.headers.items() if k not in ("x-request-id", "content-length")
+            }
+            assert same(a) == same(b)
+            assert a.headers["x-request-id"] and b.headers["x-request-id"]
+        r = await client.get(f"/v1/sessions/{sid}", headers=alpha)
+        assert r.json()["step_count"] == 7  # no refused request changed the session
+
+        metrics = (await client.get("/metrics")).text
+        ok = [
+            line for line in metrics.splitlines()
+            if line.startswith("rnnserve_requests_total{")
+            and 'route="/v1/sessions/{session_id}/steps"' in line and 'status="200"' in line
+        ]
+        assert ok and float(ok[0].rsplit(" ", 1)[1]) == 4
