@@ -396,10 +396,16 @@ class Engine:
         model before anything changes; by default ``service.inputs.sequence_array`` does,
         for lists of steps (numbers or symbols) and arrays alike.
         """
-        async with self._session_lock(session_id):
+        turns = self._turns  # the session's turn, as _session_lock takes it, minus two awaits
+        future = turns.enter(session_id)
+        if future is not None:
+            await turns.wait(session_id, future)
+        try:
             if self._bulk is not None:
                 return await self._advance_leased(self._bulk, session_id, owner, inputs, seq, parse)
             return await self._advance(session_id, owner, inputs, seq, parse, release=False)
+        finally:
+            turns.leave(session_id)
 
     async def _advance_leased(
         self,

@@ -28,6 +28,12 @@ def _symbol_rows(card: ModelCard, steps: list[Any], where: str) -> np.ndarray:
     return x
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+_CHECKED_IN_PYTHON = 256
+"""Up to this many values a plain list is range-checked value by value (cheaper than the
+numpy calls for a few values); beyond, by numpy."""
+
+
 def _check_length(steps: int, settings: Settings, where: str) -> None:
     if steps == 0:
         raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
@@ -132,9 +138,10 @@ def token_ids(card: ModelCard, steps: Any, settings: Settings, where: str = "") 
 def _plain_numbers(steps: list, width: int) -> np.ndarray | None:
     """The common case, checked cheaply: every step a list of ``width`` floats or ints.
 
-    Anything else (bools, strings, ragged steps, NaN) returns None and goes through the
-    detailed checks, so error messages are the same either way.
+    Anything else (bools, strings, ragged steps, NaN, values beyond float32) returns None
+    and goes through the detailed checks, so error messages are the same either way.
     """
+    few = len(steps) * width <= _CHECKED_IN_PYTHON
     for step in steps:
         if type(step) is not list or len(step) != width:
             return None
@@ -142,6 +149,11 @@ def _plain_numbers(steps: list, width: int) -> np.ndarray | None:
             kind = type(value)
             if kind is not float and kind is not int:
                 return None
+            # NaN fails both comparisons; within float32's range nothing overflows below
+            if few and not -_F32_MAX <= value <= _F32_MAX:
+                return None
+    if few:
+        return np.array(steps, np.float32)
     try:
         with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
             x = np.array(steps, np.float32)

@@ -193,7 +193,7 @@ async def _serve(
                 if k is not None:
                     check_k(k)
                 result = await engine.step(session_id, who, x, seq)
-                count, replayed = result.record.step_count, result.replayed
+                count, replayed = result.step_count, result.replayed
                 await websocket.send_bytes(
                     encode_response(result.outputs, count, replayed)
                     if k is None
@@ -202,7 +202,9 @@ async def _serve(
             else:
                 inputs, seq, k = _json_message(text)
                 result = await engine.step(session_id, who, inputs, seq)
-                content = step_content(engine, result.record, result.outputs, result.replayed, k)
+                content = step_content(
+                    engine, result.record, result.outputs, result.replayed, k, result.step_count
+                )
                 await websocket.send_text(dumps(content).decode())
             if entry is None:
                 entry = engine.session_model(result.record)
@@ -227,6 +229,9 @@ async def _serve(
             return
 
 
+_MESSAGE_FIELDS = frozenset({"inputs", "seq", "top_k"})
+
+
 def _json_message(text: str | None) -> tuple[Any, int | None, int | None]:
     try:
         message = orjson.loads(text or "")
@@ -236,9 +241,8 @@ def _json_message(text: str | None) -> tuple[Any, int | None, int | None]:
         raise InvalidInput(
             'a message must be an object {"inputs": [step, ...], "seq"?: n, "top_k"?: k}'
         )
-    unknown = set(message) - {"inputs", "seq", "top_k"}
-    if unknown:
-        raise InvalidInput(f"unknown fields {sorted(unknown)}")
+    if not message.keys() <= _MESSAGE_FIELDS:
+        raise InvalidInput(f"unknown fields {sorted(set(message) - _MESSAGE_FIELDS)}")
     seq = message.get("seq")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
         raise InvalidInput("seq must be a positive integer")
