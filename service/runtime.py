@@ -37,6 +37,8 @@ class _Bound:
     binding: ort.IOBinding
     buffers: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     """x [1, steps, ...], flat state in, y [1, steps, out], flat state out."""
+    keep: tuple[np.ndarray, ...]
+    """Every array bound, views included: onnxruntime holds their addresses."""
 
 
 class CardMismatch(ValueError):
@@ -175,21 +177,25 @@ class Runner:
         flat_in = np.zeros(self.state_size, np.float32)
         flat_out = np.zeros(self.state_size, np.float32)
         y_buf = np.zeros((1, steps, card.output_size), np.float32)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self._sequence_input, x_buf)
-        for name, a, b, shape in self._one_feed:
-            binding.bind_cpu_input(name, flat_in[a:b].reshape(shape))
+        # onnxruntime reads and writes these arrays' memory in place: every one of them
+        # (views included) is kept alive as long as the binding, in ``_Bound.keep``.
+        inputs = [(self._sequence_input, x_buf)] + [
+            (name, flat_in[a:b].reshape(shape)) for name, a, b, shape in self._one_feed
+        ]
         if self._lengths_input is not None:
-            binding.bind_cpu_input(self._lengths_input, np.array([steps], np.int32))
+            inputs.append((self._lengths_input, np.array([steps], np.int32)))
         outputs = [(self._output_names[0], y_buf)] + [
             (out, flat_out[a:b].reshape(shape))
             for out, (_, a, b, shape) in zip(self._output_names[1:], self._one_feed)
         ]
-        for name, buffer in outputs:
-            binding.bind_output(
-                name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data
-            )
-        bound = self._bound[steps] = _Bound(binding, (x_buf, flat_in, y_buf, flat_out))
+        binding = self.session.io_binding()
+        for name, array in inputs:
+            binding.bind_cpu_input(name, array)
+        for name, array in outputs:
+            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        bound = self._bound[steps] = _Bound(
+            binding, (x_buf, flat_in, y_buf, flat_out), tuple(a for _, a in inputs + outputs)
+        )
         return bound
 
     def _check_graph(self) -> None:
