@@ -271,7 +271,16 @@ class StepBatcher:
                 slots.release()
                 self._settle(jobs, started)
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(jobs, slots))
+            # Handed to the pool right here, not by a task's first step: the call starts
+            # before the callers of the previous one resume (their Python overlaps it).
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            try:
+                call = loop.run_in_executor(self._executor, StepBatch(self.runner, jobs).run)
+            except RuntimeError as exc:  # the pool was shut down: every waiter hears it
+                call = loop.create_future()
+                call.set_exception(exc)
+            task = loop.create_task(self._execute(call, jobs, slots, started))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -301,11 +310,11 @@ class StepBatcher:
                 rows += job.rows
         return jobs
 
-    async def _execute(self, jobs: list[StepJob], slots: asyncio.Semaphore) -> None:
-        started = time.perf_counter()
+    async def _execute(
+        self, call: asyncio.Future, jobs: list[StepJob], slots: asyncio.Semaphore, started: float
+    ) -> None:
         try:
-            batch = StepBatch(self.runner, jobs)
-            await asyncio.get_running_loop().run_in_executor(self._executor, batch.run)
+            await call
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
             for job in jobs:
                 job.error = job.error or exc

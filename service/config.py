@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_total_steps_per_predict: int = Field(default=200_000, ge=1)
     max_multiplex_items: int = Field(default=8192, ge=1)
     """Session steps in one multiplexed message (``POST /v1/steps``, ``/v1/stream``)."""
+    mux_slice_items: int = Field(default=256, ge=1)
+    """A multiplexed message's items go to onnxruntime in slices of this many (memory
+    store), so the server prepares the next slice while a call runs."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_generate_steps: int = Field(default=10_000, ge=1)
 

@@ -534,10 +534,71 @@ class Engine:
         self, owner: str | None, items: list[StepItem], indices: list[int], results: list
     ) -> None:
         """At most one item per session, every session's turn held."""
-        bulk = self._bulk
-        ids = [items[i].session_id for i in indices]
-        records = bulk.lease(ids) if bulk is not None else await self.store.get_many(ids)
         slow: list[int] = []  # through the single-session path (fresh reads, retries)
+        bulk = self._bulk
+        if bulk is not None:
+            await self._pipeline(bulk, owner, items, indices, results, slow)
+        else:
+            ids = [items[i].session_id for i in indices]
+            records = await self.store.get_many(ids)
+            jobs = self._plan(owner, items, indices, records, results, slow)
+            outcomes = await asyncio.gather(
+                *(self._run_block(entry, block) for entry, _, block in jobs),
+                return_exceptions=True,
+            )
+            await self._commit_round(items, jobs, outcomes, results, slow)
+        for i in sorted(slow):
+            item = items[i]
+            try:
+                results[i] = await self._advance(
+                    item.session_id, owner, item.inputs, item.seq, None, release=False
+                )
+            except ServeError as exc:
+                results[i] = exc
+
+    async def _pipeline(
+        self,
+        bulk: MemorySessionStore,
+        owner: str | None,
+        items: list[StepItem],
+        indices: list[int],
+        results: list,
+        slow: list,
+    ) -> None:
+        """The memory store's round as a pipeline of slices of ``mux_slice_items``: each
+        slice's blocks go to the runtime as soon as they are planned, so the next slice is
+        planned, and the answers of a finished call written back, while a call runs (the
+        event loop's Python overlaps onnxruntime's call on its thread)."""
+        size = self.settings.mux_slice_items
+        running: list[asyncio.Future] = []
+        try:
+            for a in range(0, len(indices), size):
+                part = indices[a : a + size]
+                leased = bulk.lease([items[i].session_id for i in part])
+                for job in self._plan(owner, items, part, leased, results, slow):
+                    running.append(
+                        asyncio.ensure_future(self._run_leased(bulk, job, items, results, slow))
+                    )
+                if a + size < len(indices):
+                    await asyncio.sleep(0)  # the dispatcher takes the slice's blocks
+            await asyncio.gather(*running)
+        except BaseException:
+            for task in running:
+                task.cancel()
+            raise
+
+    def _plan(
+        self,
+        owner: str | None,
+        items: list[StepItem],
+        indices: list[int],
+        records: list,
+        results: list,
+        slow: list,
+    ) -> list[tuple[ModelVersion, int, list]]:
+        """The onnxruntime jobs (entry, steps, [(i, record, x), ...]) of a round's items,
+        one per (model, length) block of at most ``batch_max_size``; an item that fails
+        gets its error in ``results``, one that needs a fresh read goes to ``slow``."""
         by_entry: dict[int, tuple[ModelVersion, list]] = {}
         models: dict[tuple, ModelVersion] = {}
         for i, record in zip(indices, records):
@@ -564,6 +625,7 @@ class Engine:
                 group = by_entry[id(entry)] = (entry, [])
             group[1].append((i, record))
         jobs = []
+        size = self.settings.batch_max_size
         for entry, members in by_entry.values():
             xs = self._parse_many(entry, [items[i].inputs for i, _ in members], results, members)
             blocks: dict[int, list] = {}
@@ -576,25 +638,9 @@ class Engine:
                     continue
                 blocks.setdefault(x.shape[0], []).append((i, record, x))
             for steps, block in blocks.items():
-                size = self.settings.batch_max_size
                 for a in range(0, len(block), size):
                     jobs.append((entry, steps, block[a : a + size]))
-        if bulk is not None:
-            await asyncio.gather(*(self._run_leased(bulk, job, items, results, slow) for job in jobs))
-        else:
-            outcomes = await asyncio.gather(
-                *(self._run_block(entry, block) for entry, _, block in jobs),
-                return_exceptions=True,
-            )
-            await self._commit_round(items, jobs, outcomes, results, slow)
-        for i in sorted(slow):
-            item = items[i]
-            try:
-                results[i] = await self._advance(
-                    item.session_id, owner, item.inputs, item.seq, None, release=False
-                )
-            except ServeError as exc:
-                results[i] = exc
+        return jobs
 
     async def _run_leased(
         self, bulk, job: tuple, items: list[StepItem], results: list, slow: list
@@ -613,9 +659,9 @@ class Engine:
         leased = [record for _, record, _ in block]
         errors = bulk.advance(leased, states, steps, ys, [items[i].seq for i, _, _ in block])
         done = 0
-        for row, ((i, record, _), error) in enumerate(zip(block, errors)):
+        for (i, record, _), y, error in zip(block, list(ys), errors):
             if error is None:
-                results[i] = StepResult(ys[row], record)
+                results[i] = StepResult(y, record)
                 done += 1
             elif isinstance(error, SessionConflict):
                 slow.append(i)

@@ -196,24 +196,42 @@ def decode_many(frame: bytes, max_items: int) -> list[tuple[str, np.ndarray, int
     if len(frame) != expected:
         raise FrameError(f"frame is {len(frame)} bytes; its header implies {expected}")
     floats = np.frombuffer(frame, "<f4", offset=data_at)
+    flagged = (table["flags"] & FLAG_SEQ).astype(bool)
+    seqs: list[int | None] = (
+        [q if f else None for q, f in zip(table["seq"].tolist(), flagged.tolist())]
+        if flagged.any()
+        else [None] * count
+    )
+    return list(zip(_ids(frame, ids_at, id_ends), _items_x(floats, table, values), seqs))
+
+
+def _ids(frame: bytes, at: int, ends: np.ndarray) -> list[str]:
+    """The session ids: sliced from one decoded string when they are all ASCII (the
+    server's ids are), else decoded one by one."""
+    region = frame[at : int(ends[-1])] if len(ends) else b""
+    starts = np.concatenate(([0], ends[:-1] - at)).tolist()
+    stops = (ends - at).tolist()
+    if region.isascii():
+        text = region.decode("ascii")
+        return [text[a:b] for a, b in zip(starts, stops)]
+    try:
+        return [region[a:b].decode() for a, b in zip(starts, stops)]
+    except UnicodeDecodeError as exc:
+        raise FrameError("a session id is not valid UTF-8") from exc
+
+
+def _items_x(floats: np.ndarray, table: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
+    """Each item's [steps, features] view: one reshape when every item has one shape."""
+    count = len(table)
+    if count and (table["steps"] == table["steps"][0]).all() and (
+        table["features"] == table["features"][0]
+    ).all():
+        return list(floats.reshape(count, int(table["steps"][0]), int(table["features"][0])))
     out = []
-    start, offset = ids_at, 0
-    for end, steps, features, flags, seq, n in zip(
-        id_ends.tolist(),
-        table["steps"].tolist(),
-        table["features"].tolist(),
-        table["flags"].tolist(),
-        table["seq"].tolist(),
-        values.tolist(),
-    ):
-        try:
-            session_id = frame[start:end].decode()
-        except UnicodeDecodeError as exc:
-            raise FrameError("a session id is not valid UTF-8") from exc
-        out.append(
-            (session_id, floats[offset : offset + n].reshape(steps, features), seq if flags & FLAG_SEQ else None)
-        )
-        start, offset = end, offset + n
+    offset = 0
+    for steps, features, n in zip(table["steps"].tolist(), table["features"].tolist(), values.tolist()):
+        out.append(floats[offset : offset + n].reshape(steps, features))
+        offset += n
     return out
 
 
@@ -223,14 +241,16 @@ def encode_many_response(
     """A multiplexed response frame: per item (y, step_count, replayed), or an error dict
     (listed with its index in ``errors_json``, which the caller renders)."""
     table = np.zeros(len(results), MUX_RESULT)
-    payload = []
-    for k, result in enumerate(results):
-        if isinstance(result, dict):
-            table[k] = (MUX_ERROR, 0, 0, 0, 0)
-            continue
-        y, step_count, replayed = result
-        table[k] = (FLAG_REPLAYED if replayed else 0, 0, y.shape[0], y.shape[1], step_count)
-        payload.append(np.ascontiguousarray(y, "<f4").tobytes())
+    good = [k for k, result in enumerate(results) if not isinstance(result, dict)]
+    ys = [np.asarray(results[k][0]) for k in good]
+    if len(good) < len(results):
+        table["flags"] = MUX_ERROR
+    if good:
+        table["flags"][good] = [FLAG_REPLAYED if results[k][2] else 0 for k in good]
+        table["steps"][good] = [y.shape[0] for y in ys]
+        table["outputs"][good] = [y.shape[1] for y in ys]
+        table["step_count"][good] = [results[k][1] for k in good]
+    payload = [np.concatenate(ys, axis=None).astype("<f4", copy=False).tobytes()] if ys else []
     head = MUX_RESPONSE_HEADER.pack(MUX_MAGIC, VERSION, 0, len(results), len(errors_json))
     return head + table.tobytes() + b"".join(payload) + errors_json
 

@@ -106,6 +106,13 @@ def parse_items(raw: list, max_items: int) -> Parsed:
         )
     parsed = Parsed(len(raw))
     for k, item in enumerate(raw):
+        if type(item) is dict and len(item) == 2:  # the common {"session_id", "inputs"}
+            session_id = item.get("session_id")
+            if type(session_id) is str and 0 < len(session_id) <= _MAX_ID and "inputs" in item:
+                parsed.ids[k] = session_id
+                parsed.items.append(StepItem(session_id, item["inputs"]))
+                parsed.positions.append(k)
+                continue
         if type(item) is not dict:
             parsed.errors[k] = InvalidInput(f"item {k} must be an object")
             continue
@@ -173,13 +180,13 @@ async def run_binary(engine: Engine, who: str | None, frame: bytes) -> bytes:
     """Answer a multiplexed binary frame (FrameError for one that breaks the format)."""
     decoded = decode_many(frame, engine.settings.max_multiplex_items)
     parsed = Parsed(len(decoded))
+    parsed.ids = [session_id for session_id, _, _ in decoded]
     for k, (session_id, x, seq) in enumerate(decoded):
-        parsed.ids[k] = session_id
-        if not 0 < len(session_id) <= _MAX_ID:
+        if 0 < len(session_id) <= _MAX_ID:
+            parsed.items.append(StepItem(session_id, x, seq))
+            parsed.positions.append(k)
+        else:
             parsed.errors[k] = InvalidInput(f"item {k}: session_id must be 1 to {_MAX_ID} characters")
-            continue
-        parsed.items.append(StepItem(session_id, x, seq))
-        parsed.positions.append(k)
     results = await run(engine, who, parsed)
     encoded: list = []
     errors = []
