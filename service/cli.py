@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 
 import uvicorn
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_json)
+    if settings.gc_threshold:  # the process is the server's own: tune its collector
+        gc.set_threshold(settings.gc_threshold, *gc.get_threshold()[1:])
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -276,3 +276,65 @@ def test_property_each_session_gets_what_it_would_alone(live, reference, plan):
     for k, session_id in enumerate(ids):
         info = httpx.get(f"{live.url}/v1/sessions/{session_id}", headers=ALICE).json()
         assert info["step_count"] == applied[k] == len(xs[k])
+
+
+async def test_sliced_rounds_match_single_steps(model_repo, reference):
+    """A round in slices of 2 items (the memory store's pipeline: a slice's call starts
+    while the next is planned) answers every item as alone, in order: two models, a
+    session twice, a seq replay, a seq mismatch, an unknown id and a bad shape."""
+    from service.config import Settings
+    from service.engine import Engine, StepItem, StepResult
+    from service.errors import InvalidInput, SequenceMismatch, SessionNotFound
+
+    engine = Engine(Settings(model_repo=model_repo, mux_slice_items=2, grpc_port=0))
+    await engine.start()
+    try:
+        rng = np.random.default_rng(11)
+        names = ["tiny-lstm", "tiny-gru", "tiny-lstm", "tiny-relu", "tiny-gru"]
+        ids = [(await engine.create_session(engine.model(n), None)).session_id for n in names]
+        xs = [rng.normal(size=(1 + k % 2, MODELS[n])).astype(np.float32) for k, n in enumerate(names)]
+        again = rng.normal(size=(2, MODELS["tiny-lstm"])).astype(np.float32)
+        retried = (await engine.create_session(engine.model("tiny-relu"), None)).session_id
+        xr = rng.normal(size=(3, MODELS["tiny-relu"])).astype(np.float32)
+        first = await engine.step_many(None, [StepItem(retried, xr, 3)])
+        assert isinstance(first[0], StepResult)
+        items = [
+            *(StepItem(sid, x) for sid, x in zip(ids, xs)),
+            StepItem(ids[0], again),  # the same session again: runs after its first item
+            StepItem(retried, xr, 3),  # a retry of the request already applied
+            StepItem(ids[1], xs[1], 99),  # a seq that does not follow
+            StepItem("nope", xs[0]),
+            StepItem(ids[2], np.zeros((1, 5), np.float32)),  # wrong width
+        ]
+        results = await engine.step_many(None, items)
+        for k, name in enumerate(names):
+            y, states = reference(name).run(xs[k])
+            assert isinstance(results[k], StepResult)
+            np.testing.assert_allclose(results[k].outputs, y, atol=TOL)
+            if k == 0:
+                y0, _ = reference(name).run(again, states)
+                np.testing.assert_allclose(results[5].outputs, y0, atol=TOL)
+                assert results[5].step_count == xs[0].shape[0] + 2
+        assert results[6].replayed and results[6].step_count == 3
+        np.testing.assert_allclose(results[6].outputs, first[0].outputs, atol=0)
+        assert isinstance(results[7], SequenceMismatch)
+        assert isinstance(results[8], SessionNotFound)
+        assert isinstance(results[9], InvalidInput)
+    finally:
+        await engine.stop()
+
+
+def test_cli_sets_the_gc_threshold(monkeypatch):
+    import gc
+
+    from service import cli
+
+    before = gc.get_threshold()
+    monkeypatch.setattr(cli.uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
+    monkeypatch.setenv("RNNSERVE_GC_THRESHOLD", "12345")
+    try:
+        cli.main(["--grpc-port", "0"])
+        assert gc.get_threshold() == (12345, *before[1:])
+    finally:
+        gc.set_threshold(*before)
