@@ -53,8 +53,8 @@ class BatchStats:
     queue_wait_s: list[float] = field(default_factory=list)
 
 
-_LONE = BatchStats(1, [0.0])
-"""The stats of every inline call (read only)."""
+_LONE = BatchStats(1, [])
+"""The stats of every inline call (read only): one sequence, which never queued."""
 
 
 class StepBatch:

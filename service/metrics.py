@@ -83,7 +83,8 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "rnnserve_batch_queue_wait_seconds",
-            "Time a sequence waited in the batcher before its call started",
+            "Time a queued sequence waited in the batcher before its call started (a lone "
+            "stream's step run at once, without queueing, is not counted)",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -8,6 +8,7 @@ middleware), and hands ``POST /v1/sessions/{id}/steps`` to the lean step path
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -48,6 +49,10 @@ class RequestContext:
         self.max_body_bytes = max_body_bytes
         self.known_models = known_models
         self.lean = lean
+        self._id_prefix = secrets.token_hex(8) + "-"
+        self._ids = itertools.count(1)
+        """Generated request ids: a random prefix per process and a counter, unique across
+        replicas and restarts without a random draw per request."""
         self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         """(route, model, status) -> the request counter's and latency histogram's children:
         labels() takes a lock and builds a key, so it runs once per series, not per request."""
@@ -57,12 +62,12 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _request_id(scope)
+        given_id, declared, encoding = _headers_of_interest(scope)
+        request_id = given_id or f"{self._id_prefix}{next(self._ids):x}"
         served = track_served_model()
         status = 500
         limit = self.max_body_bytes
 
-        declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _reject(scope, send, request_id, PayloadTooLarge(
                 f"the body of {declared} bytes exceeds the limit of {limit}", limit=limit
@@ -101,7 +106,6 @@ class RequestContext:
             await send(message)
 
         app_receive: Receive = counted_receive
-        encoding = _header(scope, b"content-encoding")
         if encoding is not None and scope.get("path", "").startswith("/v1/"):
             try:
                 scope, app_receive = await _inflated(scope, counted_receive, encoding, limit)
@@ -154,30 +158,22 @@ class RequestContext:
             )
 
 
-def _request_id(scope: Scope) -> str:
+def _headers_of_interest(scope: Scope) -> tuple[str | None, int | None, str | None]:
+    """One pass over the headers: the client's request id (printable, at most 128
+    characters, else None), the declared Content-Length, the Content-Encoding."""
+    request_id = length = encoding = None
     for name, value in scope.get("headers", []):
-        if name == b"x-request-id":
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                length = None
+        elif name == b"x-request-id":
             candidate = value.decode("latin-1")[:128]
-            if candidate.isprintable():
-                return candidate
-    return secrets.token_hex(8)
-
-
-def _header(scope: Scope, wanted: bytes) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name == wanted:
-            return value.decode("latin-1")
-    return None
-
-
-def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
+            request_id = candidate if candidate.isprintable() and candidate else None
+        elif name == b"content-encoding":
+            encoding = value.decode("latin-1")
+    return request_id, length, encoding
 
 
 async def _inflated(

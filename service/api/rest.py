@@ -333,7 +333,12 @@ class LeanStep:
             scope["route_template"] = self.template
             app_state = scope["app"].state
             engine: Engine = app_state.engine
-            who = owner_for_key(app_state.settings, presented_key(Headers(scope=scope)))
+            settings = app_state.settings
+            who = (
+                owner_for_key(settings, presented_key(Headers(scope=scope)))
+                if settings.api_keys
+                else None  # no keys configured: everyone is the same owner
+            )
             result = await engine.step(session_id, who, fields["inputs"], fields.get("seq"))
             content = dumps(
                 step_content(

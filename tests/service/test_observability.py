@@ -47,7 +47,9 @@ async def test_metrics_parse_and_move_with_requests(make_client, model_repo):
     # Three step calls and one predict of five sequences went through the batcher.
     assert _value(after, "rnnserve_batch_size_count", model="tiny-lstm") >= 4
     assert _value(after, "rnnserve_batch_size_sum", model="tiny-lstm") == 8
-    assert _value(after, "rnnserve_batch_queue_wait_seconds_count", model="tiny-lstm") == 8
+    # Queue waits count the sequences that queued: the predict's five always do; a lone
+    # session's step run at once (the runtime idle) does not queue.
+    assert 5 <= _value(after, "rnnserve_batch_queue_wait_seconds_count", model="tiny-lstm") <= 8
     assert _value(after, "rnnserve_models_ready") == 5
 
 
@@ -70,6 +72,7 @@ def test_request_id_and_json_log_lines_without_input_data(server_factory, model_
         assert r.status_code == 200 and r.headers["x-request-id"] == "req-abc-123"
         generated = client.get("/healthz").headers["x-request-id"]
         assert len(generated) >= 16
+        assert client.get("/healthz").headers["x-request-id"] != generated
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         text = server.log.read_text()
