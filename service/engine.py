@@ -601,6 +601,8 @@ class Engine:
         gets its error in ``results``, one that needs a fresh read goes to ``slow``."""
         by_entry: dict[int, tuple[ModelVersion, list]] = {}
         models: dict[tuple, ModelVersion] = {}
+        last_key: tuple | None = None  # most messages are of one model: its group, at hand
+        members: list = []
         for i, record in zip(indices, records):
             if isinstance(record, BaseException):
                 results[i] = (
@@ -613,17 +615,19 @@ class Engine:
                 results[i] = SessionNotFound(f"no session {record.session_id}")
                 continue
             key = (record.model, record.version, record.fingerprint)
-            entry = models.get(key)
-            if entry is None:
-                try:
-                    entry = models[key] = self.session_model(record)
-                except ServeError as exc:
-                    results[i] = exc
-                    continue
-            group = by_entry.get(id(entry))
-            if group is None:
-                group = by_entry[id(entry)] = (entry, [])
-            group[1].append((i, record))
+            if key != last_key:
+                entry = models.get(key)
+                if entry is None:
+                    try:
+                        entry = models[key] = self.session_model(record)
+                    except ServeError as exc:
+                        results[i] = exc
+                        continue
+                group = by_entry.get(id(entry))
+                if group is None:
+                    group = by_entry[id(entry)] = (entry, [])
+                last_key, members = key, group[1]
+            members.append((i, record))
         jobs = []
         size = self.settings.batch_max_size
         for entry, members in by_entry.values():

@@ -147,6 +147,8 @@ def _item_problem(item: dict, session_id: Any) -> str | None:
 async def run(engine: Engine, who: str | None, parsed: Parsed) -> list:
     """Each position's StepResult or ServeError."""
     answers = await engine.step_many(who, parsed.items) if parsed.items else []
+    if not parsed.errors:  # every item went to the engine, in order
+        return answers
     results: list = [None] * len(parsed.ids)
     for position, answer in zip(parsed.positions, answers):
         results[position] = answer
@@ -181,12 +183,16 @@ async def run_binary(engine: Engine, who: str | None, frame: bytes) -> bytes:
     decoded = decode_many(frame, engine.settings.max_multiplex_items)
     parsed = Parsed(len(decoded))
     parsed.ids = [session_id for session_id, _, _ in decoded]
-    for k, (session_id, x, seq) in enumerate(decoded):
-        if 0 < len(session_id) <= _MAX_ID:
-            parsed.items.append(StepItem(session_id, x, seq))
-            parsed.positions.append(k)
-        else:
-            parsed.errors[k] = InvalidInput(f"item {k}: session_id must be 1 to {_MAX_ID} characters")
+    if all(0 < len(session_id) <= _MAX_ID for session_id in parsed.ids):
+        parsed.items = [StepItem(session_id, x, seq) for session_id, x, seq in decoded]
+        parsed.positions = list(range(len(decoded)))
+    else:
+        for k, (session_id, x, seq) in enumerate(decoded):
+            if 0 < len(session_id) <= _MAX_ID:
+                parsed.items.append(StepItem(session_id, x, seq))
+                parsed.positions.append(k)
+            else:
+                parsed.errors[k] = InvalidInput(f"item {k}: session_id must be 1 to {_MAX_ID} characters")
     results = await run(engine, who, parsed)
     encoded: list = []
     errors = []
