@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         max_body_bytes=settings.max_body_bytes,
         known_models=lambda: engine.repository.known_names,
         lean=rest.LeanStep(),
+        lean_stream=stream.LeanStream(),
     )
     return app
 

@@ -3,7 +3,8 @@
 It also undoes ``Content-Encoding: gzip|deflate`` on v1 bodies (v2 does so in its own codec),
 within the same body limit after inflating. It wraps the whole app (outside FastAPI's own
 middleware), and hands ``POST /v1/sessions/{id}/steps`` to the lean step path
-(``service.api.rest.LeanStep``), which falls back to the app for any uncommon body.
+(``service.api.rest.LeanStep``), which falls back to the app for any uncommon body, and the
+WebSocket streams to ``service.api.stream.LeanStream``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class LeanPath(Protocol):
     ) -> None: ...
 
 
+class LeanSocketPath(Protocol):
+    """WebSocket routes served before the app's middleware and routing (``stream.LeanStream``)."""
+
+    def match(self, scope: Scope) -> tuple[Any, dict[str, str]] | None: ...
+
+    async def __call__(
+        self, handler: Any, params: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> None: ...
+
+
 class RequestContext:
     def __init__(
         self,
@@ -43,12 +54,14 @@ class RequestContext:
         max_body_bytes: int,
         known_models: Callable[[], Collection[str]] = frozenset,
         lean: LeanPath | None = None,
+        lean_stream: LeanSocketPath | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.known_models = known_models
         self.lean = lean
+        self.lean_stream = lean_stream
         self._id_prefix = secrets.token_hex(8) + "-"
         self._ids = itertools.count(1)
         """Generated request ids: a random prefix per process and a counter, unique across
@@ -59,7 +72,15 @@ class RequestContext:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            taken = (
+                self.lean_stream.match(scope)
+                if self.lean_stream is not None and scope["type"] == "websocket"
+                else None
+            )
+            if taken is None:
+                await self.app(scope, receive, send)
+            else:
+                await self.lean_stream(*taken, scope, receive, send)
             return
         started = time.perf_counter()
         given_id, declared, encoding = _headers_of_interest(scope)

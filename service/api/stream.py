@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import Message, Receive, Scope, Send
 
 from service.api import steps
 from service.api.common import dumps, session_info, websocket_owner
@@ -230,6 +232,99 @@ async def _serve(
 
 
 _MESSAGE_FIELDS = frozenset({"inputs", "seq", "top_k"})
+
+
+class LeanStream:
+    """The WebSocket routes of this module taken by the access middleware before FastAPI's
+    middleware and routing: the same handlers run on ``_Socket``, a minimal stand-in for
+    Starlette's WebSocket over the raw ASGI calls, so that no wrapper layer runs per
+    message. Behaviour (frames, errors, close codes) is that of the routes above."""
+
+    def match(self, scope: Scope) -> tuple[Any, dict[str, str]] | None:
+        """(handler, path parameters) of a stream route, else None."""
+        parts = scope["path"].split("/")
+        # ['', 'v1', ..., 'stream']: /v1/stream, /v1/models/{name}/stream,
+        # /v1/models/{name}/versions/{version}/stream, /v1/sessions/{session_id}/stream
+        if len(parts) < 3 or parts[1] != "v1" or parts[-1] != "stream" or not all(parts[2:]):
+            return None
+        if len(parts) == 3:
+            return stream_many, {}
+        if len(parts) == 5 and parts[2] == "models":
+            return _open_new, {"name": parts[3]}
+        if len(parts) == 7 and parts[2] == "models" and parts[4] == "versions":
+            return _open_new, {"name": parts[3], "version": parts[5]}
+        if len(parts) == 5 and parts[2] == "sessions":
+            return _open_resumed, {"session_id": parts[3]}
+        return None
+
+    async def __call__(
+        self, handler: Any, params: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        scope["path_params"] = params
+        await handler(_Socket(scope, receive, send), **params)
+
+
+async def _open_new(websocket: WebSocket, name: str, version: str | None = None) -> None:
+    await _open(websocket, name=name, version=version)
+
+
+async def _open_resumed(websocket: WebSocket, session_id: str) -> None:
+    await _open(websocket, session_id=session_id)
+
+
+class _Socket:
+    """What this module's handlers use of Starlette's WebSocket, over the raw ASGI calls:
+    ``accept``, ``receive``, ``send_text``/``send_bytes`` (WebSocketDisconnect once the
+    client has gone, RuntimeError after a close), ``close``, ``headers``,
+    ``query_params``, ``app``."""
+
+    __slots__ = ("_closed", "_receive", "_send", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self._closed = False
+
+    @property
+    def app(self) -> Any:
+        return self.scope["app"]
+
+    @property
+    def headers(self) -> Headers:
+        return Headers(scope=self.scope)
+
+    @property
+    def query_params(self) -> QueryParams:
+        return QueryParams(self.scope.get("query_string", b""))
+
+    async def accept(self) -> None:
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            raise WebSocketDisconnect(1006)
+        await self._send({"type": "websocket.accept"})
+
+    async def receive(self) -> Message:
+        return await self._receive()
+
+    async def send_text(self, data: str) -> None:
+        await self._out({"type": "websocket.send", "text": data})
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._out({"type": "websocket.send", "bytes": data})
+
+    async def close(self, code: int = 1000) -> None:
+        await self._out({"type": "websocket.close", "code": code})
+        self._closed = True
+
+    async def _out(self, message: Message) -> None:
+        if self._closed:
+            raise RuntimeError("the WebSocket is closed")
+        try:
+            await self._send(message)
+        except OSError:  # the client has gone (uvicorn's ClientDisconnected is an OSError)
+            self._closed = True
+            raise WebSocketDisconnect(1006) from None
 
 
 def _json_message(text: str | None) -> tuple[Any, int | None, int | None]:
