@@ -250,11 +250,11 @@ class LeanStream:
         if len(parts) == 3:
             return stream_many, {}
         if len(parts) == 5 and parts[2] == "models":
-            return _open_new, {"name": parts[3]}
+            return stream_new, {"name": parts[3]}
         if len(parts) == 7 and parts[2] == "models" and parts[4] == "versions":
-            return _open_new, {"name": parts[3], "version": parts[5]}
+            return stream_new_version, {"name": parts[3], "version": parts[5]}
         if len(parts) == 5 and parts[2] == "sessions":
-            return _open_resumed, {"session_id": parts[3]}
+            return stream_resume, {"session_id": parts[3]}
         return None
 
     async def __call__(
@@ -262,14 +262,6 @@ class LeanStream:
     ) -> None:
         scope["path_params"] = params
         await handler(_Socket(scope, receive, send), **params)
-
-
-async def _open_new(websocket: WebSocket, name: str, version: str | None = None) -> None:
-    await _open(websocket, name=name, version=version)
-
-
-async def _open_resumed(websocket: WebSocket, session_id: str) -> None:
-    await _open(websocket, session_id=session_id)
 
 
 class _Socket:

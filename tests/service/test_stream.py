@@ -290,3 +290,25 @@ def test_rate_and_size_limits_answer_with_error_frames(server_factory, model_rep
     assert exported["step_count"] == len(applied)
     _, finals = ref.run(np.asarray(applied, np.float32)[:, None])
     _assert_state(ref, exported, finals)
+
+
+def test_lean_stream_takes_exactly_the_stream_routes():
+    """The access middleware hands these paths to the stream handlers directly (the same
+    functions as the routes); anything else goes through the app's routing."""
+    from service.api import stream
+
+    lean = stream.LeanStream()
+    taken = {
+        "/v1/stream": (stream.stream_many, {}),
+        "/v1/models/m/stream": (stream.stream_new, {"name": "m"}),
+        "/v1/models/m/versions/3/stream": (stream.stream_new_version, {"name": "m", "version": "3"}),
+        "/v1/sessions/abc/stream": (stream.stream_resume, {"session_id": "abc"}),
+    }
+    for path, expected in taken.items():
+        assert lean.match({"path": path}) == expected
+    for path in [
+        "/v1/models/m/stream/", "/v1/models//stream", "/v1/models/m/versions/3/x/stream",
+        "/v2/models/m/stream", "/v1/sessions/abc/steps", "/stream", "/v1/models/m/generate",
+        "/v1/sessions/a/b/stream",
+    ]:
+        assert lean.match({"path": path}) is None, path
