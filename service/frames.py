@@ -154,6 +154,7 @@ MUX_RESULT = np.dtype(
     [("flags", "<u2"), ("reserved", "<u2"), ("steps", "<u4"), ("outputs", "<u4"), ("step_count", "<u8")]
 )
 MUX_ERROR = 1
+_F4 = np.dtype("<f4")
 
 
 def is_multiplexed(frame: bytes) -> bool:
@@ -241,16 +242,30 @@ def encode_many_response(
     """A multiplexed response frame: per item (y, step_count, replayed), or an error dict
     (listed with its index in ``errors_json``, which the caller renders)."""
     table = np.zeros(len(results), MUX_RESULT)
-    good = [k for k, result in enumerate(results) if not isinstance(result, dict)]
-    ys = [np.asarray(results[k][0]) for k in good]
+    payload: list[bytes] = []
+    good = [result for result in results if type(result) is not dict]
     if len(good) < len(results):
         table["flags"] = MUX_ERROR
     if good:
-        table["flags"][good] = [FLAG_REPLAYED if results[k][2] else 0 for k in good]
-        table["steps"][good] = [y.shape[0] for y in ys]
-        table["outputs"][good] = [y.shape[1] for y in ys]
-        table["step_count"][good] = [results[k][1] for k in good]
-    payload = [np.concatenate(ys, axis=None).astype("<f4", copy=False).tobytes()] if ys else []
+        ys, counts, replayed = zip(*good)
+        shapes = [y.shape for y in ys]
+        columns = {
+            "flags": np.where(replayed, FLAG_REPLAYED, 0),
+            "steps": [shape[0] for shape in shapes],
+            "outputs": [shape[1] for shape in shapes],
+            "step_count": counts,
+        }
+        rows = (
+            slice(None)
+            if len(good) == len(results)
+            else [k for k, result in enumerate(results) if type(result) is not dict]
+        )
+        for name, column in columns.items():
+            table[name][rows] = column
+        if {y.dtype for y in ys} == {_F4}:
+            payload = [y.tobytes() for y in ys]
+        else:
+            payload = [np.asarray(y, _F4).tobytes() for y in ys]
     head = MUX_RESPONSE_HEADER.pack(MUX_MAGIC, VERSION, 0, len(results), len(errors_json))
     return head + table.tobytes() + b"".join(payload) + errors_json
 

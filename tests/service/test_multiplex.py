@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect
 
 from service.client import AsyncClient, Client, RnnServeError
-from service.frames import decode_many, decode_many_response, encode_many
+from service.frames import decode_many, decode_many_response, encode_many, encode_many_response
 from tests.conftest import ServerProcess, start_server
 
 TOL = 1e-5
@@ -338,3 +338,18 @@ def test_cli_sets_the_gc_threshold(monkeypatch):
         assert gc.get_threshold() == (12345, *before[1:])
     finally:
         gc.set_threshold(*before)
+
+
+def test_response_frames_round_trip_with_errors():
+    """Answers in order: outputs (any float dtype), replays and failed items, mixed or all failed."""
+    error = {"code": "session_not_found", "message": "no session x"}
+    y = np.arange(6, dtype=np.float32).reshape(2, 3)
+    mixed = [(y, 5, False), error, (y[:1].astype(np.float64), 9, True), error]
+    listed = json.dumps([{"index": k, **error} for k in (1, 3)]).encode()
+    out = decode_many_response(encode_many_response(mixed, listed))
+    assert out[1] == out[3] == error
+    assert out[0][0].tolist() == y.tolist() and out[0][1:] == (5, False)
+    assert out[2][0].tolist() == y[:1].tolist() and out[2][1:] == (9, True)
+    only = decode_many_response(encode_many_response([error], json.dumps([{"index": 0, **error}]).encode()))
+    assert only == [error]
+    assert decode_many_response(encode_many_response([])) == []
