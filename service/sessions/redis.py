@@ -9,17 +9,33 @@ over its primaries by bucket:
   sits in the first 8 bytes, so the commit script compares and sets with a byte comparison.
 - ``{prefix}{b}t:{id}``: a marker holding the owner digest that outlives the session, so a
   vanished key is told apart as expired (marker present, and whose it was) or unknown.
-- ``{prefix}{b}live``: the bucket's sorted set of id -> expiry (Redis clock, ms). Counting
-  sessions sums the 256 buckets (lazily: see ``_Limits``); there is no global key.
+- ``{prefix}{b}live``: the bucket's sorted set of id -> expiry (Redis clock, ms; up to a
+  tenth of the TTL late, see "Lazy refreshes"). Counting sessions sums the 256 buckets
+  (lazily: see ``_Limits``); there is no global key.
+- ``{prefix}{b}w:{nonce}{n}``: a commit's new record, staged for the instant between the
+  SET that writes it and the commit script that renames it over the session's record (or
+  deletes it). The name is unique per commit (a random nonce per store, a counter), and
+  the SET gives it the session's TTL, so one left by a broken connection expires.
 - ``{prefix}{o:<owner>}``: the owner's sorted set of id -> last known expiry, written only
   when a session is created or deleted and verified against the session keys when the
   owner is at its limit (so steps never touch it).
 
 One round trip per step. ``get`` answers from a bounded per-process cache of the record
-this process last read or committed (``fresh=True`` always reads Redis); ``commit`` is one
-compare-and-set script that also refreshes the TTL and, with ``release=True``, deletes the
-session instead. Concurrent commits are coalesced: whatever commits wait while a pipeline is
-in flight go out together as the next pipeline.
+this process last read or committed (``fresh=True`` always reads Redis); ``commit`` is a
+SET of the new record under a staging name and one compare-and-set script that renames it
+over the record (which refreshes the TTL) or, with ``release=True``, deletes the session
+instead. Concurrent commits are coalesced: whatever commits wait while a pipeline is in
+flight go out together as the next pipeline, with one script call for all of them (one per
+hash tag on a cluster). Replies are parsed here, not by redis-py's per-reply parser.
+
+Lazy refreshes. A step rewrites only the record. The live-set entry records an expiry of
+now + TTL + TTL/10, and a process re-writes it only when it last did more than TTL/10
+ago, so the entry never expires before the session does, and outlives it by at most
+TTL/10: counts include sessions that expired less than TTL/10 ago. The marker's TTL is set
+to TTL + W + W/10 (W = 24 h, or 10 x TTL if that is longer), re-written when this process
+last did more than W/10 ago: an expired session is told apart from an unknown one for at
+least W (at most 1.1 W). A process that does not know when an entry was last written (it
+has not cached the session, or lost it to a conflict) re-writes it with the commit.
 
 Connections. At most ``max_connections`` operations run at once (one connection each per
 node); the others wait up to ``pool_timeout_s`` for a turn, then answer 503
@@ -33,7 +49,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
+import math
+import os
 import struct
 import time
 import zlib
@@ -44,6 +63,7 @@ from typing import Any
 
 import numpy as np
 from redis import exceptions as rx
+from redis._parsers.base import BaseParser
 from redis.asyncio import ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
@@ -85,9 +105,10 @@ _CAUSES: tuple[tuple[type[BaseException], str], ...] = (
     (OSError, "connection"),
 )
 _UNAVAILABLE = tuple(kind for kind, _ in _CAUSES)
+_APPLIED = (1,)  # a commit's reply when its whole script applied
 
 # Codes returned by the scripts.
-_OK, _CONFLICT, _NOT_FOUND, _EXPIRED, _EXISTS, _FULL = 1, 0, -1, -2, -3, -4
+_OK, _CONFLICT, _NOT_FOUND, _EXPIRED, _EXISTS, _FULL, _UNSTAGED = 1, 0, -1, -2, -3, -4, -5
 
 _LUA_COMMON = """
 local function now_ms()
@@ -102,47 +123,75 @@ local function gone(marker)
 end
 """
 
-# KEYS: session, marker, bucket live set.  ARGV: id, blob, ttl_ms, marker_ttl_ms, owner
+# KEYS: session, marker, bucket live set.
+# ARGV: id, blob, ttl_ms, marker_ttl_ms, owner, live_ms
 _CREATE = """
 local now = now_ms()
 local pruned = redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-3, pruned} end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[1])
 return {1, pruned}
 """
 
-# KEYS: session, marker, bucket live set
-# ARGV: id, blob (already carrying revision + 1), ttl_ms, marker_ttl_ms, expected revision
-# and created_at (16 bytes: header bytes 0-7 and 24-31), release ('1' deletes instead), owner
-# The created_at tells incarnations of one id apart: a session deleted and re-created under
-# the same id (Triton START) restarts at revision 0, and a copy cached from the old one must
-# not pass the compare-and-set when the new one reaches the same revision.
+# KEYS: four per commit: session, marker, bucket live set, staged record (the new record,
+# written by a plain SET in the same pipeline, just before the script: a 2 KiB argument
+# costs Redis several times more through Lua than through SET).
+# ARGV: marker_ttl_ms, live_ms (the expiry recorded in the live set, minus now), the
+# position of the id in a session key's name, then one per commit: the expected revision
+# and created_at (16 bytes: header bytes 0-7 and 24-31), a digit of flags (1 release:
+# delete instead of writing, 2 refresh the marker, 4 refresh the live-set entry) and, with
+# flag 2, the owner. The created_at tells incarnations of one id apart: a session deleted
+# and re-created under the same id (Triton START) restarts at revision 0, and a copy
+# cached from the old one must not pass the compare-and-set when the new one reaches the
+# same revision. Returns 1 when every commit applied, else one reply per commit.
 _COMMIT = """
-local head = redis.call('GETRANGE', KEYS[1], 0, 31)
-if head == '' then return gone(KEYS[2]) end
-if string.sub(head, 1, 8) .. string.sub(head, 25, 32) ~= ARGV[5] then
-  return {0, string.sub(head, 9, 16)}
+local at = tonumber(ARGV[3])
+local out, failed, now = {}, false, nil
+for i = 1, #ARGV - 3 do
+  local key, marker, live, staged = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+  local a = ARGV[3 + i]
+  local flags = string.byte(a, 17) - 48
+  local head = redis.call('GETRANGE', key, 0, 31)
+  local reply = {1}
+  if head == '' then
+    reply = gone(marker)
+  elseif string.sub(head, 1, 8) .. string.sub(head, 25, 32) ~= string.sub(a, 1, 16) then
+    reply = {0, string.sub(head, 9, 16)}
+  elseif flags % 2 == 1 then
+    redis.call('DEL', key, marker)
+    redis.call('ZREM', live, string.sub(key, at))
+  else
+    local moved = redis.pcall('RENAME', staged, key)
+    if type(moved) == 'table' and moved.err then
+      reply = {-5}
+    else
+      if flags % 4 >= 2 then redis.call('SET', marker, string.sub(a, 18), 'PX', ARGV[1]) end
+      if flags >= 4 then
+        now = now or now_ms()
+        redis.call('ZADD', live, now + tonumber(ARGV[2]), string.sub(key, at))
+      end
+    end
+  end
+  if reply[1] ~= 1 then
+    failed = true
+    if flags % 2 == 0 then redis.call('DEL', staged) end
+  end
+  out[i] = reply
 end
-if ARGV[6] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  return {1}
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[7], 'PX', ARGV[4])
-redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[3]), ARGV[1])
-return {1}
+if failed then return out end
+return 1
 """
 
-# KEYS: session, marker, bucket live set.  ARGV: id, last_used (8 bytes), ttl_ms, marker_ttl_ms
+# KEYS: session, marker, bucket live set.
+# ARGV: id, last_used (8 bytes), ttl_ms, marker_ttl_ms, live_ms
 _TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return gone(KEYS[2]) end
 redis.call('SETRANGE', KEYS[1], 16, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[5]), ARGV[1])
 return {1}
 """
 
@@ -187,11 +236,19 @@ def encode(
     record: SessionRecord, *, revision: int | None = None, last_used: float | None = None
 ) -> bytes:
     """The stored form of ``record`` (optionally with another revision / last_used)."""
+    return b"".join(_encode_parts(record, revision, last_used))
+
+
+def _encode_parts(
+    record: SessionRecord, revision: int | None, last_used: float | None
+) -> tuple[bytes, memoryview]:
+    """The stored form as two pieces: everything before the state, and the state's own
+    bytes (a view of the array, not a copy)."""
     owner = b"" if record.owner is None else record.owner.encode()
     model = record.model.encode()
     fingerprint = record.fingerprint.encode()
     outputs = record.last_outputs or b""
-    shape = tuple(int(d) for d in record.last_outputs_shape)
+    shape = record.last_outputs_shape
     state = np.ascontiguousarray(record.state, dtype="<f4").reshape(-1)
     flags = (
         (_HAS_OWNER if record.owner is not None else 0)
@@ -213,8 +270,8 @@ def encode(
         len(shape),
         flags,
     )
-    dims = struct.pack(f"<{len(shape)}q", *shape)
-    return b"".join((header, owner, model, fingerprint, dims, outputs, state.tobytes()))
+    dims = struct.pack(f"<{len(shape)}q", *(int(d) for d in shape)) if shape else b""
+    return b"".join((header, owner, model, fingerprint, dims, outputs)), memoryview(state).cast("B")
 
 
 def decode(session_id: str, blob: bytes) -> SessionRecord:
@@ -251,16 +308,118 @@ def decode(session_id: str, blob: bytes) -> SessionRecord:
     )
 
 
-def _pack(commands: Sequence[tuple]) -> bytes:
-    """RESP for plain commands of str / bytes / int arguments (what this store sends):
-    several times cheaper than redis-py's general encoder on a 2 KiB record."""
-    out: list[bytes] = []
+Command = tuple | list
+"""A command: a tuple of str / bytes / int arguments, or a list of byte strings that are
+already its RESP form (the commit pipeline's commands, built without a pass per argument)."""
+
+
+def _pack(commands: Sequence[Command]) -> bytes:
+    """RESP for the commands: several times cheaper than redis-py's general encoder on a
+    2 KiB record."""
+    out: list[bytes | memoryview] = []
     for command in commands:
+        if isinstance(command, list):
+            out += command
+            continue
         out.append(b"*%d\r\n" % len(command))
         for arg in command:
             data = arg if isinstance(arg, bytes) else str(arg).encode()
             out += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(out)
+
+
+def resp_arguments(command: list) -> list[bytes]:
+    """The arguments of a command given in RESP form."""
+    arguments, _ = _parse(b"".join(command), 0)
+    return arguments
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+class _Incomplete(Exception):
+    """The buffer ends inside a reply: read more."""
+
+
+_INCOMPLETE = _Incomplete()
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2/RESP3 value at ``buf[pos:]`` and the position after it; an error reply is
+    returned (not raised) as redis-py's exception for it. Raises _Incomplete."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _INCOMPLETE
+    kind = buf[pos]
+    if kind == 43:  # + simple string
+        return buf[pos + 1 : end], end + 2
+    if kind == 58 or kind == 40:  # : integer, ( big number
+        return int(buf[pos + 1 : end]), end + 2
+    if kind == 36 or kind == 61 or kind == 33:  # $ bulk, = verbatim, ! bulk error
+        n = int(buf[pos + 1 : end])
+        if n < 0:
+            return None, end + 2
+        stop = end + 2 + n
+        if len(buf) < stop + 2:
+            raise _INCOMPLETE
+        data = buf[end + 2 : stop]
+        if kind == 33:
+            return BaseParser.parse_error(data.decode(errors="replace")), stop + 2
+        return (data[4:] if kind == 61 else data), stop + 2
+    if kind == 42 or kind == 126 or kind == 62:  # * array, ~ set, > push
+        n = int(buf[pos + 1 : end])
+        if n < 0:
+            return None, end + 2
+        items = []
+        pos = end + 2
+        for _ in range(n):
+            item, pos = _parse(buf, pos)
+            items.append(item)
+        return items, pos
+    if kind == 37:  # % map
+        n = int(buf[pos + 1 : end])
+        pairs: dict[Any, Any] = {}
+        pos = end + 2
+        for _ in range(n):
+            key, pos = _parse(buf, pos)
+            pairs[key], pos = _parse(buf, pos)
+        return pairs, pos
+    if kind == 95:  # _ null
+        return None, end + 2
+    if kind == 35:  # # boolean
+        return buf[pos + 1 : end] == b"t", end + 2
+    if kind == 44:  # , double
+        return float(buf[pos + 1 : end]), end + 2
+    if kind == 45:  # - error
+        return BaseParser.parse_error(buf[pos + 1 : end].decode(errors="replace")), end + 2
+    raise rx.InvalidResponse(f"unexpected RESP type {chr(kind)!r}")
+
+
+async def _exchange(connection: Any, payload: bytes, count: int) -> list[Any]:
+    """Write ``payload`` on a connected redis-py connection and read ``count`` replies,
+    parsed here from its stream reader in as few reads as the data arrives in (redis-py's
+    parser costs an awaited call and a timeout per reply)."""
+    reader, writer = connection._reader, connection._writer
+    writer.write(payload)
+    await writer.drain()
+    replies: list[Any] = []
+    buf, pos = b"", 0
+    while len(replies) < count:
+        try:
+            reply, end = _parse(buf, pos)
+        except _Incomplete:
+            chunk = await reader.read(1 << 18)
+            if not chunk:
+                raise rx.ConnectionError("connection closed by the server") from None
+            buf, pos = buf[pos:] + chunk, 0
+            continue
+        if buf[pos] != 62:  # a RESP3 push is out of band: not a reply
+            replies.append(reply)
+        pos = end
+    if pos != len(buf):
+        raise rx.InvalidResponse("more data than replies")
+    return replies
 
 
 def bucket_of(session_id: str) -> int:
@@ -274,6 +433,24 @@ class _Commit:
     future: asyncio.Future | None = None
     revision: int = 0
     now: float = 0.0
+    entry: _Cached | None = None
+    flags: int = 0
+    expected: bytes = b""
+    at: float = 0.0
+    """``refresh_clock`` when the commit was sent (what the entry's refresh times become)."""
+
+
+@dataclass(slots=True)
+class _Cached:
+    """The local cache's entry for one session: the record this process last read or
+    committed, its keys' names in RESP, and when this process last refreshed the marker's
+    TTL and the live-set entry (``refresh_clock``; -inf when unknown: refresh next time)."""
+
+    record: SessionRecord
+    tag: bytes
+    keys: bytes
+    marker_at: float = -math.inf
+    live_at: float = -math.inf
 
 
 class RedisSessionStore(SessionStore):
@@ -285,6 +462,7 @@ class RedisSessionStore(SessionStore):
         max_sessions: int,
         max_sessions_per_owner: int,
         clock: Callable[[], float] = time.time,
+        refresh_clock: Callable[[], float] = time.monotonic,
         prefix: str = "rnnserve:",
         timeout_s: float = 1.5,
         max_connections: int = 64,
@@ -294,9 +472,25 @@ class RedisSessionStore(SessionStore):
     ) -> None:
         super().__init__(ttl_s, max_sessions, max_sessions_per_owner)
         self._clock = clock
+        self._refresh_clock = refresh_clock
         self._prefix = prefix
         self._ttl_ms = max(1, round(ttl_s * 1000))
-        self._marker_ttl_ms = max(self._ttl_ms * 10, 86_400_000)
+        # Lazy refreshes (see "Lazy refreshes" in the module docstring). The live-set entry
+        # records an expiry up to ``live_slack_ms`` late, and is re-written only when this
+        # process last wrote it more than that long ago; the marker is kept for at least
+        # ``marker_window_ms`` after the session expires, and re-written at most every
+        # tenth of that.
+        self._live_slack_ms = max(1, self._ttl_ms // 10)
+        self._live_ms = self._ttl_ms + self._live_slack_ms
+        marker_window_ms = max(self._ttl_ms * 10, 86_400_000)
+        self._marker_slack_ms = marker_window_ms // 10
+        self._marker_ttl_ms = self._ttl_ms + marker_window_ms + self._marker_slack_ms
+        self._commit_args = b"".join(
+            _bulk(b"%d" % n) for n in (self._marker_ttl_ms, self._live_ms, len(prefix.encode()) + 7)
+        )
+        self._staged_ttl = b"\r\n$2\r\nPX\r\n" + _bulk(b"%d" % self._ttl_ms)
+        self._staged_names = itertools.count()
+        self._nonce = os.urandom(6).hex().encode()
         self._timeout_s = timeout_s
         # Connections are opened in bursts (a wave of stream opens), when the event loop is
         # busiest: give the connect more room than a command. Refused connections fail at once.
@@ -304,7 +498,7 @@ class RedisSessionStore(SessionStore):
         self._max_connections = max_connections
         self._pool_timeout_s = pool_timeout_s
         self._gate = asyncio.Semaphore(max_connections)
-        self._cache: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_sessions
         self._max_pipeline = max_pipeline
         self._pending: list[_Commit] = []
@@ -315,6 +509,7 @@ class RedisSessionStore(SessionStore):
             name: hashlib.sha1((_LUA_COMMON + body).encode()).hexdigest()
             for name, body in _SCRIPTS.items()
         }
+        self._commit_sha = self._shas["commit"].encode()
         self.expired_total = 0
         self._client = self._connect(url)
 
@@ -393,7 +588,7 @@ class RedisSessionStore(SessionStore):
             await client.script_load(_LUA_COMMON + body)
 
     async def _pipeline(
-        self, commands: Sequence[tuple], what: str, answers: int = 1
+        self, commands: Sequence[Command], what: str, answers: int = 1
     ) -> list[Any]:
         """Run raw commands as one pipeline; errors come back in place. EVALSHA of a
         script Redis does not know (after a restart) loads the scripts and runs again:
@@ -411,21 +606,23 @@ class RedisSessionStore(SessionStore):
                 raise self._unavailable(result, what, answers)
         return results
 
-    async def _send(self, client: Any, commands: Sequence[tuple]) -> list[Any]:
+    async def _send(self, client: Any, commands: Sequence[Command]) -> list[Any]:
         """The commands as one write on one connection, their raw replies in order (an
-        error reply in place). Beneath redis-py's Pipeline, which costs about a third more
-        per round trip; a connection that failed mid-way is closed, never reused."""
+        error reply in place), within ``timeout_s``. Beneath redis-py's Pipeline and its
+        per-reply parser, which cost several times more per round trip; a connection
+        that failed mid-way is closed, never reused."""
         pool = client.connection_pool
         connection = await pool.get_connection()
         try:
-            await connection.send_packed_command(_pack(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except rx.ResponseError as exc:  # an error reply: the connection is fine
-                    replies.append(exc)
-            return replies
+            if not connection.is_connected:
+                await connection.connect()
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    return await _exchange(connection, _pack(commands), len(commands))
+            except TimeoutError:
+                raise rx.TimeoutError(
+                    f"no answer from Redis within {self._timeout_s:g} s"
+                ) from None
         except BaseException:
             await connection.disconnect()
             raise
@@ -451,17 +648,32 @@ class RedisSessionStore(SessionStore):
 
     # -- local cache ---------------------------------------------------------------
 
-    def _remember(self, record: SessionRecord) -> None:
+    def _entry(self, record: SessionRecord) -> _Cached:
+        """The cache entry of ``record``'s session (a new one, not yet cached, when there
+        is none or it belongs to another incarnation of the id)."""
+        entry = self._cache.get(record.session_id)
+        if entry is not None and entry.record.created_at == record.created_at:
+            return entry
+        session_id = record.session_id
+        tag = self._tag(session_id)
+        keys = (f"{tag}s:{session_id}", f"{tag}t:{session_id}", f"{tag}live")
+        return _Cached(record, tag.encode(), b"".join(_bulk(k.encode()) for k in keys))
+
+    def _remember(self, entry: _Cached, record: SessionRecord) -> None:
+        """Cache a private copy of ``record`` in ``entry``."""
+        entry.record = record.clone()
         cache = self._cache
-        cache[record.session_id] = record.clone()
+        cache[record.session_id] = entry
         cache.move_to_end(record.session_id)
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
 
     def _cached(self, session_id: str) -> SessionRecord | None:
-        record = self._cache.get(session_id)
-        if record is None:
+        """A private copy of the cached record, unless it may have expired."""
+        entry = self._cache.get(session_id)
+        if entry is None:
             return None
+        record = entry.record
         if record.last_used + self.ttl_s <= self._clock():  # may have expired: ask Redis
             del self._cache[session_id]
             return None
@@ -476,12 +688,18 @@ class RedisSessionStore(SessionStore):
     async def _insert(self, record: SessionRecord) -> None:
         """The create script itself, after the limits admitted ``record``."""
         owner = record.owner
-        args = [record.session_id, encode(record), self._ttl_ms, self._marker_ttl_ms, owner or ""]
+        at = self._refresh_clock()
+        args = [
+            record.session_id, encode(record), self._ttl_ms, self._marker_ttl_ms, owner or "",
+            self._live_ms,
+        ]  # fmt: skip
         code, pruned = await self._eval("create", self._keys(record.session_id), args)
         self.expired_total += pruned
         if code == _EXISTS:
             raise SessionConflict(f"session {record.session_id} already exists")
-        self._remember(record)
+        entry = self._entry(record)
+        entry.marker_at = entry.live_at = at
+        self._remember(entry, record)
 
     async def get(self, session_id: str, *, fresh: bool = False) -> SessionRecord:
         if not fresh:
@@ -505,7 +723,7 @@ class RedisSessionStore(SessionStore):
             else:
                 out[i] = cached
         if wanted:
-            commands: list[tuple] = []
+            commands: list[Command] = []
             for i in wanted:
                 key, marker, _ = self._keys(session_ids[i])
                 commands += [("GET", key), ("GET", marker)]
@@ -526,37 +744,50 @@ class RedisSessionStore(SessionStore):
                     )
                 else:
                     record = decode(session_id, blob)
-                    self._remember(record)
+                    self._remember(self._entry(record), record)
                     out[i] = record
         return out  # type: ignore[return-value]
 
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
-        item = _Commit(record, release)
-        if self._writing:  # a pipeline is in flight: wait to go out with the next one
-            item.future = asyncio.get_running_loop().create_future()
-            self._pending.append(item)
-            await item.future
-            return
-        self._writing = True  # idle: this commit goes out at once, on its own
-        try:
-            (error,) = await self._write_batch([item])
-        finally:
-            if self._pending:  # what arrived meanwhile goes out as the next pipeline
-                self._writer = asyncio.get_running_loop().create_task(self._write())
-            else:
-                self._writing = False
+        (error,) = await self._commit([_Commit(record, release)])
         if error is not None:
             raise error
 
     async def commit_many(
         self, records: list[SessionRecord], release: list[bool] | None = None
     ) -> list[BaseException | None]:
-        return list(
-            await asyncio.gather(
-                *(self.commit(r, release=bool(release and release[k])) for k, r in enumerate(records)),
-                return_exceptions=True,
-            )
+        return await self._commit(
+            [_Commit(r, bool(release and release[k])) for k, r in enumerate(records)]
         )
+
+    async def _commit(self, items: list[_Commit]) -> list[BaseException | None]:
+        """Commit the items: at once as one pipeline when no pipeline is in flight, else
+        with the next one (whatever waits meanwhile goes out together)."""
+        now: list[_Commit] = []
+        if not self._writing:
+            now, items = items[: self._max_pipeline], items[self._max_pipeline :]
+        if items:
+            loop = asyncio.get_running_loop()
+            for item in items:
+                item.future = loop.create_future()
+            self._pending += items
+        out: list[BaseException | None] = []
+        if now:
+            self._writing = True
+            try:
+                out = await self._write_batch(now)
+            finally:
+                if self._pending:  # what arrived meanwhile goes out as the next pipeline
+                    self._writer = asyncio.get_running_loop().create_task(self._write())
+                else:
+                    self._writing = False
+        for item in items:
+            try:
+                await item.future  # type: ignore[misc]
+                out.append(None)
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                out.append(exc)
+        return out
 
     async def _write(self) -> None:
         """Send the waiting commits as pipelines, one at a time, until none wait."""
@@ -568,27 +799,70 @@ class RedisSessionStore(SessionStore):
         finally:
             self._writing = False
 
-    async def _write_batch(self, batch: list[_Commit]) -> list[BaseException | None]:
-        """One pipeline of commit scripts; each item's outcome goes to its future (if it
-        has one) and is returned."""
-        commands = []
-        for item in batch:
+    def _script_group(self, entry: _Cached) -> bytes:
+        """Commits of one group go to Redis as one script call: here all of a pipeline's
+        (one Redis holds every key); a cluster store groups them by hash tag."""
+        return b""
+
+    def _commit_commands(
+        self, batch: list[_Commit]
+    ) -> tuple[list[Command], list[tuple[int, int, int]]]:
+        """The pipeline for ``batch``: a SET of each new record under a staging name of its
+        own, then the commit script(s). For each item: the index of its SET's reply (-1
+        for a release), of its script's reply, and its place in that script."""
+        now, at = self._clock(), self._refresh_clock()
+        marker_slack, live_slack = self._marker_slack_ms / 1000, self._live_slack_ms / 1000
+        commands: list[Command] = []
+        groups: dict[bytes, list[int]] = {}
+        staged: list[bytes] = []
+        where: list[tuple[int, int, int]] = []
+        for k, item in enumerate(batch):
             record = item.record
-            item.now = self._clock()
-            item.revision = record.revision + 1
-            blob = b"" if item.release else encode(record, revision=item.revision, last_used=item.now)
-            args = [
-                record.session_id,
-                blob,
-                self._ttl_ms,
-                self._marker_ttl_ms,
-                _EXPECTED.pack(record.revision, record.created_at),
-                "1" if item.release else "0",
-                record.owner or "",
+            item.entry = entry = self._entry(record)
+            item.now, item.at, item.revision = now, at, record.revision + 1
+            name = _bulk(b"%bw:%b%x" % (entry.tag, self._nonce, next(self._staged_names)))
+            staged.append(name)
+            expected = _EXPECTED.pack(record.revision, record.created_at)
+            if item.release:
+                item.flags = 1
+                where.append((-1, 0, 0))
+            else:
+                head, state = _encode_parts(record, item.revision, now)
+                commands.append([
+                    b"*5\r\n$3\r\nSET\r\n", name, b"$%d\r\n" % (len(head) + len(state)),
+                    head, state, self._staged_ttl,
+                ])  # fmt: skip
+                where.append((len(commands) - 1, 0, 0))
+                item.flags = (2 if at - entry.marker_at > marker_slack else 0) | (
+                    4 if at - entry.live_at > live_slack else 0
+                )
+            if item.flags & 2:
+                expected += b"%d%b" % (item.flags, (record.owner or "").encode())
+            else:
+                expected += b"%d" % item.flags
+            item.expected = expected
+            groups.setdefault(self._script_group(entry), []).append(k)
+        for members in groups.values():
+            n = len(members)
+            command = [
+                b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b"
+                % (6 + 5 * n, self._commit_sha, _bulk(b"%d" % (4 * n)))
             ]
-            commands.append(self._script("commit", self._keys(record.session_id), args))
+            for k in members:
+                command += (batch[k].entry.keys, staged[k])  # type: ignore[union-attr]
+            command.append(self._commit_args)
+            for position, k in enumerate(members):
+                command.append(_bulk(batch[k].expected))
+                where[k] = (where[k][0], len(commands), position)
+            commands.append(command)
+        return commands, where
+
+    async def _write_batch(self, batch: list[_Commit]) -> list[BaseException | None]:
+        """One pipeline of commits; each item's outcome goes to its future (if it has one)
+        and is returned."""
         errors: list[BaseException | None]
         try:
+            commands, where = self._commit_commands(batch)
             replies = await self._pipeline(commands, "commit", len(batch))
         except BaseException as exc:
             for item in batch:
@@ -600,7 +874,16 @@ class RedisSessionStore(SessionStore):
                 raise
             errors = [exc] * len(batch)
         else:
-            errors = [self._commit_outcome(item, reply) for item, reply in zip(batch, replies)]
+            errors = []
+            for item, (staged, script, position) in zip(batch, where):
+                reply = replies[script]
+                if reply == 1:
+                    reply = _APPLIED
+                elif not isinstance(reply, Exception):
+                    reply = reply[position]
+                errors.append(
+                    self._commit_outcome(item, reply, replies[staged] if staged >= 0 else None)
+                )
         for item, error in zip(batch, errors):
             if item.future is None or item.future.done():
                 continue
@@ -617,7 +900,7 @@ class RedisSessionStore(SessionStore):
             await self._forget_owners(released)
         return errors
 
-    def _commit_outcome(self, item: _Commit, reply: Any) -> Exception | None:
+    def _commit_outcome(self, item: _Commit, reply: Any, staged: Any) -> Exception | None:
         record = item.record
         session_id = record.session_id
         if isinstance(reply, Exception):
@@ -630,14 +913,24 @@ class RedisSessionStore(SessionStore):
                 self._cache.pop(session_id, None)
             else:
                 record.last_used = item.now
-                self._remember(record)
+                entry = item.entry
+                assert entry is not None
+                if item.flags & 2:
+                    entry.marker_at = item.at
+                if item.flags & 4:
+                    entry.live_at = item.at
+                self._remember(entry, record)
             return None
+        self._cache.pop(session_id, None)
         if code == _CONFLICT:
-            self._cache.pop(session_id, None)
             (step_count,) = _REVISION.unpack(reply[1])
             return SessionConflict(
                 "the session was changed by another request", step_count=step_count
             )
+        if code == _UNSTAGED:  # the staging SET failed: nothing was applied
+            if isinstance(staged, Exception):
+                return staged
+            return rx.ResponseError(f"the new record of session {session_id} was not staged")
         return self._gone(session_id, reply)
 
     async def _forget_owners(self, entries: list[tuple[str | None, str]]) -> None:
@@ -649,13 +942,15 @@ class RedisSessionStore(SessionStore):
                 await self._pipeline(commands, "delete")
 
     async def touch(self, session_id: str, now: float) -> None:
-        args = [session_id, _LAST_USED.pack(now), self._ttl_ms, self._marker_ttl_ms]
+        at = self._refresh_clock()
+        args = [session_id, _LAST_USED.pack(now), self._ttl_ms, self._marker_ttl_ms, self._live_ms]
         reply = await self._eval("touch", self._keys(session_id), args)
         if reply[0] != _OK:
             raise self._gone(session_id, reply)
-        cached = self._cache.get(session_id)
-        if cached is not None:
-            cached.last_used = now
+        entry = self._cache.get(session_id)
+        if entry is not None:
+            entry.record.last_used = now
+            entry.marker_at = entry.live_at = at
 
     async def delete(self, session_id: str) -> bool:
         self._cache.pop(session_id, None)

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
-from service.sessions.redis import RedisSessionStore
+from service.sessions.redis import Command, RedisSessionStore, _Cached, resp_arguments
 
 SCHEME = "redis-cluster://"
 
@@ -45,10 +45,17 @@ class RedisClusterSessionStore(RedisSessionStore):
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
 
-
-    async def _send(self, client: Any, commands: Sequence[tuple]) -> list[Any]:
-        """One pipeline per node (sent in parallel), replies in order, errors in place."""
+    async def _send(self, client: Any, commands: Sequence[Command]) -> list[Any]:
+        """One pipeline per node (sent in parallel), replies in order, errors in place.
+        Commands already in RESP form are turned back into arguments."""
         pipe = client.pipeline()
         for command in commands:
+            if isinstance(command, list):
+                name, *args = resp_arguments(command)
+                command = (name.decode(), *args)
             pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
+
+    def _script_group(self, entry: _Cached) -> bytes:
+        """One script per hash tag: a script's keys must all live in one slot."""
+        return entry.tag
