@@ -241,9 +241,9 @@ def encode(
 
 def _encode_parts(
     record: SessionRecord, revision: int | None, last_used: float | None
-) -> tuple[bytes, memoryview]:
-    """The stored form as two pieces: everything before the state, and the state's own
-    bytes (a view of the array, not a copy)."""
+) -> tuple[bytes, np.ndarray]:
+    """The stored form as two pieces: everything before the state, and the state itself
+    (the array, whose buffer is its bytes; not a copy)."""
     owner = b"" if record.owner is None else record.owner.encode()
     model = record.model.encode()
     fingerprint = record.fingerprint.encode()
@@ -271,7 +271,7 @@ def _encode_parts(
         flags,
     )
     dims = struct.pack(f"<{len(shape)}q", *(int(d) for d in shape)) if shape else b""
-    return b"".join((header, owner, model, fingerprint, dims, outputs)), memoryview(state).cast("B")
+    return b"".join((header, owner, model, fingerprint, dims, outputs)), state
 
 
 def decode(session_id: str, blob: bytes) -> SessionRecord:
@@ -309,14 +309,16 @@ def decode(session_id: str, blob: bytes) -> SessionRecord:
 
 
 Command = tuple | list
-"""A command: a tuple of str / bytes / int arguments, or a list of byte strings that are
-already its RESP form (the commit pipeline's commands, built without a pass per argument)."""
+"""A command: a tuple of str / bytes / int arguments, or a list of buffers (bytes, float32
+arrays) that are already its RESP form (the commit pipeline's commands, built without a
+pass per argument)."""
 
 
-def _pack(commands: Sequence[Command]) -> bytes:
-    """RESP for the commands: several times cheaper than redis-py's general encoder on a
-    2 KiB record."""
-    out: list[bytes | memoryview] = []
+def _pack(commands: Sequence[Command]) -> list[Any]:
+    """RESP for the commands, in pieces to write as they are (one writev, no copy into one
+    big buffer: a fresh one per pipeline cost page faults): several times cheaper than
+    redis-py's general encoder on a 2 KiB record."""
+    out: list[Any] = []
     for command in commands:
         if isinstance(command, list):
             out += command
@@ -325,7 +327,7 @@ def _pack(commands: Sequence[Command]) -> bytes:
         for arg in command:
             data = arg if isinstance(arg, bytes) else str(arg).encode()
             out += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(out)
+    return out
 
 
 def resp_arguments(command: list) -> list[bytes]:
@@ -396,12 +398,12 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     raise rx.InvalidResponse(f"unexpected RESP type {chr(kind)!r}")
 
 
-async def _exchange(connection: Any, payload: bytes, count: int) -> list[Any]:
+async def _exchange(connection: Any, payload: list[Any], count: int) -> list[Any]:
     """Write ``payload`` on a connected redis-py connection and read ``count`` replies,
     parsed here from its stream reader in as few reads as the data arrives in (redis-py's
     parser costs an awaited call and a timeout per reply)."""
     reader, writer = connection._reader, connection._writer
-    writer.write(payload)
+    writer.writelines(payload)
     await writer.drain()
     replies: list[Any] = []
     buf, pos = b"", 0
@@ -436,21 +438,30 @@ class _Commit:
     entry: _Cached | None = None
     flags: int = 0
     expected: bytes = b""
+    staged: bytes = b""
     at: float = 0.0
     """``refresh_clock`` when the commit was sent (what the entry's refresh times become)."""
+    set_reply: int = -1
+    """Where its replies are: the index of its SET's (-1 for a release), of its script's,
+    and its place in that script."""
+    script_reply: int = 0
+    position: int = 0
 
 
 @dataclass(slots=True)
 class _Cached:
     """The local cache's entry for one session: the record this process last read or
     committed, its keys' names in RESP, and when this process last refreshed the marker's
-    TTL and the live-set entry (``refresh_clock``; -inf when unknown: refresh next time)."""
+    TTL and the live-set entry (``refresh_clock``; -inf when unknown: refresh next time).
+    One entry per incarnation of a session (its ``created_at``)."""
 
     record: SessionRecord
     tag: bytes
     keys: bytes
     marker_at: float = -math.inf
     live_at: float = -math.inf
+    private: bool = False
+    """``record`` is the cache's own copy (not yet, in a new entry: the caller's)."""
 
 
 class RedisSessionStore(SessionStore):
@@ -660,8 +671,22 @@ class RedisSessionStore(SessionStore):
         return _Cached(record, tag.encode(), b"".join(_bulk(k.encode()) for k in keys))
 
     def _remember(self, entry: _Cached, record: SessionRecord) -> None:
-        """Cache a private copy of ``record`` in ``entry``."""
-        entry.record = record.clone()
+        """Cache a private copy of ``record`` in ``entry``: written over the entry's own
+        copy when it has one (a new record object per step would outlive a few garbage
+        collections, and every one promoted makes a full collection come sooner)."""
+        cached = entry.record
+        if entry.private and cached.state.shape == record.state.shape:
+            # What a commit can change (the rest is fixed for an incarnation).
+            np.copyto(cached.state, record.state)
+            cached.last_used = record.last_used
+            cached.step_count = record.step_count
+            cached.revision = record.revision
+            cached.last_seq = record.last_seq
+            cached.last_outputs = record.last_outputs
+            cached.last_outputs_shape = record.last_outputs_shape
+        else:
+            entry.record = record.clone()
+            entry.private = True
         cache = self._cache
         cache[record.session_id] = entry
         cache.move_to_end(record.session_id)
@@ -749,38 +774,16 @@ class RedisSessionStore(SessionStore):
         return out  # type: ignore[return-value]
 
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
-        (error,) = await self._commit([_Commit(record, release)])
-        if error is not None:
-            raise error
+        item = _Commit(record, release)
+        self._queue((item,))
+        await item.future  # type: ignore[misc]
 
     async def commit_many(
         self, records: list[SessionRecord], release: list[bool] | None = None
     ) -> list[BaseException | None]:
-        return await self._commit(
-            [_Commit(r, bool(release and release[k])) for k, r in enumerate(records)]
-        )
-
-    async def _commit(self, items: list[_Commit]) -> list[BaseException | None]:
-        """Commit the items: at once as one pipeline when no pipeline is in flight, else
-        with the next one (whatever waits meanwhile goes out together)."""
-        now: list[_Commit] = []
-        if not self._writing:
-            now, items = items[: self._max_pipeline], items[self._max_pipeline :]
-        if items:
-            loop = asyncio.get_running_loop()
-            for item in items:
-                item.future = loop.create_future()
-            self._pending += items
+        items = [_Commit(r, bool(release and release[k])) for k, r in enumerate(records)]
+        self._queue(items)
         out: list[BaseException | None] = []
-        if now:
-            self._writing = True
-            try:
-                out = await self._write_batch(now)
-            finally:
-                if self._pending:  # what arrived meanwhile goes out as the next pipeline
-                    self._writer = asyncio.get_running_loop().create_task(self._write())
-                else:
-                    self._writing = False
         for item in items:
             try:
                 await item.future  # type: ignore[misc]
@@ -788,6 +791,20 @@ class RedisSessionStore(SessionStore):
             except Exception as exc:  # noqa: BLE001 - reported per item
                 out.append(exc)
         return out
+
+    def _queue(self, items: Sequence[_Commit]) -> None:
+        """Queue the items, each with a future for its outcome, for the next pipeline. The
+        writer starts on the next turn of the event loop, so every commit made in this
+        turn (say, by the steps one batch of onnxruntime work just released) goes out
+        together; while a pipeline is in flight, whatever commits wait go out together as
+        the next one."""
+        loop = asyncio.get_running_loop()
+        for item in items:
+            item.future = loop.create_future()
+        self._pending += items
+        if not self._writing:
+            self._writing = True
+            self._writer = loop.create_task(self._write())
 
     async def _write(self) -> None:
         """Send the waiting commits as pipelines, one at a time, until none wait."""
@@ -804,65 +821,57 @@ class RedisSessionStore(SessionStore):
         (one Redis holds every key); a cluster store groups them by hash tag."""
         return b""
 
-    def _commit_commands(
-        self, batch: list[_Commit]
-    ) -> tuple[list[Command], list[tuple[int, int, int]]]:
+    def _commit_commands(self, batch: list[_Commit]) -> list[Command]:
         """The pipeline for ``batch``: a SET of each new record under a staging name of its
-        own, then the commit script(s). For each item: the index of its SET's reply (-1
-        for a release), of its script's reply, and its place in that script."""
+        own, then the commit script(s); each item learns where its replies will be."""
         now, at = self._clock(), self._refresh_clock()
         marker_slack, live_slack = self._marker_slack_ms / 1000, self._live_slack_ms / 1000
         commands: list[Command] = []
-        groups: dict[bytes, list[int]] = {}
-        staged: list[bytes] = []
-        where: list[tuple[int, int, int]] = []
-        for k, item in enumerate(batch):
+        groups: dict[bytes, list[_Commit]] = {}
+        for item in batch:
             record = item.record
             item.entry = entry = self._entry(record)
             item.now, item.at, item.revision = now, at, record.revision + 1
-            name = _bulk(b"%bw:%b%x" % (entry.tag, self._nonce, next(self._staged_names)))
-            staged.append(name)
+            item.staged = _bulk(b"%bw:%b%x" % (entry.tag, self._nonce, next(self._staged_names)))
             expected = _EXPECTED.pack(record.revision, record.created_at)
             if item.release:
                 item.flags = 1
-                where.append((-1, 0, 0))
             else:
                 head, state = _encode_parts(record, item.revision, now)
+                item.set_reply = len(commands)
                 commands.append([
-                    b"*5\r\n$3\r\nSET\r\n", name, b"$%d\r\n" % (len(head) + len(state)),
-                    head, state, self._staged_ttl,
+                    b"*5\r\n$3\r\nSET\r\n%b$%d\r\n%b" % (item.staged, len(head) + state.nbytes, head),
+                    state,
+                    self._staged_ttl,
                 ])  # fmt: skip
-                where.append((len(commands) - 1, 0, 0))
                 item.flags = (2 if at - entry.marker_at > marker_slack else 0) | (
                     4 if at - entry.live_at > live_slack else 0
                 )
             if item.flags & 2:
-                expected += b"%d%b" % (item.flags, (record.owner or "").encode())
+                item.expected = expected + b"%d%b" % (item.flags, (record.owner or "").encode())
             else:
-                expected += b"%d" % item.flags
-            item.expected = expected
-            groups.setdefault(self._script_group(entry), []).append(k)
+                item.expected = expected + b"%d" % item.flags
+            groups.setdefault(self._script_group(entry), []).append(item)
         for members in groups.values():
             n = len(members)
             command = [
                 b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b"
                 % (6 + 5 * n, self._commit_sha, _bulk(b"%d" % (4 * n)))
             ]
-            for k in members:
-                command += (batch[k].entry.keys, staged[k])  # type: ignore[union-attr]
+            for item in members:
+                command += (item.entry.keys, item.staged)  # type: ignore[union-attr]
             command.append(self._commit_args)
-            for position, k in enumerate(members):
-                command.append(_bulk(batch[k].expected))
-                where[k] = (where[k][0], len(commands), position)
+            for position, item in enumerate(members):
+                command.append(_bulk(item.expected))
+                item.script_reply, item.position = len(commands), position
             commands.append(command)
-        return commands, where
+        return commands
 
-    async def _write_batch(self, batch: list[_Commit]) -> list[BaseException | None]:
-        """One pipeline of commits; each item's outcome goes to its future (if it has one)
-        and is returned."""
+    async def _write_batch(self, batch: list[_Commit]) -> None:
+        """One pipeline of commits; each item's outcome goes to its future."""
         errors: list[BaseException | None]
         try:
-            commands, where = self._commit_commands(batch)
+            commands = self._commit_commands(batch)
             replies = await self._pipeline(commands, "commit", len(batch))
         except BaseException as exc:
             for item in batch:
@@ -875,15 +884,14 @@ class RedisSessionStore(SessionStore):
             errors = [exc] * len(batch)
         else:
             errors = []
-            for item, (staged, script, position) in zip(batch, where):
-                reply = replies[script]
+            for item in batch:
+                reply = replies[item.script_reply]
                 if reply == 1:
                     reply = _APPLIED
                 elif not isinstance(reply, Exception):
-                    reply = reply[position]
-                errors.append(
-                    self._commit_outcome(item, reply, replies[staged] if staged >= 0 else None)
-                )
+                    reply = reply[item.position]
+                staged = replies[item.set_reply] if item.set_reply >= 0 else None
+                errors.append(self._commit_outcome(item, reply, staged))
         for item, error in zip(batch, errors):
             if item.future is None or item.future.done():
                 continue
@@ -898,7 +906,6 @@ class RedisSessionStore(SessionStore):
         ]
         if released:
             await self._forget_owners(released)
-        return errors
 
     def _commit_outcome(self, item: _Commit, reply: Any, staged: Any) -> Exception | None:
         record = item.record
