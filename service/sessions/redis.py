@@ -308,10 +308,10 @@ def decode(session_id: str, blob: bytes) -> SessionRecord:
     )
 
 
-Command = tuple | list
-"""A command: a tuple of str / bytes / int arguments, or a list of buffers (bytes, float32
-arrays) that are already its RESP form (the commit pipeline's commands, built without a
-pass per argument)."""
+Command = tuple | list | bytes
+"""A command: a tuple of str / bytes / int arguments, or its RESP form already (bytes, or a
+list of bytes to write one after the other): the commit pipeline's commands, built
+without a pass per argument."""
 
 
 def _pack(commands: Sequence[Command]) -> list[Any]:
@@ -320,6 +320,9 @@ def _pack(commands: Sequence[Command]) -> list[Any]:
     redis-py's general encoder on a 2 KiB record."""
     out: list[Any] = []
     for command in commands:
+        if isinstance(command, bytes):
+            out.append(command)
+            continue
         if isinstance(command, list):
             out += command
             continue
@@ -330,9 +333,9 @@ def _pack(commands: Sequence[Command]) -> list[Any]:
     return out
 
 
-def resp_arguments(command: list) -> list[bytes]:
+def resp_arguments(command: bytes | list) -> list[bytes]:
     """The arguments of a command given in RESP form."""
-    arguments, _ = _parse(b"".join(command), 0)
+    arguments, _ = _parse(command if isinstance(command, bytes) else b"".join(command), 0)
     return arguments
 
 
@@ -341,10 +344,8 @@ def _bulk(data: bytes) -> bytes:
 
 
 class _Incomplete(Exception):
-    """The buffer ends inside a reply: read more."""
-
-
-_INCOMPLETE = _Incomplete()
+    """The buffer ends inside a reply: read more. (Raised as a new instance each time: a
+    raised instance keeps its traceback, and one raised again grows it.)"""
 
 
 def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
@@ -352,7 +353,7 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     returned (not raised) as redis-py's exception for it. Raises _Incomplete."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
-        raise _INCOMPLETE
+        raise _Incomplete
     kind = buf[pos]
     if kind == 43:  # + simple string
         return buf[pos + 1 : end], end + 2
@@ -364,7 +365,7 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
             return None, end + 2
         stop = end + 2 + n
         if len(buf) < stop + 2:
-            raise _INCOMPLETE
+            raise _Incomplete
         data = buf[end + 2 : stop]
         if kind == 33:
             return BaseParser.parse_error(data.decode(errors="replace")), stop + 2
@@ -839,11 +840,10 @@ class RedisSessionStore(SessionStore):
             else:
                 head, state = _encode_parts(record, item.revision, now)
                 item.set_reply = len(commands)
-                commands.append([
-                    b"*5\r\n$3\r\nSET\r\n%b$%d\r\n%b" % (item.staged, len(head) + state.nbytes, head),
-                    state,
-                    self._staged_ttl,
-                ])  # fmt: skip
+                commands.append(
+                    b"*5\r\n$3\r\nSET\r\n%b$%d\r\n%b%b%b"
+                    % (item.staged, len(head) + state.nbytes, head, state, self._staged_ttl)
+                )
                 item.flags = (2 if at - entry.marker_at > marker_slack else 0) | (
                     4 if at - entry.live_at > live_slack else 0
                 )

@@ -50,7 +50,7 @@ class RedisClusterSessionStore(RedisSessionStore):
         Commands already in RESP form are turned back into arguments."""
         pipe = client.pipeline()
         for command in commands:
-            if isinstance(command, list):
+            if not isinstance(command, tuple):
                 name, *args = resp_arguments(command)
                 command = (name.decode(), *args)
             pipe.execute_command(*command)

@@ -337,7 +337,7 @@ class CountingStore(RedisSessionStore):
     async def _send(self, client, commands):
         self.round_trips += 1
         self.commands += [
-            (resp_arguments(c)[0].decode() if isinstance(c, list) else str(c[0])) for c in commands
+            (str(c[0]) if isinstance(c, tuple) else resp_arguments(c)[0].decode()) for c in commands
         ]
         return await super()._send(client, commands)
 
