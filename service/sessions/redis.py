@@ -447,6 +447,7 @@ class _Commit:
     and its place in that script."""
     script_reply: int = 0
     position: int = 0
+    error: BaseException | None = None
 
 
 @dataclass(slots=True)
@@ -516,6 +517,8 @@ class RedisSessionStore(SessionStore):
         self._pending: list[_Commit] = []
         self._writing = False
         self._writer: asyncio.Task | None = None
+        self._idle: list[Any] = []
+        """Connections not in use (at most ``max_connections``, the gate's size)."""
         self._limits = _Limits(self)
         self._shas = {
             name: hashlib.sha1((_LUA_COMMON + body).encode()).hexdigest()
@@ -620,12 +623,14 @@ class RedisSessionStore(SessionStore):
 
     async def _send(self, client: Any, commands: Sequence[Command]) -> list[Any]:
         """The commands as one write on one connection, their raw replies in order (an
-        error reply in place), within ``timeout_s``. Beneath redis-py's Pipeline and its
-        per-reply parser, which cost several times more per round trip; a connection
-        that failed mid-way is closed, never reused."""
-        pool = client.connection_pool
-        connection = await pool.get_connection()
+        error reply in place), within ``timeout_s``. Beneath redis-py's Pipeline, its
+        per-reply parser and its pool (the gate already bounds the connections in use),
+        which cost several times more per round trip; a connection that failed mid-way
+        is closed, and opened again before its next use, as is one the server closed."""
+        connection = self._idle.pop() if self._idle else client.connection_pool.make_connection()
         try:
+            if connection.is_connected and connection._reader.at_eof():
+                await connection.disconnect()
             if not connection.is_connected:
                 await connection.connect()
             try:
@@ -639,7 +644,7 @@ class RedisSessionStore(SessionStore):
             await connection.disconnect()
             raise
         finally:
-            await pool.release(connection)
+            self._idle.append(connection)
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple:
         return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
@@ -776,8 +781,20 @@ class RedisSessionStore(SessionStore):
 
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
         item = _Commit(record, release)
-        self._queue((item,))
-        await item.future  # type: ignore[misc]
+        if self._writing:  # a pipeline is in flight: wait to go out with the next one
+            self._queue((item,))
+            await item.future  # type: ignore[misc]
+            return
+        self._writing = True  # idle: this commit goes out at once, on its own
+        try:
+            await self._write_batch([item])
+        finally:
+            if self._pending:  # what arrived meanwhile goes out as the next pipeline
+                self._writer = asyncio.get_running_loop().create_task(self._write())
+            else:
+                self._writing = False
+        if item.error is not None:
+            raise item.error
 
     async def commit_many(
         self, records: list[SessionRecord], release: list[bool] | None = None
@@ -794,11 +811,8 @@ class RedisSessionStore(SessionStore):
         return out
 
     def _queue(self, items: Sequence[_Commit]) -> None:
-        """Queue the items, each with a future for its outcome, for the next pipeline. The
-        writer starts on the next turn of the event loop, so every commit made in this
-        turn (say, by the steps one batch of onnxruntime work just released) goes out
-        together; while a pipeline is in flight, whatever commits wait go out together as
-        the next one."""
+        """Queue the items, each with a future for its outcome, for the next pipeline
+        (started by the writer task when none is in flight)."""
         loop = asyncio.get_running_loop()
         for item in items:
             item.future = loop.create_future()
@@ -868,7 +882,8 @@ class RedisSessionStore(SessionStore):
         return commands
 
     async def _write_batch(self, batch: list[_Commit]) -> None:
-        """One pipeline of commits; each item's outcome goes to its future."""
+        """One pipeline of commits; each item's outcome goes to ``error`` and its future
+        (if it has one)."""
         errors: list[BaseException | None]
         try:
             commands = self._commit_commands(batch)
@@ -893,6 +908,7 @@ class RedisSessionStore(SessionStore):
                 staged = replies[item.set_reply] if item.set_reply >= 0 else None
                 errors.append(self._commit_outcome(item, reply, staged))
         for item, error in zip(batch, errors):
+            item.error = error
             if item.future is None or item.future.done():
                 continue
             if error is None:
@@ -992,6 +1008,9 @@ class RedisSessionStore(SessionStore):
             await client.ping()
 
     async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.disconnect()
         await self._client.aclose()
 
 

@@ -73,8 +73,9 @@ def test_suite_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         for load in ("ws_4", "ws_1"):
             assert redis_store[store][load]["errors"] == 0, redis_store[store][load]
             assert redis_store[store][load]["rate_per_s"] > 0
-    # one commit script per step (plus the session opens and bucket counts), no read
-    assert 1.0 <= redis_store["redis"]["scripts_per_step"] < 3.0
+    # at most one commit script per step (the commits of one pipeline share one), plus
+    # the session opens and bucket counts; no read
+    assert 0 < redis_store["redis"]["scripts_per_step"] < 3.0
     assert redis_store["redis"]["gets_per_step"] < 0.1
 
     assert set(res["grpc"]) == {
