@@ -30,6 +30,7 @@ from service.sessions.base import SessionRecord
 from service.sessions.redis import (
     BUCKETS,
     RedisSessionStore,
+    _exchange,
     bucket_of,
     decode,
     encode,
@@ -578,3 +579,125 @@ async def test_a_copy_of_an_earlier_incarnation_never_commits(redis_store) -> No
         await one.commit(stale)
     current = await one.get("seq-7")
     assert (current.step_count, current.revision) == (102, 2)
+
+
+async def test_live_set_and_marker_are_refreshed_lazily(
+    redis_store, raw: redis.Redis, key_prefix: str
+) -> None:
+    """A step re-writes the live-set entry only when this process last did more than a
+    tenth of the TTL ago, and the marker more than a tenth of its window ago; in between,
+    the entry still records an expiry no earlier than the session's own."""
+    clock = [1_000.0]
+    store = redis_store(ttl_s=100, refresh_clock=lambda: clock[0])
+    await store.create(record("s", owner="alice"))
+    tag = f"{key_prefix}{{{bucket_of('s'):02x}}}"
+    live, key, marker = f"{tag}live", f"{tag}s:s", f"{tag}t:s"
+    window_ms = 86_400_000  # the marker's window: 24 h (more than 10 x the TTL)
+
+    def redis_now_ms() -> int:
+        seconds, micros = raw.time()
+        return seconds * 1000 + micros // 1000
+
+    async def step() -> None:
+        rec = await store.get("s")
+        rec.step_count += 1
+        await store.commit(rec)
+
+    created = raw.zscore(live, "s")
+    assert created >= redis_now_ms() + 100_000  # now + TTL + TTL / 10
+    assert raw.pttl(marker) > 100_000 + window_ms
+    raw.pexpire(marker, 500_000)
+    for _ in range(3):  # 9 s of this process's time: within a tenth of the TTL
+        clock[0] += 3
+        await step()
+        assert raw.zscore(live, "s") == created
+        assert raw.pttl(key) > 99_000 and raw.pttl(marker) <= 500_000
+        assert raw.zscore(live, "s") >= redis_now_ms() + raw.pttl(key)
+    clock[0] += 2  # 11 s since the live-set entry was written: re-written
+    await step()
+    assert raw.zscore(live, "s") > created
+    assert raw.pttl(marker) <= 500_000
+    clock[0] += window_ms / 10_000  # a tenth of the marker's window: re-written too
+    await step()
+    assert raw.pttl(marker) > 100_000 + window_ms
+    assert raw.get(marker) == b"alice"
+    assert await store.count() == 1
+
+
+async def test_a_stepped_session_still_says_expired_and_stops_counting(redis_store) -> None:
+    """Steps leave the marker alone (lazy), yet an expired session is told apart from an
+    unknown one, and it stops counting within a tenth of the TTL."""
+    store = redis_store(ttl_s=0.2)
+    await store.create(record("mine", owner="digest-a"))
+    for n in range(3):
+        rec = await store.get("mine")
+        rec.step_count = n + 1
+        await store.commit(rec)
+    assert await store.count() == 1
+    await asyncio.sleep(0.35)  # the TTL and its tenth have passed
+    assert await store.count() == 0
+    with pytest.raises(SessionExpired) as expired:
+        await store.get("mine", fresh=True)
+    assert expired.value.owner == "digest-a"
+    with pytest.raises(SessionNotFound):
+        await store.get("never", fresh=True)
+
+
+async def test_staged_records_never_stay_behind(
+    redis_store, raw: redis.Redis, key_prefix: str
+) -> None:
+    """The new record is staged under a name of its own per commit, and renamed over the
+    session's record or deleted in the same script, whatever the outcome."""
+    one, two = redis_store(), redis_store()
+    for name in ("a", "b"):
+        await one.create(record(name))
+    stale = await two.get("a")
+    moved = await one.get("a")
+    moved.step_count = 1
+    gone = await one.get("b")
+    await one.delete("b")
+    results = await one.commit_many([moved, gone])
+    assert results[0] is None and isinstance(results[1], SessionNotFound)
+    stale.step_count = 9
+    with pytest.raises(SessionConflict):
+        await two.commit(stale)
+    assert [k for k in raw.keys(f"{key_prefix}*") if b"}w:" in k] == []
+    assert (await two.get("a", fresh=True)).step_count == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 16])
+async def test_replies_are_parsed_across_reads(chunk: int) -> None:
+    """Every RESP2/RESP3 reply type, however the bytes arrive."""
+    replies = (
+        b"+OK\r\n:42\r\n$3\r\nabc\r\n$-1\r\n*2\r\n:1\r\n*1\r\n$0\r\n\r\n_\r\n#t\r\n,1.5\r\n"
+        b"%1\r\n+k\r\n:7\r\n>2\r\n+push\r\n:0\r\n-NOSCRIPT No matching script\r\n"
+        b"-ERR boom\r\n"
+    )
+    reader = asyncio.StreamReader()
+    connection = _FakeConnection(reader)
+
+    async def feed() -> None:
+        for start in range(0, len(replies), chunk):
+            reader.feed_data(replies[start : start + chunk])
+            await asyncio.sleep(0)
+
+    feeding = asyncio.ensure_future(feed())
+    got = await _exchange(connection, [], 11)
+    await feeding
+    assert got[:9] == [b"OK", 42, b"abc", None, [1, [b""]], None, True, 1.5, {b"k": 7}]
+    assert isinstance(got[9], redis.exceptions.NoScriptError)
+    assert isinstance(got[10], redis.exceptions.ResponseError) and "boom" in str(got[10])
+
+
+class _FakeConnection:
+    """What _exchange uses of a redis-py connection: a stream reader and a writer."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._writer = self
+
+    def writelines(self, data: list) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
