@@ -138,10 +138,7 @@ class MemorySessionStore(SessionStore):
             raise SessionConflict(f"session {record.session_id} already exists")
         if len(self._records) >= self.max_sessions:
             raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions")
-        if (
-            record.owner is not None
-            and self._per_owner[record.owner] >= self.max_sessions_per_owner
-        ):
+        if record.owner is not None and self._per_owner[record.owner] >= self.max_sessions_per_owner:
             raise TooManySessions(
                 f"this API key holds its maximum of {self.max_sessions_per_owner} sessions"
             )
@@ -157,9 +154,7 @@ class MemorySessionStore(SessionStore):
             record = None
         if record is None:
             if session_id in self._expired:
-                expired = SessionExpired(
-                    f"session {session_id} expired after {self.ttl_s:g} s idle"
-                )
+                expired = SessionExpired(f"session {session_id} expired after {self.ttl_s:g} s idle")
                 expired.owner = self._expired[session_id]  # type: ignore[attr-defined]
                 raise expired
             raise SessionNotFound(f"no session {session_id}")
