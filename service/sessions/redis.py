@@ -447,7 +447,6 @@ class _Commit:
     and its place in that script."""
     script_reply: int = 0
     position: int = 0
-    error: BaseException | None = None
 
 
 @dataclass(slots=True)
@@ -781,20 +780,8 @@ class RedisSessionStore(SessionStore):
 
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
         item = _Commit(record, release)
-        if self._writing:  # a pipeline is in flight: wait to go out with the next one
-            self._queue((item,))
-            await item.future  # type: ignore[misc]
-            return
-        self._writing = True  # idle: this commit goes out at once, on its own
-        try:
-            await self._write_batch([item])
-        finally:
-            if self._pending:  # what arrived meanwhile goes out as the next pipeline
-                self._writer = asyncio.get_running_loop().create_task(self._write())
-            else:
-                self._writing = False
-        if item.error is not None:
-            raise item.error
+        self._queue((item,))
+        await item.future  # type: ignore[misc]
 
     async def commit_many(
         self, records: list[SessionRecord], release: list[bool] | None = None
@@ -811,8 +798,10 @@ class RedisSessionStore(SessionStore):
         return out
 
     def _queue(self, items: Sequence[_Commit]) -> None:
-        """Queue the items, each with a future for its outcome, for the next pipeline
-        (started by the writer task when none is in flight)."""
+        """Queue the items, each with a future for its outcome, for the next pipeline. A
+        writer task sends the pipelines, one at a time, while commits wait; it starts on
+        the next turn of the event loop, so every commit made in this turn (say, by the
+        steps one batch of onnxruntime work just released) goes out together."""
         loop = asyncio.get_running_loop()
         for item in items:
             item.future = loop.create_future()
@@ -882,8 +871,7 @@ class RedisSessionStore(SessionStore):
         return commands
 
     async def _write_batch(self, batch: list[_Commit]) -> None:
-        """One pipeline of commits; each item's outcome goes to ``error`` and its future
-        (if it has one)."""
+        """One pipeline of commits; each item's outcome goes to its future."""
         errors: list[BaseException | None]
         try:
             commands = self._commit_commands(batch)
@@ -908,7 +896,6 @@ class RedisSessionStore(SessionStore):
                 staged = replies[item.set_reply] if item.set_reply >= 0 else None
                 errors.append(self._commit_outcome(item, reply, staged))
         for item, error in zip(batch, errors):
-            item.error = error
             if item.future is None or item.future.done():
                 continue
             if error is None:
