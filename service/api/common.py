@@ -14,6 +14,7 @@ import orjson
 from fastapi import Request, WebSocket
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse, Response
+from starlette.types import Message, Receive
 
 from service.api.schemas import ErrorResponse
 from service.config import Settings
@@ -43,6 +44,20 @@ class ORJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for an app that is to read a body already read (or inflated) here."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if delivered:
+            return await receive()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def error_response(exc: ServeError) -> ORJSONResponse:

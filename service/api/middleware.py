@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.binary import CONTENT_ENCODINGS, InflatedTooLarge, TensorError, decompress
-from service.api.common import dumps
+from service.api.common import dumps, replaying
 from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType
 from service.metrics import UNKNOWN_MODEL, Metrics, track_served_model
 
@@ -228,16 +228,7 @@ async def _inflated(
         if name not in (b"content-encoding", b"content-length")
     ]
     headers.append((b"content-length", str(len(body)).encode()))
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return {**scope, "headers": headers}, replay
+    return {**scope, "headers": headers}, replaying(body, receive)
 
 
 async def _reject(scope: Scope, send: Send, request_id: str, error: ServeError) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Depends, Request, Response
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.common import (
     ORJSONResponse,
@@ -23,6 +23,7 @@ from service.api.common import (
     owner,
     owner_for_key,
     presented_key,
+    replaying,
     session_info,
 )
 from service.api.schemas import (
@@ -327,7 +328,7 @@ class LeanStep:
                 return  # the client went away
             fields = _lean_fields(body, self._FIELDS)
             if fields is None:
-                await app(scope, _replaying(body, receive), send)
+                await app(scope, replaying(body, receive), send)
                 return
             scope["path_params"] = {"session_id": session_id}  # for metrics and logs
             scope["route_template"] = self.template
@@ -376,20 +377,6 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """``receive`` for an app that reads a body this path has already read."""
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if replayed:
-            return await receive()
-        replayed = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 def _lean_fields(body: bytes, allowed: frozenset) -> dict | None:
