@@ -713,6 +713,39 @@ def drive(
 # --------------------------------------------------------------------------------------
 
 
+def step_load(
+    port: int, model: str, card: dict, kind: str, conns: int, frames: str,
+    duration: float, warmup: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The config of ``drive`` for ``conns`` closed-loop streams of one step per message."""
+    return {
+        "kind": kind,
+        "host": "127.0.0.1",
+        "port": port,
+        "model": model,
+        "conns": conns,
+        "frames": frames,
+        "input_size": card["input_size"],
+        "output_size": card["output_size"],
+        "steps": 1,
+        "batch": 0,
+        "seq_len": 0,
+        "warmup": warmup,
+        "duration": duration,
+    }
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server process, killing it after 15 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def free_port() -> int:
     import socket
 
@@ -794,13 +827,8 @@ class ServerProcess:
         return psutil.Process(self.pid).memory_info().rss
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def __enter__(self) -> Self:
         self.start()

@@ -40,6 +40,8 @@ from benchmarks.loadgen import (
     drive,
     free_port,
     http_request,
+    step_load,
+    stop_process,
     ws_client_frame,
 )
 
@@ -229,31 +231,11 @@ class _Server:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def _single_cfg(port: int, card: dict, kind: str, conns: int, duration: float, warmup: float) -> dict:
-    return {
-        "kind": kind,
-        "host": "127.0.0.1",
-        "port": port,
-        "model": BENCH,
-        "conns": conns,
-        "frames": "json",
-        "input_size": card["input_size"],
-        "output_size": card["output_size"],
-        "steps": 1,
-        "batch": 0,
-        "seq_len": 0,
-        "warmup": warmup,
-        "duration": duration,
-    }
+    return step_load(port, BENCH, card, kind, conns, "json", duration, warmup)
 
 
 def _summary(r: dict[str, Any], items: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import ServerProcess, drive
+from benchmarks.loadgen import ServerProcess, drive, step_load
 from benchmarks.redis_servers import ThrowawayRedis
 
 
@@ -31,21 +31,7 @@ def _steps_so_far(url: str) -> float:
 
 def _load(server: ServerProcess, card: dict, model: str, conns: int, duration: float,
           warmup: float, log_dir: Path) -> dict[str, Any]:  # fmt: skip
-    cfg = {
-        "kind": "ws",
-        "host": "127.0.0.1",
-        "port": server.port,
-        "model": model,
-        "conns": conns,
-        "frames": "binary",
-        "input_size": card["input_size"],
-        "output_size": card["output_size"],
-        "steps": 1,
-        "batch": 0,
-        "seq_len": 0,
-        "warmup": warmup,
-        "duration": duration,
-    }
+    cfg = step_load(server.port, model, card, "ws", conns, "binary", duration, warmup)
     r = drive(cfg, procs=1 if conns <= 128 else 2, server_pid=server.pid, log_dir=log_dir)
     return {k: r[k] for k in ("rate_per_s", "p50_ms", "p99_ms", "errors", "error_samples")}
 
