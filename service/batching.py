@@ -140,6 +140,7 @@ class StepBatcher:
         max_size: int,
         max_delay_s: float = 0.0,
         max_inflight: int = 1,
+        max_overlap: int | None = None,
         inline_steps: int = 0,
         max_queue: int = 4096,
         observe: Callable[[BatchStats], None] | None = None,
@@ -151,7 +152,9 @@ class StepBatcher:
         self._executor = executor
         self._observe = observe
         self._queue: deque[StepJob] = deque()
+        self._queued_rows = 0
         self._slots = max_inflight
+        self._overlap = max(max_inflight, max_overlap or max_inflight)
         self.inline_steps = inline_steps
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -246,29 +249,40 @@ class StepBatcher:
         now = time.perf_counter()
         jobs = [StepJob(x, state, loop.create_future(), now, block=block) for x, state in items]
         self._queue.extend(jobs)
+        self._queued_rows += sum(job.rows for job in jobs) if block else len(jobs)
         self._wakeup.set()
         return jobs
 
+    def _may_dispatch(self) -> bool:
+        """Whether a call may start now: while fewer than ``max_inflight`` run, or, up to
+        ``max_overlap``, when waiting could not make it any bigger: the queue already holds
+        a full call (``max_size`` rows) or starts with a block (a multiplexed message's
+        slice, batched by its sender). A lone stream's calls still gather while one runs."""
+        running = len(self._inflight)
+        if running < self._slots:
+            return True
+        return running < self._overlap and (
+            self._queue[0].block or self._queued_rows >= self.max_size
+        )
+
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
-        slots = asyncio.Semaphore(self._slots)
+        wakeup = self._wakeup
         while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            await slots.acquire()
+            if not self._queue or not self._may_dispatch():
+                wakeup.clear()  # set again by a new job and by every finished call
+                await wakeup.wait()
+                continue
             if self.max_delay_s > 0 and len(self._queue) < self.max_size:
                 await self._fill_window()
             jobs = self._take()
             if not jobs:
-                slots.release()
                 continue
             if not self._inflight and sum(j.rows * j.steps for j in jobs) <= self.inline_steps:
                 # A small call while nothing else runs (a lone stream): on the loop's own
                 # thread, which saves the two thread hand-offs of the pool (its latency).
                 started = time.perf_counter()
                 StepBatch(self.runner, jobs).run()
-                slots.release()
                 self._settle(jobs, started)
                 continue
             # Handed to the pool right here, not by a task's first step: the call starts
@@ -280,9 +294,16 @@ class StepBatcher:
             except RuntimeError as exc:  # the pool was shut down: every waiter hears it
                 call = loop.create_future()
                 call.set_exception(exc)
-            task = loop.create_task(self._execute(call, jobs, slots, started))
+            task = loop.create_task(self._execute(call, jobs, started))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task | None) -> None:
+        """A call is over (or its task was cancelled before it started): its slot frees."""
+        if task in self._inflight:
+            self._inflight.discard(task)  # type: ignore[arg-type]
+            if self._wakeup is not None:
+                self._wakeup.set()
 
     async def _fill_window(self) -> None:
         deadline = self._queue[0].enqueued + self.max_delay_s
@@ -305,21 +326,22 @@ class StepBatcher:
             if jobs and rows + queue[0].rows > self.max_size:
                 break
             job = queue.popleft()
+            self._queued_rows -= job.rows
             if not job.future.done():  # skip callers that gave up
                 jobs.append(job)
                 rows += job.rows
         return jobs
 
-    async def _execute(
-        self, call: asyncio.Future, jobs: list[StepJob], slots: asyncio.Semaphore, started: float
-    ) -> None:
+    async def _execute(self, call: asyncio.Future, jobs: list[StepJob], started: float) -> None:
         try:
             await call
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
             for job in jobs:
                 job.error = job.error or exc
         finally:
-            slots.release()
+            # The dispatch loop wakes before the waiters below: the next call starts
+            # before they resume, so their Python overlaps it.
+            self._finished(asyncio.current_task())
         self._settle(jobs, started)
 
     def _settle(self, jobs: list[StepJob], started: float) -> None:
@@ -360,5 +382,6 @@ class StepBatcher:
                 pass
         while self._queue:  # only if the loop never started or died
             job = self._queue.popleft()
+            self._queued_rows -= job.rows
             if not job.future.done():
                 job.future.set_exception(ModelNotReady("this model version was unloaded"))

@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     max_multiplex_items: int = Field(default=8192, ge=1)
     """Session steps in one multiplexed message (``POST /v1/steps``, ``/v1/stream``)."""
     mux_slice_items: int = Field(default=256, ge=1)
-    """A multiplexed message's items go to onnxruntime in slices of this many (memory
-    store), so the server prepares the next slice while a call runs."""
+    """A multiplexed message's items go to onnxruntime in slices of at most this many
+    (memory store), and in at least one slice per pool thread, so the server prepares the
+    next slice while calls run and the slices of one message run at once."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_generate_steps: int = Field(default=10_000, ge=1)
 
@@ -69,7 +70,10 @@ class Settings(BaseSettings):
     made on the event loop's thread instead of the pool: a lone stream skips two thread
     hand-offs. 0 always uses the pool."""
     batch_max_inflight: int = Field(default=1, ge=1)
-    """onnxruntime calls that may run at once per model version."""
+    """onnxruntime calls that may run at once per model version while more requests could
+    still join the next one. A call that cannot grow by waiting (a full batch, or a
+    multiplexed message's slice) may also start while these run, up to the pool's threads
+    (``max(2, batch_max_inflight)``)."""
     max_queue: int = Field(default=4096, ge=1)
     """Queued step rows per model version before requests are refused with 429 ``overloaded``."""
 

@@ -88,9 +88,9 @@ class Engine:
         self.repository = ModelRepository(settings)
         self.store = store if store is not None else make_store(settings)
         self.metrics = metrics if metrics is not None else Metrics()
-        self.executor = ThreadPoolExecutor(
-            max_workers=max(2, settings.batch_max_inflight), thread_name_prefix="ort"
-        )
+        self._workers = max(2, settings.batch_max_inflight)
+        """onnxruntime calls that may run at once (all models): the pool's threads."""
+        self.executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ort")
         self._turns = _Turns()
         self._bulk = self.store if isinstance(self.store, MemorySessionStore) else None
         """The memory store's slab path for multiplexed steps (other stores: get/commit_many)."""
@@ -171,6 +171,7 @@ class Engine:
                 max_size=s.batch_max_size,
                 max_delay_s=s.batch_max_delay_ms / 1000.0,
                 max_inflight=s.batch_max_inflight,
+                max_overlap=self._workers,
                 inline_steps=s.batch_inline_steps,
                 max_queue=s.max_queue,
                 observe=self._observe_batch(entry.name),
@@ -565,11 +566,12 @@ class Engine:
         results: list,
         slow: list,
     ) -> None:
-        """The memory store's round as a pipeline of slices of ``mux_slice_items``: each
-        slice's blocks go to the runtime as soon as they are planned, so the next slice is
-        planned, and the answers of a finished call written back, while a call runs (the
-        event loop's Python overlaps onnxruntime's call on its thread)."""
-        size = self.settings.mux_slice_items
+        """The memory store's round as a pipeline of slices of at most ``mux_slice_items``
+        (and at least one per pool thread): each slice's blocks go to the runtime as soon
+        as they are planned, so the next slice is planned, and the answers of a finished
+        call written back, while calls run (the event loop's Python overlaps onnxruntime's
+        calls on their threads, and the calls of one message overlap each other)."""
+        size = min(self.settings.mux_slice_items, -(-len(indices) // self._workers))
         running: list[asyncio.Future] = []
         try:
             for a in range(0, len(indices), size):

@@ -318,6 +318,73 @@ class _GatedRunner:
         return self._runner.run(x, states, lengths)
 
 
+async def test_calls_that_cannot_grow_start_while_another_runs(runners, reference):
+    """With one call in flight, a lone job waits to gather company; a multiplexed block or
+    a full batch starts at once on the pool's second thread (and no more than that)."""
+    ref = reference("tiny-lstm")
+    gated = _GatedRunner(runners["tiny-lstm"])
+    started: list[int] = []
+    run = gated.run
+
+    def counting(x, states, lengths):
+        started.append(x.shape[0])
+        return run(x, states, lengths)
+
+    gated.run = counting  # type: ignore[method-assign]
+    pool = ThreadPoolExecutor(max_workers=2)
+    batcher = StepBatcher(gated, pool, max_size=4, max_overlap=2)  # type: ignore[arg-type]
+    rng = np.random.default_rng(8)
+    zero = gated.zero_state()
+
+    async def until(condition) -> None:
+        for _ in range(2000):
+            if condition():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("timed out")
+
+    try:
+        xs = [rng.normal(size=(2, 3)).astype(np.float32) for _ in range(4)]
+        first = asyncio.ensure_future(batcher.submit(xs[0], zero))
+        await until(lambda: started == [1])
+        lone = asyncio.ensure_future(batcher.submit(xs[1], zero))
+        await asyncio.sleep(0.02)
+        assert started == [1] and batcher.queued == 1  # waits: it could still grow
+        gated.gate.set()
+        await asyncio.gather(first, lone)
+        gated.gate.clear()
+        started.clear()
+        first = asyncio.ensure_future(batcher.submit(xs[0], zero))
+        await until(lambda: started == [1])
+        block_x = np.stack(xs[:3])
+        block = asyncio.ensure_future(batcher.submit_block(block_x, np.stack([zero] * 3)))
+        await until(lambda: started == [1, 3])  # at once, beside the running call
+        third = asyncio.ensure_future(batcher.submit_block(block_x, np.stack([zero] * 3)))
+        await asyncio.sleep(0.02)
+        assert started == [1, 3] and batcher.queued == 1  # no more than the pool's threads
+        gated.gate.set()
+        await asyncio.gather(first, third)
+        ys, states = await block
+        for row, x in enumerate(xs[:3]):
+            y_ref, finals = ref.run(x)
+            np.testing.assert_allclose(ys[row], y_ref, atol=TOL)
+            np.testing.assert_allclose(states[row], _flat(ref, finals), atol=TOL)
+        gated.gate.clear()
+        started.clear()
+        first = asyncio.ensure_future(batcher.submit(xs[0], zero))
+        await until(lambda: started == [1])
+        crowd = [asyncio.ensure_future(batcher.submit(x, zero)) for x in xs]
+        await until(lambda: started == [1, 4])  # a full batch does not wait either
+        gated.gate.set()
+        await first
+        for x, (y, _) in zip(xs, await asyncio.gather(*crowd)):
+            np.testing.assert_allclose(y, ref.run(x)[0], atol=TOL)
+    finally:
+        gated.gate.set()
+        await batcher.close()
+        pool.shutdown(wait=True)
+
+
 async def test_overloaded_when_the_queue_is_full(runners, reference):
     ref = reference("tiny-lstm")
     gated = _GatedRunner(runners["tiny-lstm"])
