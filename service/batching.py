@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -37,6 +37,11 @@ class StepJob:
     """(y [steps, output_size], new flat state), or ([rows, steps, out], [rows, state]) for a block."""
     error: BaseException | None = None
     block: bool = False
+    commit: object = None
+    """What the batcher's ``commit`` hook needs to make this job's result durable (from
+    ``submit(..., commit=...)``); its waiter resumes only once that is done."""
+    commit_error: BaseException | None = None
+    """The hook's verdict for this job, raised to its waiter as it is."""
 
     @property
     def rows(self) -> int:
@@ -144,6 +149,7 @@ class StepBatcher:
         inline_steps: int = 0,
         max_queue: int = 4096,
         observe: Callable[[BatchStats], None] | None = None,
+        commit: Callable[[list[StepJob]], Awaitable[None]] | None = None,
     ) -> None:
         self.runner = runner
         self.max_size = max_size
@@ -151,6 +157,7 @@ class StepBatcher:
         self.max_queue = max_queue
         self._executor = executor
         self._observe = observe
+        self._commit = commit
         self._queue: deque[StepJob] = deque()
         self._queued_rows = 0
         self._slots = max_inflight
@@ -159,6 +166,9 @@ class StepBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
+        """The tasks of the calls running now."""
+        self._tasks: set[asyncio.Task] = set()
+        """Every task still finishing a call: running it, committing or settling."""
         self._closed = False
         self._lone = True
         """The last call carried one single-sequence job (a lone stream, not a crowd)."""
@@ -169,11 +179,23 @@ class StepBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def submit(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run ``x`` from ``state``; returns (y [steps, output_size], new flat state)."""
+    async def submit(
+        self, x: np.ndarray, state: np.ndarray, commit: object = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``x`` from ``state``; returns (y [steps, output_size], new flat state).
+
+        With ``commit``, the batcher's ``commit`` hook makes the result durable before this
+        returns, together with the other jobs of the same call (one store round trip per
+        call, not per job); its error for this job is raised here as it is."""
         if self.can_run_inline(x.shape[0]):
-            return self.run_inline(x, state)
-        job = self._enqueue([(x, state)])[0]
+            result = self.run_inline(x, state)
+            if commit is not None and self._commit is not None:
+                job = StepJob(x, state, result=result, commit=commit)
+                await self._commit([job])
+                if job.commit_error is not None:
+                    raise job.commit_error
+            return result
+        job = self._enqueue([(x, state)], commit=commit)[0]
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -236,7 +258,7 @@ class StepBatcher:
             raise
 
     def _enqueue(
-        self, items: list[tuple[np.ndarray, np.ndarray]], block: bool = False
+        self, items: list[tuple[np.ndarray, np.ndarray]], block: bool = False, commit: object = None
     ) -> list[StepJob]:
         if self._closed:
             raise ModelNotReady("this model version was unloaded; retry to use the current one")
@@ -247,7 +269,10 @@ class StepBatcher:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._dispatch_loop())
         now = time.perf_counter()
-        jobs = [StepJob(x, state, loop.create_future(), now, block=block) for x, state in items]
+        jobs = [
+            StepJob(x, state, loop.create_future(), now, block=block, commit=commit)
+            for x, state in items
+        ]
         self._queue.extend(jobs)
         self._queued_rows += sum(job.rows for job in jobs) if block else len(jobs)
         self._wakeup.set()
@@ -268,6 +293,7 @@ class StepBatcher:
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
         wakeup = self._wakeup
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue or not self._may_dispatch():
                 wakeup.clear()  # set again by a new job and by every finished call
@@ -283,12 +309,14 @@ class StepBatcher:
                 # thread, which saves the two thread hand-offs of the pool (its latency).
                 started = time.perf_counter()
                 StepBatch(self.runner, jobs).run()
-                self._settle(jobs, started)
+                if self._commit is not None and any(job.commit is not None for job in jobs):
+                    self._track(loop.create_task(self._complete(jobs, started)))
+                else:
+                    self._settle(jobs, started)
                 continue
             # Handed to the pool right here, not by a task's first step: the call starts
             # before the callers of the previous one resume (their Python overlaps it).
             started = time.perf_counter()
-            loop = asyncio.get_running_loop()
             try:
                 call = loop.run_in_executor(self._executor, StepBatch(self.runner, jobs).run)
             except RuntimeError as exc:  # the pool was shut down: every waiter hears it
@@ -297,6 +325,11 @@ class StepBatcher:
             task = loop.create_task(self._execute(call, jobs, started))
             self._inflight.add(task)
             task.add_done_callback(self._finished)
+            self._track(task)
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _finished(self, task: asyncio.Task | None) -> None:
         """A call is over (or its task was cancelled before it started): its slot frees."""
@@ -342,6 +375,27 @@ class StepBatcher:
             # The dispatch loop wakes before the waiters below: the next call starts
             # before they resume, so their Python overlaps it.
             self._finished(asyncio.current_task())
+        await self._complete(jobs, started)
+
+    async def _complete(self, jobs: list[StepJob], started: float) -> None:
+        """Commit the results that asked for it (one hook call for the whole call), then
+        hand every waiter its result or error."""
+        if self._commit is not None:
+            durable = [
+                job
+                for job in jobs
+                if job.commit is not None and job.error is None and not job.future.done()
+            ]
+            if durable:
+                try:
+                    await self._commit(durable)
+                except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+                    for job in durable:
+                        job.commit_error = job.commit_error or exc
+                except BaseException:
+                    for job in durable:
+                        job.future.cancel()
+                    raise
         self._settle(jobs, started)
 
     def _settle(self, jobs: list[StepJob], started: float) -> None:
@@ -350,7 +404,9 @@ class StepBatcher:
         for job in jobs:
             if job.future.done():
                 continue
-            if job.error is not None:
+            if job.commit_error is not None:
+                job.future.set_exception(job.commit_error)
+            elif job.error is not None:
                 job.future.set_exception(
                     InferenceFailed(f"inference failed: {type(job.error).__name__}: {job.error}")
                 )
@@ -367,9 +423,9 @@ class StepBatcher:
         A reload swaps a version out this way without failing requests it had accepted.
         """
         self._closed = True
-        while self._queue or self._inflight:
-            if self._inflight:
-                await asyncio.gather(*self._inflight, return_exceptions=True)
+        while self._queue or self._tasks:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             else:
                 await asyncio.sleep(0.001)  # let the dispatch loop pick up the queue
             if self._task is None or self._task.done():

@@ -19,7 +19,7 @@ from itertools import chain
 
 import numpy as np
 
-from service.batching import BatchStats, StepBatcher
+from service.batching import BatchStats, StepBatcher, StepJob
 from service.config import Settings
 from service.errors import (
     InvalidInput,
@@ -175,6 +175,7 @@ class Engine:
                 inline_steps=s.batch_inline_steps,
                 max_queue=s.max_queue,
                 observe=self._observe_batch(entry.name),
+                commit=self._commit_jobs,
             )
             entry.extras["batcher"] = batcher
         return batcher
@@ -476,17 +477,31 @@ class Engine:
                 if release:  # END retried after its steps were applied: end it now
                     await self.store.commit(record, release=True)
                 return StepResult(replay, record, replayed=True)
-            y, state = await self.batcher(entry).submit(x, record.state)
-            record.state = state
-            _remember(record, x.shape[0], y, seq)
             try:
-                await self.store.commit(record, release=release)
+                y, _ = await self.batcher(entry).submit(
+                    x, record.state, commit=(record, seq, release)
+                )
             except SessionConflict:
                 fresh = True  # another replica moved first: re-read and re-check seq
                 continue
             self._steps_counter(entry).inc(x.shape[0])
             return StepResult(y, record)
         raise SessionConflict("the session kept changing under this request; retry it")
+
+    async def _commit_jobs(self, jobs: list[StepJob]) -> None:
+        """The batcher's commit hook: the records of one onnxruntime call's steps, each
+        advanced by its result, committed with one ``commit_many`` (on Redis, one
+        pipeline: one round trip per call, not per session)."""
+        records: list[SessionRecord] = []
+        release: list[bool] = []
+        for job in jobs:
+            record, seq, end = job.commit  # type: ignore[misc]
+            y, record.state = job.result  # type: ignore[misc]
+            _remember(record, y.shape[0], y, seq)
+            records.append(record)
+            release.append(end)
+        for job, error in zip(jobs, await self.store.commit_many(records, release)):
+            job.commit_error = error
 
     # -- multiplexed steps --------------------------------------------------------------
 

@@ -396,6 +396,49 @@ async def test_concurrent_commits_share_pipelines(counting_store) -> None:
         await store.close()
 
 
+async def test_the_steps_of_one_onnxruntime_call_commit_in_one_round_trip(
+    counting_store, model_repo, reference
+) -> None:
+    """Engine over Redis: the commits of the steps one call carried go out together (the
+    batcher's commit hook), so round trips = onnxruntime calls; every answer is exact, and
+    a step whose commit conflicts (another replica moved first) is redone on fresh state."""
+    from service.engine import Engine
+
+    store = counting_store()
+    engine = Engine(Settings(model_repo=model_repo, grpc_port=0), store=store)
+    await engine.start()
+    registry = engine.metrics.registry
+    try:
+        entry = engine.model("tiny-lstm")
+        ref = reference("tiny-lstm")
+        ids = [(await engine.create_session(entry, None)).session_id for _ in range(16)]
+        xs = np.random.default_rng(3).normal(size=(16, 2, 3)).astype(np.float32)
+
+        def calls() -> float:
+            return registry.get_sample_value("rnnserve_batch_size_count", {"model": "tiny-lstm"}) or 0
+
+        before, trips = calls(), store.round_trips
+        results = await asyncio.gather(*(engine.step(i, None, x) for i, x in zip(ids, xs)))
+        assert 1 <= calls() - before < 16  # shared calls
+        assert store.round_trips - trips == calls() - before
+        for x, result in zip(xs, results):
+            np.testing.assert_allclose(result.outputs, ref.run(x)[0], atol=1e-5)
+        # another replica steps session 0 meanwhile: this one's cached copy is stale
+        other = counting_store()
+        try:
+            moved = await other.get(ids[0], fresh=True)
+            moved.step_count += 5
+            await other.commit(moved)
+        finally:
+            await other.close()
+        again = await engine.step(ids[0], None, xs[0])
+        assert again.record.step_count == 2 + 5 + 2  # redone on the moved record
+        stored = await store.get(ids[0], fresh=True)
+        assert stored.step_count == 9 and stored.revision == again.record.revision
+    finally:
+        await engine.stop()
+
+
 async def test_a_stale_cached_copy_is_caught_and_dropped(redis_store) -> None:
     """Replica one caches revision 0; replica two moves on; one's commit conflicts, and
     its next read (not asked fresh) comes from Redis again."""
