@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -733,6 +734,34 @@ def step_load(
         "warmup": warmup,
         "duration": duration,
     }
+
+
+def median_of(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scenario's figure from its windows: the median window's rate and percentiles
+    (each key on its own), errors summed, and every window kept."""
+    out = dict(windows[0])
+    for key in ("steps_per_s", "messages_per_s", "rate_per_s", "p50_ms", "p99_ms"):
+        if key in out:
+            values = sorted(w[key] for w in windows)
+            out[key] = values[len(values) // 2]
+    out["errors"] = sum(w.get("errors") or 0 for w in windows)
+    out["error_samples"] = [e for w in windows for e in (w.get("error_samples") or [])][:5]
+    out["windows"] = windows
+    return out
+
+
+def interleaved(
+    names: list[str], measure: Callable[[str], dict[str, Any]], rounds: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Measurements to compare with each other, taken in turns rather than one after the
+    other: ``rounds`` windows each, in an order reversed every round (a b, b a, a b), so
+    drift of the machine's speed during the run falls on all of them alike. Each figure is
+    the median over its windows (``median_of``)."""
+    windows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for k in range(rounds):
+        for name in names if k % 2 == 0 else names[::-1]:
+            windows[name].append(measure(name))
+    return {name: median_of(runs) for name, runs in windows.items()}
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -1,10 +1,12 @@
 """Redis store against the memory store, same load, same run.
 
-The LSTM 2x128 of the memory test (8 inputs, 8 outputs, 2 KiB of state), one server at a
-time with default batching: first on the memory store, then on a throwaway ``redis-server``
-this module starts on a free port (``--save '' --appendonly no``, loopback). Each store gets
-256 concurrent WebSocket streams (binary frames, one step per message) and one stream
-alone (p50). From Redis's ``INFO commandstats`` and the server's step counter: script calls
+The LSTM 2x128 of the memory test (8 inputs, 8 outputs, 2 KiB of state), two servers with
+default batching, both up at once (the idle one idle): one on the memory store, one on a
+throwaway ``redis-server`` this module starts on a free port (``--save '' --appendonly
+no``, loopback). Each store gets 256 concurrent WebSocket streams (binary frames, one step
+per message) and one stream alone (p50), in short windows taken in turns (memory, Redis,
+Redis, memory, memory, Redis: ``loadgen.interleaved``); each figure is the median of its
+store's three windows. From Redis's ``INFO commandstats`` and the server's step counter: script calls
 and GETs per step over the whole run, stream opens included (Redis also counts the
 commands a script runs inside it, SET, ZADD, GETRANGE, TIME: they are listed, not sent).
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import ServerProcess, drive, step_load
+from benchmarks.loadgen import ServerProcess, drive, interleaved, step_load
 from benchmarks.redis_servers import ThrowawayRedis
 
 
@@ -49,37 +51,47 @@ def redis_vs_memory(
         stats = control.info("commandstats")
         return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
 
+    servers: dict[str, ServerProcess] = {}
     try:
-        for store in ("memory", "redis"):
-            env = {}
-            if store == "redis":
-                env["RNNSERVE_SESSION_STORE"] = redis_server.url
-            with ServerProcess(repo, env=env, log_dir=log_dir) as server:
-                stats0, steps0 = commandstats(), _steps_so_far(server.url)
-                many = _load(server, card, model, streams, duration, warmup, log_dir)
-                one = _load(server, card, model, 1, duration, warmup, log_dir)
-                stats1, steps1 = commandstats(), _steps_so_far(server.url)
-            calls = {
-                k: v - stats0.get(k, 0)
-                for k, v in stats1.items()
-                if k not in ("info", "ping") and v - stats0.get(k, 0) > 0
-            }
-            steps = max(steps1 - steps0, 1.0)
-            out[store] = {
-                f"ws_{streams}": many,
-                "ws_1": one,
-                "steps": steps,
-                "redis_calls": calls,
-                "scripts_per_step": (calls.get("evalsha", 0) + calls.get("eval", 0)) / steps,
-                "gets_per_step": calls.get("get", 0) / steps,
-                # scripts that are not a step's: bucket counts (one ZCOUNT each: the limits
-                # and the sessions gauge), creations and sweeps (one ZREMRANGEBYSCORE each)
-                "other_scripts_per_step": (calls.get("zcount", 0) + calls.get("zremrangebyscore", 0))
-                / steps,
-            }
+        servers["memory"] = ServerProcess(repo, log_dir=log_dir).start()
+        servers["redis"] = ServerProcess(
+            repo, env={"RNNSERVE_SESSION_STORE": redis_server.url}, log_dir=log_dir
+        ).start()
+        stats0, steps0 = commandstats(), _steps_so_far(servers["redis"].url)
+        figures: dict[str, dict[str, Any]] = {"memory": {}, "redis": {}}
+        for conns in (streams, 1):
+            measured = interleaved(
+                ["memory", "redis"],
+                lambda store, conns=conns: _load(
+                    servers[store], card, model, conns, duration / 2, warmup / 2, log_dir
+                ),
+            )
+            for store, r in measured.items():
+                figures[store][f"ws_{conns}"] = r
+        stats1, steps1 = commandstats(), _steps_so_far(servers["redis"].url)
     finally:
+        for server in servers.values():
+            server.stop()
         control.close()
         redis_server.stop()
+    calls = {
+        k: v - stats0.get(k, 0)
+        for k, v in stats1.items()
+        if k not in ("info", "ping") and v - stats0.get(k, 0) > 0
+    }
+    steps = max(steps1 - steps0, 1.0)
+    out["memory"] = figures["memory"]
+    out["redis"] = {
+        **figures["redis"],
+        "steps": steps,
+        "redis_calls": calls,
+        "scripts_per_step": (calls.get("evalsha", 0) + calls.get("eval", 0)) / steps,
+        "gets_per_step": calls.get("get", 0) / steps,
+        # scripts that are not a step's: bucket counts (one ZCOUNT each: the limits
+        # and the sessions gauge), creations and sweeps (one ZREMRANGEBYSCORE each)
+        "other_scripts_per_step": (calls.get("zcount", 0) + calls.get("zremrangebyscore", 0))
+        / steps,
+    }
     memory, redis_ = out["memory"], out["redis"]
     key = f"ws_{streams}"
     out["ratio_steps_per_s"] = redis_[key]["rate_per_s"] / memory[key]["rate_per_s"]
