@@ -239,17 +239,34 @@ def encode(
     return b"".join(_encode_parts(record, revision, last_used))
 
 
-def _encode_parts(
-    record: SessionRecord, revision: int | None, last_used: float | None
-) -> tuple[bytes, np.ndarray]:
-    """The stored form as two pieces: everything before the state, and the state itself
-    (the array, whose buffer is its bytes; not a copy)."""
+def _identity(record: SessionRecord) -> tuple[bytes, int, int, int]:
+    """The fields of a record that never change for one incarnation of a session (owner,
+    model, fingerprint), encoded as stored, with their lengths."""
     owner = b"" if record.owner is None else record.owner.encode()
     model = record.model.encode()
     fingerprint = record.fingerprint.encode()
+    return owner + model + fingerprint, len(owner), len(model), len(fingerprint)
+
+
+_DIMS = [struct.Struct(f"<{n}q") for n in range(8)]
+_F4 = np.dtype("<f4")
+
+
+def _encode_parts(
+    record: SessionRecord,
+    revision: int | None,
+    last_used: float | None,
+    identity: tuple[bytes, int, int, int] | None = None,
+) -> tuple[bytes, np.ndarray]:
+    """The stored form as two pieces: everything before the state, and the state itself
+    (the array, whose buffer is its bytes; not a copy). ``identity`` is ``_identity(record)``
+    when the caller keeps it."""
+    ids, n_owner, n_model, n_fingerprint = identity or _identity(record)
     outputs = record.last_outputs or b""
     shape = record.last_outputs_shape
-    state = np.ascontiguousarray(record.state, dtype="<f4").reshape(-1)
+    state = record.state
+    if state.dtype != _F4 or state.ndim != 1 or not state.flags.c_contiguous:
+        state = np.ascontiguousarray(state, dtype=_F4).reshape(-1)
     flags = (
         (_HAS_OWNER if record.owner is not None else 0)
         | (_HAS_SEQ if record.last_seq is not None else 0)
@@ -264,14 +281,16 @@ def _encode_parts(
         record.last_seq if record.last_seq is not None else 0,
         state.size,
         len(outputs),
-        len(owner),
-        len(model),
-        len(fingerprint),
+        n_owner,
+        n_model,
+        n_fingerprint,
         len(shape),
         flags,
     )
-    dims = struct.pack(f"<{len(shape)}q", *(int(d) for d in shape)) if shape else b""
-    return b"".join((header, owner, model, fingerprint, dims, outputs)), state
+    dims = (_DIMS[len(shape)] if len(shape) < 8 else struct.Struct(f"<{len(shape)}q")).pack(
+        *shape
+    )
+    return b"".join((header, ids, dims, outputs)), state
 
 
 def decode(session_id: str, blob: bytes) -> SessionRecord:
@@ -463,6 +482,8 @@ class _Cached:
     live_at: float = -math.inf
     private: bool = False
     """``record`` is the cache's own copy (not yet, in a new entry: the caller's)."""
+    identity: tuple[bytes, int, int, int] | None = None
+    """``_identity(record)``, the same for every commit of this incarnation."""
 
 
 class RedisSessionStore(SessionStore):
@@ -673,7 +694,9 @@ class RedisSessionStore(SessionStore):
         session_id = record.session_id
         tag = self._tag(session_id)
         keys = (f"{tag}s:{session_id}", f"{tag}t:{session_id}", f"{tag}live")
-        return _Cached(record, tag.encode(), b"".join(_bulk(k.encode()) for k in keys))
+        return _Cached(
+            record, tag.encode(), b"".join(_bulk(k.encode()) for k in keys), identity=_identity(record)
+        )
 
     def _remember(self, entry: _Cached, record: SessionRecord) -> None:
         """Cache a private copy of ``record`` in ``entry``: written over the entry's own
@@ -841,7 +864,7 @@ class RedisSessionStore(SessionStore):
             if item.release:
                 item.flags = 1
             else:
-                head, state = _encode_parts(record, item.revision, now)
+                head, state = _encode_parts(record, item.revision, now, entry.identity)
                 item.set_reply = len(commands)
                 commands.append(
                     b"*5\r\n$3\r\nSET\r\n%b$%d\r\n%b%b%b"
