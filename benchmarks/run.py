@@ -34,7 +34,7 @@ from typing import Any
 from benchmarks import multiplex
 from benchmarks.grpc_bench import measure as grpc_streams
 from benchmarks.grpc_bench import render as render_grpc
-from benchmarks.loadgen import ROOT, ServerProcess, drive
+from benchmarks.loadgen import ROOT, ServerProcess, drive, interleaved
 from benchmarks.memory import idle_sessions, startup
 from benchmarks.payload import render as render_payload
 from benchmarks.payload import top_k_payload
@@ -168,6 +168,11 @@ def _procs_for(conns: int, override: int | None) -> int:
     return 1 if conns <= 128 else 2
 
 
+COMPARED_ON_OFF = ("ws-1-json", "ws-1-binary", "ws-256-json", "ws-256-binary")
+"""The scenarios of the batching on/off targets: measured in turns on both servers
+(``loadgen.interleaved``, three half-length windows each, medians)."""
+
+
 def run_server_scenarios(
     repo: Path,
     cards: dict[str, dict],
@@ -181,62 +186,27 @@ def run_server_scenarios(
     profile_re: str,
     verbose: bool,
 ) -> dict[str, dict[str, Any]]:
-    results: dict[str, dict[str, Any]] = {}
-    for config, env in CONFIGS.items():
-        results[config] = {}
-        with ServerProcess(repo, env=env, log_dir=log_dir) as server:
-            for sc in chosen:
-                card = cards[sc.model]
-                cfg = {
-                    "kind": sc.kind,
-                    "host": "127.0.0.1",
-                    "port": server.port,
-                    "model": sc.model,
-                    "conns": sc.conns,
-                    "frames": sc.frames,
-                    "input_size": card["input_size"],
-                    "output_size": card["output_size"],
-                    "steps": 1,
-                    "batch": sc.batch,
-                    "seq_len": sc.seq_len,
-                    # predict calls are long: give them a longer window for a stable count
-                    "warmup": warmup,
-                    "duration": duration * (1.5 if sc.kind == "predict" else 1.0),
-                }
-                profiler = None
-                if profile_dir is not None and re.search(profile_re, f"{config}:{sc.name}"):
-                    profiler = _Profiler(server.pid, profile_dir / f"{config}-{sc.name}.txt")
-                started = time.monotonic()
-                calls0 = _batch_counters(server.url, sc.model)
-                r = drive(
-                    cfg,
-                    procs=_procs_for(sc.conns, procs),
-                    server_pid=server.pid,
-                    log_dir=log_dir,
-                    on_window=profiler,
-                )
-                calls1 = _batch_counters(server.url, sc.model)
-                r["wall_s"] = time.monotonic() - started
-                if calls0 and calls1 and calls1[1] > calls0[1]:
-                    # over the whole run (warm-up and drain included), from the server's metrics
-                    r["ort_calls"] = calls1[1] - calls0[1]
-                    r["mean_batch_rows"] = (calls1[0] - calls0[0]) / (calls1[1] - calls0[1])
-                if profiler is not None:
-                    r["profile"] = profiler.summary()
-                    r["profile_file"] = str(profiler.out)
-                r["model"] = sc.model
-                if sc.kind == "predict":
-                    r["steps_per_s"] = r["rate_per_s"] * sc.batch * sc.seq_len
-                else:
-                    r["steps_per_s"] = r["rate_per_s"]
-                if r.get("server_cpu_s"):
-                    r["other_cpu_s"] = max(
-                        0.0, r["machine_busy_cpu_s"] - r["server_cpu_s"] - r["gen_cpu_psutil_s"]
-                    )
-                    # robust-ish to a shared machine: work done per CPU-second the server got
-                    r["steps_per_server_cpu_s"] = (
-                        r["steps_per_s"] * r["window_s"] / r["server_cpu_s"]
-                    )
+    """Every scenario against a server with batching off and one with it on, both up at
+    once (the idle one idle); the on/off targets' scenarios in turns."""
+    results: dict[str, dict[str, Any]] = {config: {} for config in CONFIGS}
+    how = _How(log_dir, procs, profile_dir, profile_re)
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for config, env in CONFIGS.items():
+            servers[config] = ServerProcess(repo, env=env, log_dir=log_dir).start()
+        for sc in chosen:
+
+            def measure(config: str, sc: Scenario = sc, share: float = 1.0) -> dict[str, Any]:
+                return _server_window(
+                    servers[config], config, sc, cards[sc.model], duration * share,
+                    warmup * share, how,
+                )  # fmt: skip
+
+            if sc.name in COMPARED_ON_OFF:
+                measured = interleaved(list(CONFIGS), lambda c, m=measure: m(c, share=0.5))
+            else:
+                measured = {config: measure(config) for config in CONFIGS}
+            for config, r in measured.items():
                 results[config][sc.name] = r
                 if verbose:
                     print(
@@ -251,7 +221,76 @@ def run_server_scenarios(
                     )
                 if r["errors"]:
                     print(f"    errors: {r['error_samples']}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
     return results
+
+
+@dataclass(frozen=True)
+class _How:
+    """How every server window is taken: logs, generator processes, profiles."""
+
+    log_dir: Path
+    procs: int | None
+    profile_dir: Path | None
+    profile_re: str
+
+
+def _server_window(
+    server: ServerProcess, config: str, sc: Scenario, card: dict, duration: float,
+    warmup: float, how: _How,
+) -> dict[str, Any]:  # fmt: skip
+    """One measurement window of ``sc`` against ``server``."""
+    cfg = {
+        "kind": sc.kind,
+        "host": "127.0.0.1",
+        "port": server.port,
+        "model": sc.model,
+        "conns": sc.conns,
+        "frames": sc.frames,
+        "input_size": card["input_size"],
+        "output_size": card["output_size"],
+        "steps": 1,
+        "batch": sc.batch,
+        "seq_len": sc.seq_len,
+        # predict calls are long: give them a longer window for a stable count
+        "warmup": warmup,
+        "duration": duration * (1.5 if sc.kind == "predict" else 1.0),
+    }
+    profiler = None
+    if how.profile_dir is not None and re.search(how.profile_re, f"{config}:{sc.name}"):
+        profiler = _Profiler(server.pid, how.profile_dir / f"{config}-{sc.name}.txt")
+    started = time.monotonic()
+    calls0 = _batch_counters(server.url, sc.model)
+    r = drive(
+        cfg,
+        procs=_procs_for(sc.conns, how.procs),
+        server_pid=server.pid,
+        log_dir=how.log_dir,
+        on_window=profiler,
+    )
+    calls1 = _batch_counters(server.url, sc.model)
+    r["wall_s"] = time.monotonic() - started
+    if calls0 and calls1 and calls1[1] > calls0[1]:
+        # over the whole run (warm-up and drain included), from the server's metrics
+        r["ort_calls"] = calls1[1] - calls0[1]
+        r["mean_batch_rows"] = (calls1[0] - calls0[0]) / (calls1[1] - calls0[1])
+    if profiler is not None:
+        r["profile"] = profiler.summary()
+        r["profile_file"] = str(profiler.out)
+    r["model"] = sc.model
+    if sc.kind == "predict":
+        r["steps_per_s"] = r["rate_per_s"] * sc.batch * sc.seq_len
+    else:
+        r["steps_per_s"] = r["rate_per_s"]
+    if r.get("server_cpu_s"):
+        r["other_cpu_s"] = max(
+            0.0, r["machine_busy_cpu_s"] - r["server_cpu_s"] - r["gen_cpu_psutil_s"]
+        )
+        # robust-ish to a shared machine: work done per CPU-second the server got
+        r["steps_per_server_cpu_s"] = r["steps_per_s"] * r["window_s"] / r["server_cpu_s"]
+    return r
 
 
 def _batch_counters(url: str, model: str) -> tuple[float, float] | None:

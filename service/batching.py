@@ -275,7 +275,8 @@ class StepBatcher:
         ]
         self._queue.extend(jobs)
         self._queued_rows += sum(job.rows for job in jobs) if block else len(jobs)
-        self._wakeup.set()
+        if self._may_dispatch():  # else a finishing call wakes the loop: no wasted turn
+            self._wakeup.set()
         return jobs
 
     def _may_dispatch(self) -> bool:
