@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -74,6 +75,10 @@ class GenerateResult:
     record: SessionRecord
     drawn_from: np.ndarray | None = None
     """[generated, output_size]: the output each generated step was drawn from."""
+
+
+OnReady = Callable[[list[int], list], None]
+"""``step_many``'s listener: (indices of items whose result is now final, the results)."""
 
 
 class Engine:
@@ -506,13 +511,17 @@ class Engine:
     # -- multiplexed steps --------------------------------------------------------------
 
     async def step_many(
-        self, owner: str | None, items: list[StepItem]
+        self, owner: str | None, items: list[StepItem], on_ready: OnReady | None = None
     ) -> list[StepResult | ServeError]:
         """Steps for many sessions (of any models) at once, each exactly as ``step`` would
         apply it alone: exactly-once ``seq``, ownership and limits per item, and items of
         one session applied in message order. One bad item fails only itself (its error is
         its result). The work per batch is a few bulk operations: one store read and one
         store commit per round, one onnxruntime job per (model, length) block.
+
+        ``on_ready(indices, results)`` hears of items whose result is final as soon as
+        their block is done (while later blocks still run), so an answer can be prepared
+        piece by piece; items it does not hear of are final when this returns.
         """
         s = self.settings
         if len(items) > s.max_multiplex_items:
@@ -537,7 +546,7 @@ class Engine:
                 if future is not None:
                     await future
             for indices in rounds:
-                await self._step_round(owner, items, indices, results)
+                await self._step_round(owner, items, indices, results, on_ready)
         except BaseException:
             for key, future in entered:
                 turns.abandon(key, future)
@@ -547,13 +556,18 @@ class Engine:
         return results
 
     async def _step_round(
-        self, owner: str | None, items: list[StepItem], indices: list[int], results: list
+        self,
+        owner: str | None,
+        items: list[StepItem],
+        indices: list[int],
+        results: list,
+        on_ready: OnReady | None,
     ) -> None:
         """At most one item per session, every session's turn held."""
         slow: list[int] = []  # through the single-session path (fresh reads, retries)
         bulk = self._bulk
         if bulk is not None:
-            await self._pipeline(bulk, owner, items, indices, results, slow)
+            await self._pipeline(bulk, owner, items, indices, results, slow, on_ready)
         else:
             ids = [items[i].session_id for i in indices]
             records = await self.store.get_many(ids)
@@ -562,7 +576,7 @@ class Engine:
                 *(self._run_block(entry, block) for entry, _, block in jobs),
                 return_exceptions=True,
             )
-            await self._commit_round(items, jobs, outcomes, results, slow)
+            await self._commit_round(items, jobs, outcomes, results, slow, on_ready)
         for i in sorted(slow):
             item = items[i]
             try:
@@ -580,6 +594,7 @@ class Engine:
         indices: list[int],
         results: list,
         slow: list,
+        on_ready: OnReady | None,
     ) -> None:
         """The memory store's round as a pipeline of slices of at most ``mux_slice_items``
         (and at least one per pool thread): each slice's blocks go to the runtime as soon
@@ -594,7 +609,9 @@ class Engine:
                 leased = bulk.lease([items[i].session_id for i in part])
                 for job in self._plan(owner, items, part, leased, results, slow):
                     running.append(
-                        asyncio.ensure_future(self._run_leased(bulk, job, items, results, slow))
+                        asyncio.ensure_future(
+                            self._run_leased(bulk, job, items, results, slow, on_ready)
+                        )
                     )
                 if a + size < len(indices):
                     await asyncio.sleep(0)  # the dispatcher takes the slice's blocks
@@ -664,7 +681,13 @@ class Engine:
         return jobs
 
     async def _run_leased(
-        self, bulk, job: tuple, items: list[StepItem], results: list, slow: list
+        self,
+        bulk,
+        job: tuple,
+        items: list[StepItem],
+        results: list,
+        slow: list,
+        on_ready: OnReady | None,
     ) -> None:
         """The memory store's path for one block: its states gathered with one indexing
         operation, run, and written back with one as soon as its call returns (while the
@@ -680,19 +703,30 @@ class Engine:
         leased = [record for _, record, _ in block]
         errors = bulk.advance(leased, states, steps, ys, [items[i].seq for i, _, _ in block])
         done = 0
+        final: list[int] = []
         for (i, record, _), y, error in zip(block, list(ys), errors):
             if error is None:
                 results[i] = StepResult(y, record)
                 done += 1
             elif isinstance(error, SessionConflict):
                 slow.append(i)
+                continue
             else:
                 results[i] = _as_error(error)
+            final.append(i)
         if done:
             self._steps_counter(entry).inc(done * steps)
+        if on_ready is not None and final:
+            on_ready(final, results)
 
     async def _commit_round(
-        self, items: list[StepItem], jobs: list, outcomes: list, results: list, slow: list
+        self,
+        items: list[StepItem],
+        jobs: list,
+        outcomes: list,
+        results: list,
+        slow: list,
+        on_ready: OnReady | None,
     ) -> None:
         """Any store: the round's records committed with one ``commit_many``."""
         committed: list[SessionRecord] = []
@@ -711,6 +745,7 @@ class Engine:
         if committed:
             errors = await self.store.commit_many(committed)
             counted: dict[int, list] = {}
+            final: list[int] = []
             for (i, y, entry), record, error in zip(placed, committed, errors):
                 if error is None:
                     results[i] = StepResult(y, record)
@@ -718,10 +753,14 @@ class Engine:
                     tally[1] += y.shape[0]
                 elif isinstance(error, SessionConflict):
                     slow.append(i)  # another replica moved first: re-read and redo
+                    continue
                 else:
                     results[i] = _as_error(error)
+                final.append(i)
             for entry, n in counted.values():
                 self._steps_counter(entry).inc(n)
+            if on_ready is not None and final:
+                on_ready(final, results)
 
     async def _run_block(self, entry: ModelVersion, block: list) -> tuple[np.ndarray, np.ndarray]:
         x = _stack([x for _, _, x in block])

@@ -144,38 +144,70 @@ def _item_problem(item: dict, session_id: Any) -> str | None:
     return None
 
 
-async def run(engine: Engine, who: str | None, parsed: Parsed) -> list:
-    """Each position's StepResult or ServeError."""
-    answers = await engine.step_many(who, parsed.items) if parsed.items else []
+async def run(
+    engine: Engine, who: str | None, parsed: Parsed, answer: JsonAnswer | None = None
+) -> list:
+    """Each position's StepResult or ServeError; ``answer`` renders items as they finish."""
+    on_ready = answer.ready if answer is not None else None
+    answers = await engine.step_many(who, parsed.items, on_ready) if parsed.items else []
     if not parsed.errors:  # every item went to the engine, in order
         return answers
     results: list = [None] * len(parsed.ids)
-    for position, answer in zip(parsed.positions, answers):
-        results[position] = answer
+    for position, result in zip(parsed.positions, answers):
+        results[position] = result
     for position, error in parsed.errors.items():
         results[position] = error
     return results
 
 
-def render_json(engine: Engine, parsed: Parsed, results: list) -> bytes:
-    out = []
-    for position, result in enumerate(results):
-        session_id = parsed.ids[position]
-        if isinstance(result, StepResult):
-            k = parsed.top_ks[position]
-            item: dict[str, Any] = {"session_id": session_id}
-            if k is None:
-                item["outputs"] = np.ascontiguousarray(result.outputs)
-            else:  # the best k classes instead of the outputs, as on the single routes
-                card = engine.session_model(result.record).card
-                item["top_k"] = top_k(result.outputs, k, card.output_names if card else None)
-            item["step_count"] = result.step_count
-            if result.replayed:
-                item["replayed"] = True
-            out.append(item)
-        else:
-            out.append({"session_id": session_id, "error": result.body()["error"]})
-    return dumps({"results": out})
+class JsonAnswer:
+    """A message's JSON answer, rendered item by item as the engine finishes each block
+    (while later blocks still run on onnxruntime's threads) and joined at the end; the
+    same bytes as rendering it whole."""
+
+    __slots__ = ("engine", "parsed", "parts")
+
+    def __init__(self, engine: Engine, parsed: Parsed) -> None:
+        self.engine = engine
+        self.parsed = parsed
+        self.parts: list[bytes | None] = [None] * len(parsed.ids)
+
+    def ready(self, indices: list[int], answers: list) -> None:
+        """The engine's ``on_ready``: ``indices`` index ``parsed.items`` and ``answers``."""
+        positions, parts = self.parsed.positions, self.parts
+        for i in indices:
+            position = positions[i]
+            parts[position] = dumps(self._item(position, answers[i]))
+
+    def render(self, results: list) -> bytes:
+        """The whole answer, given every position's result (``run``'s)."""
+        parts = self.parts
+        for position, result in enumerate(results):
+            if parts[position] is None:
+                parts[position] = dumps(self._item(position, result))
+        return b'{"results":[' + b",".join(parts) + b"]}"  # type: ignore[arg-type]
+
+    def _item(self, position: int, result: StepResult | ServeError) -> dict[str, Any]:
+        session_id = self.parsed.ids[position]
+        if not isinstance(result, StepResult):
+            return {"session_id": session_id, "error": result.body()["error"]}
+        k = self.parsed.top_ks[position]
+        item: dict[str, Any] = {"session_id": session_id}
+        if k is None:
+            item["outputs"] = np.ascontiguousarray(result.outputs)
+        else:  # the best k classes instead of the outputs, as on the single routes
+            card = self.engine.session_model(result.record).card
+            item["top_k"] = top_k(result.outputs, k, card.output_names if card else None)
+        item["step_count"] = result.step_count
+        if result.replayed:
+            item["replayed"] = True
+        return item
+
+
+async def answer_json(engine: Engine, who: str | None, parsed: Parsed) -> bytes:
+    """Run a parsed JSON message and render its answer (piece by piece as blocks finish)."""
+    answer = JsonAnswer(engine, parsed)
+    return answer.render(await run(engine, who, parsed, answer))
 
 
 async def run_binary(engine: Engine, who: str | None, frame: bytes) -> bytes:
@@ -217,5 +249,4 @@ async def steps(
 ) -> Response:
     engine = engine_of(request)
     parsed = parse_items(body.steps, engine.settings.max_multiplex_items)
-    results = await run(engine, who, parsed)
-    return Response(render_json(engine, parsed, results), media_type="application/json")
+    return Response(await answer_json(engine, who, parsed), media_type="application/json")

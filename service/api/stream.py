@@ -80,8 +80,8 @@ async def stream_many(websocket: WebSocket) -> None:
                 await websocket.send_bytes(answer)
             else:
                 parsed = steps.parse_json(text or "", settings.max_multiplex_items)
-                results = await steps.run(engine, who, parsed)
-                await websocket.send_text(steps.render_json(engine, parsed, results).decode())
+                answer = await steps.answer_json(engine, who, parsed)
+                await websocket.send_text(answer.decode())
         except WebSocketDisconnect:
             return
         except ServeError as exc:

@@ -306,7 +306,18 @@ async def test_sliced_rounds_match_single_steps(model_repo, reference):
             StepItem("nope", xs[0]),
             StepItem(ids[2], np.zeros((1, 5), np.float32)),  # wrong width
         ]
-        results = await engine.step_many(None, items)
+        heard: dict[int, object] = {}
+
+        def on_ready(indices: list[int], answers: list) -> None:  # as blocks finish
+            for i in indices:
+                assert i not in heard
+                heard[i] = answers[i]
+
+        results = await engine.step_many(None, items, on_ready)
+        # every item of a finished block was heard of, with its final result; the replay
+        # and the mismatch (decided on a fresh read) and the failed parses are not
+        assert set(heard) == {0, 1, 2, 3, 4, 5}
+        assert all(results[i] is result for i, result in heard.items())
         for k, name in enumerate(names):
             y, states = reference(name).run(xs[k])
             assert isinstance(results[k], StepResult)
