@@ -828,10 +828,13 @@ class Engine:
         rest: list[int] = []
         rows: list = []
         for k, steps in enumerate(inputs):
-            if (
-                type(steps) is list
-                and 0 < len(steps) <= limit
-                and all(type(step) is list and len(step) == width for step in steps)
+            if type(steps) is list and (
+                # one step, the multiplexed common case, without a generator per item
+                (len(steps) == 1 and type(steps[0]) is list and len(steps[0]) == width)
+                or (
+                    1 < len(steps) <= limit
+                    and all(type(step) is list and len(step) == width for step in steps)
+                )
             ):
                 plain.append(k)
                 rows.extend(steps)
