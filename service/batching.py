@@ -195,11 +195,15 @@ class StepBatcher:
                 if job.commit_error is not None:
                     raise job.commit_error
             return result
-        job = self._enqueue([(x, state)], commit=commit)[0]
+        return await self._wait(self._enqueue([(x, state)], commit=commit)[0])
+
+    @staticmethod
+    async def _wait(job: StepJob) -> tuple[np.ndarray, np.ndarray]:
+        """A job's result; a caller that gives up cancels its job (the batch skips it)."""
         try:
-            return await job.future
+            return await job.future  # type: ignore[misc]
         except asyncio.CancelledError:
-            job.future.cancel()
+            job.future.cancel()  # type: ignore[union-attr]
             raise
 
     def can_run_inline(self, steps: int) -> bool:
@@ -250,12 +254,7 @@ class StepBatcher:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Run ``x`` [rows, steps, ...] (sequences of one length) from ``states``
         [rows, state_size] as one job; returns (y [rows, steps, out], new states [rows, S])."""
-        job = self._enqueue([(x, states)], block=True)[0]
-        try:
-            return await job.future
-        except asyncio.CancelledError:
-            job.future.cancel()
-            raise
+        return await self._wait(self._enqueue([(x, states)], block=True)[0])
 
     def _enqueue(
         self, items: list[tuple[np.ndarray, np.ndarray]], block: bool = False, commit: object = None
