@@ -240,12 +240,28 @@ def encode(
 
 
 def _identity(record: SessionRecord) -> tuple[bytes, int, int, int]:
-    """The fields of a record that never change for one incarnation of a session (owner,
-    model, fingerprint), encoded as stored, with their lengths."""
+    """The fields of a record that a cache entry keeps encoded (owner, model, fingerprint),
+    as stored, with their lengths: the same for every commit through one entry
+    (``_same_identity``)."""
     owner = b"" if record.owner is None else record.owner.encode()
     model = record.model.encode()
     fingerprint = record.fingerprint.encode()
     return owner + model + fingerprint, len(owner), len(model), len(fingerprint)
+
+
+def _same_identity(cached: SessionRecord, record: SessionRecord) -> bool:
+    """Whether ``record`` is of the incarnation ``cached`` is, with the same identity: what
+    a cache entry keeps encoded (``_identity``) and does not copy on a commit. A Triton
+    START over a live sequence keeps its incarnation (``created_at``, which the
+    compare-and-set checks) but restarts it on the model served now, which may be
+    another one: that commit needs a new entry."""
+    return (
+        cached.created_at == record.created_at
+        and cached.fingerprint == record.fingerprint
+        and cached.model == record.model
+        and cached.version == record.version
+        and cached.owner == record.owner
+    )
 
 
 _DIMS = [struct.Struct(f"<{n}q") for n in range(8)]
@@ -483,7 +499,7 @@ class _Cached:
     private: bool = False
     """``record`` is the cache's own copy (not yet, in a new entry: the caller's)."""
     identity: tuple[bytes, int, int, int] | None = None
-    """``_identity(record)``, the same for every commit of this incarnation."""
+    """``_identity(record)``, the same for every commit through this entry."""
 
 
 class RedisSessionStore(SessionStore):
@@ -689,7 +705,7 @@ class RedisSessionStore(SessionStore):
         """The cache entry of ``record``'s session (a new one, not yet cached, when there
         is none or it belongs to another incarnation of the id)."""
         entry = self._cache.get(record.session_id)
-        if entry is not None and entry.record.created_at == record.created_at:
+        if entry is not None and _same_identity(entry.record, record):
             return entry
         session_id = record.session_id
         tag = self._tag(session_id)
@@ -704,7 +720,7 @@ class RedisSessionStore(SessionStore):
         collections, and every one promoted makes a full collection come sooner)."""
         cached = entry.record
         if entry.private and cached.state.shape == record.state.shape:
-            # What a commit can change (the rest is fixed for an incarnation).
+            # What a commit can change (the rest is fixed for an entry: ``_same_identity``).
             np.copyto(cached.state, record.state)
             cached.last_used = record.last_used
             cached.step_count = record.step_count

@@ -531,3 +531,30 @@ def test_session_semantics_hold_on_redis(variants, redis_db, monkeypatch):
     monkeypatch.setattr(SessionMachine, "variants", variants)
     monkeypatch.setattr(SessionMachine, "store", redis_db(11))
     _run(max(EXAMPLES // 3, 1))
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_start_over_a_sequence_of_a_replaced_model_restarts_it_on_the_new_one(
+    variants, redis_db, monkeypatch, store
+):
+    """Found by this machine with random seeds, on Redis: a START over a live sequence
+    whose model had been replaced kept the old model's identity in the replica's cache
+    and in the record it wrote, with the new model's state, so the sequence's next step
+    answered model_changed. The rules it took, in the order it took them."""
+    monkeypatch.setattr(SessionMachine, "variants", variants)
+    if store == "redis":
+        monkeypatch.setattr(SessionMachine, "store", redis_db(11))
+    machine = SessionMachine()
+    try:
+        machine.first_session()
+        machine.deploy(variant="B")
+        machine.concurrent_starts(sequence_id=2, x=[[0.0]], n=2)
+        machine.sessions_are_as_expected()
+        machine.remove_version()
+        machine.deploy(variant="A")
+        machine.concurrent_starts(sequence_id=2, x=[[0.0]], n=2)
+        machine.sessions_are_as_expected()
+        machine.triton(sequence_id=2, x=[[0.5]], start=False, end=False, mode="seq")
+        machine.sessions_are_as_expected()
+    finally:
+        machine.teardown()

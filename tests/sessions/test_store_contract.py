@@ -163,6 +163,32 @@ async def test_commit_is_compare_and_set(harness: Harness) -> None:
         await store.commit(first)
 
 
+async def test_a_commit_may_move_the_incarnation_to_another_model(harness: Harness) -> None:
+    """A Triton START over a live sequence keeps its incarnation (created_at, for the
+    compare-and-set) but restarts it on the model served now: the commit stores the new
+    model, version and fingerprint, and every read, cached or fresh, sees them."""
+    store = harness.make()
+    await store.create(harness.record("seq", owner=OWNER, fingerprint="old-digest"))
+    current = await store.get("seq")  # cached by a replica that keeps records
+    restarted = harness.record(
+        "seq", owner=OWNER, model="gru-demo", version=4, fingerprint="new-digest",
+        state=np.full(512, 0.5, np.float32), step_count=1,
+    )  # fmt: skip
+    restarted.created_at, restarted.revision = current.created_at, current.revision
+    await store.commit(restarted)
+    for fresh in (False, True):
+        stored = await store.get("seq", fresh=fresh)
+        assert (stored.model, stored.version, stored.fingerprint, stored.owner) == (
+            "gru-demo", 4, "new-digest", OWNER,
+        ), fresh  # fmt: skip
+        assert stored.step_count == 1 and stored.revision == restarted.revision
+        np.testing.assert_array_equal(stored.state, restarted.state)
+    stored.step_count = 2  # and it goes on from there
+    await store.commit(stored)
+    again = await store.get("seq", fresh=True)
+    assert (again.model, again.fingerprint, again.step_count) == ("gru-demo", "new-digest", 2)
+
+
 async def test_ttl_expiry_and_refresh(harness: Harness) -> None:
     store = harness.make(ttl_s=0.4)
     await store.create(harness.record("s"))
