@@ -703,7 +703,8 @@ class RedisSessionStore(SessionStore):
 
     def _entry(self, record: SessionRecord) -> _Cached:
         """The cache entry of ``record``'s session (a new one, not yet cached, when there
-        is none or it belongs to another incarnation of the id)."""
+        is none or it belongs to another incarnation of the id or another identity:
+        ``_same_identity``)."""
         entry = self._cache.get(record.session_id)
         if entry is not None and _same_identity(entry.record, record):
             return entry
