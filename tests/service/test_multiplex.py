@@ -1,10 +1,12 @@
 """Multiplexed steps (``POST /v1/steps``, WebSocket ``/v1/stream``, JSON and binary) against
-one real server: every session gets exactly what it would get alone, checked against
-onnxruntime run independently; one bad item fails only itself."""
+one real server per session store (memory and Redis): every session gets exactly what it
+would get alone, checked against onnxruntime run independently; one bad item fails only
+itself."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -16,21 +18,34 @@ from websockets.sync.client import connect
 
 from service.client import AsyncClient, Client, RnnServeError
 from service.frames import decode_many, decode_many_response, encode_many, encode_many_response
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import REDIS_URL_BASE, ServerProcess, redis_available, start_server
 
 TOL = 1e-5
 MODELS = {"tiny-lstm": 3, "tiny-gru": 7, "tiny-relu": 2}
 
 
-@pytest.fixture(scope="module")
-def live(model_repo, tmp_path_factory) -> Iterator[ServerProcess]:
-    server = start_server(
-        model_repo,
-        tmp_path_factory.mktemp("mux-server"),
-        {"RNNSERVE_API_KEYS": "alice,bob", "RNNSERVE_MAX_MULTIPLEX_ITEMS": "64"},
-    )
+MUX_REDIS_DB = 14
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def live(request, model_repo, tmp_path_factory) -> Iterator[ServerProcess]:
+    """One server per store: on Redis, a round's records are read with one ``get_many``
+    and committed with one ``commit_many`` (the memory store leases them in place)."""
+    env = {"RNNSERVE_API_KEYS": "alice,bob", "RNNSERVE_MAX_MULTIPLEX_ITEMS": "64"}
+    if request.param == "redis":
+        import redis
+
+        if not redis_available():
+            if os.environ.get("CI"):
+                pytest.fail(f"Redis is not reachable at {REDIS_URL_BASE} on CI")
+            pytest.skip(f"Redis is not reachable at {REDIS_URL_BASE}")
+        redis.Redis.from_url(f"{REDIS_URL_BASE}/{MUX_REDIS_DB}").flushdb()
+        env["RNNSERVE_SESSION_STORE"] = f"{REDIS_URL_BASE}/{MUX_REDIS_DB}"
+    server = start_server(model_repo, tmp_path_factory.mktemp(f"mux-{request.param}"), env)
     yield server
     server.stop()
+    if request.param == "redis":
+        redis.Redis.from_url(f"{REDIS_URL_BASE}/{MUX_REDIS_DB}").flushdb()
 
 
 ALICE = {"X-API-Key": "alice"}
