@@ -354,6 +354,14 @@ def redis_available() -> bool:
         return False
 
 
+def require_redis() -> None:
+    """Skip the test when the test Redis is not reachable; on CI, fail it instead."""
+    if not redis_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at 127.0.0.1:{REDIS_PORT} on CI")
+        pytest.skip(f"Redis is not reachable at 127.0.0.1:{REDIS_PORT}")
+
+
 @pytest.fixture
 def redis_db() -> Callable[[int], str]:
     """``redis_db(n)`` -> a URL for db n, flushed before and after. Never skips on CI."""
@@ -362,10 +370,7 @@ def redis_db() -> Callable[[int], str]:
     used: list[int] = []
 
     def get(db: int) -> str:
-        if not redis_available():
-            if os.environ.get("CI"):
-                pytest.fail(f"Redis is not reachable at 127.0.0.1:{REDIS_PORT} on CI")
-            pytest.skip(f"Redis is not reachable at 127.0.0.1:{REDIS_PORT}")
+        require_redis()
         redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=db).flushdb()
         used.append(db)
         return f"{REDIS_URL_BASE}/{db}"

@@ -6,7 +6,6 @@ itself."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
 import httpx
@@ -18,7 +17,7 @@ from websockets.sync.client import connect
 
 from service.client import AsyncClient, Client, RnnServeError
 from service.frames import decode_many, decode_many_response, encode_many, encode_many_response
-from tests.conftest import REDIS_URL_BASE, ServerProcess, redis_available, start_server
+from tests.conftest import REDIS_URL_BASE, ServerProcess, require_redis, start_server
 
 TOL = 1e-5
 MODELS = {"tiny-lstm": 3, "tiny-gru": 7, "tiny-relu": 2}
@@ -35,10 +34,7 @@ def live(request, model_repo, tmp_path_factory) -> Iterator[ServerProcess]:
     if request.param == "redis":
         import redis
 
-        if not redis_available():
-            if os.environ.get("CI"):
-                pytest.fail(f"Redis is not reachable at {REDIS_URL_BASE} on CI")
-            pytest.skip(f"Redis is not reachable at {REDIS_URL_BASE}")
+        require_redis()
         redis.Redis.from_url(f"{REDIS_URL_BASE}/{MUX_REDIS_DB}").flushdb()
         env["RNNSERVE_SESSION_STORE"] = f"{REDIS_URL_BASE}/{MUX_REDIS_DB}"
     server = start_server(model_repo, tmp_path_factory.mktemp(f"mux-{request.param}"), env)
