@@ -11,6 +11,7 @@ so the number of series is bounded whatever clients send.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextvars import ContextVar
 
 from prometheus_client import (
@@ -22,6 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 UNKNOWN_MODEL = "unknown"
@@ -122,8 +125,10 @@ class Metrics:
         if store is not None:
             try:
                 self._sessions.last = await asyncio.wait_for(store.count(), 1.0)
-            except Exception:  # noqa: BLE001 - a scrape must not fail on a store outage
-                pass
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail on a store outage
+                # The gauge keeps its last value; the outage itself is counted and logged
+                # where requests meet it (store_unavailable).
+                log.debug("session count not refreshed: %r", exc)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

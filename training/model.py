@@ -13,13 +13,13 @@ CELLS: tuple[Cell, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 
 def _recurrence(cell: Cell, input_size: int, hidden_size: int, num_layers: int, dropout: float):
-    kwargs = dict(
-        input_size=input_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        dropout=dropout if num_layers > 1 else 0.0,
-        batch_first=True,
-    )
+    kwargs = {
+        "input_size": input_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "dropout": dropout if num_layers > 1 else 0.0,
+        "batch_first": True,
+    }
     if cell == "rnn_tanh":
         return nn.RNN(nonlinearity="tanh", **kwargs)
     if cell == "rnn_relu":
@@ -67,15 +67,15 @@ class RecurrentModel(nn.Module):
         return ("h", "c") if self.cell == "lstm" else ("h",)
 
     def config(self) -> dict:
-        return dict(
-            cell=self.cell,
-            input_size=self.input_size,
-            hidden_size=self.hidden_size,
-            output_size=self.output_size,
-            num_layers=self.num_layers,
-            dropout=self.dropout,
-            output_activation=self.output_activation,
-        )
+        return {
+            "cell": self.cell,
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "output_size": self.output_size,
+            "num_layers": self.num_layers,
+            "dropout": self.dropout,
+            "output_activation": self.output_activation,
+        }
 
     def zero_states(self, batch: int) -> tuple[torch.Tensor, ...]:
         shape = (self.num_layers, batch, self.hidden_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from itertools import chain
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
@@ -156,7 +156,7 @@ async def _create_session(
 async def create_session(
     name: str,
     request: Request,
-    body: CreateSessionRequest | None = Body(None),
+    body: Annotated[CreateSessionRequest | None, Body()] = None,
     who: str | None = Depends(owner),
 ) -> ORJSONResponse:
     engine = engine_of(request)
@@ -173,7 +173,7 @@ async def create_session_version(
     name: str,
     version: str,
     request: Request,
-    body: CreateSessionRequest | None = Body(None),
+    body: Annotated[CreateSessionRequest | None, Body()] = None,
     who: str | None = Depends(owner),
 ) -> ORJSONResponse:
     engine = engine_of(request)
