@@ -21,9 +21,12 @@ from itertools import chain
 import numpy as np
 
 from service.batching import BatchStats, StepBatcher, StepJob
+from service.card import ModelCard
 from service.config import Settings
 from service.errors import (
     InvalidInput,
+    ModelChanged,
+    ModelNotReady,
     NotSupported,
     PayloadTooLarge,
     SequenceMismatch,
@@ -49,6 +52,10 @@ class StepResult:
     record: SessionRecord
     """From ``step_many`` on the memory store, the store's own record, which later steps
     change: read ``step_count`` here, not from it."""
+    card: ModelCard | None
+    """The card of the model the step ran on (its output names, vocabulary): an answer is
+    rendered with it, never with a fresh lookup, which a reload that lands after the
+    commit would turn into an error for an applied step."""
     replayed: bool = False
     step_count: int = field(init=False)
     """The session's step count right after this step."""
@@ -73,6 +80,8 @@ class GenerateResult:
     """Symbols (symbol mode) or output vectors (value mode), one per generated step."""
     outputs: np.ndarray
     record: SessionRecord
+    card: ModelCard | None
+    """The card of the model that generated (see ``StepResult.card``)."""
     drawn_from: np.ndarray | None = None
     """[generated, output_size]: the output each generated step was drawn from."""
 
@@ -374,7 +383,7 @@ class Engine:
                 continue
             self.metrics.sessions_created.labels(model=entry.name).inc()
             self._steps_counter(entry).inc(steps)
-            return StepResult(y, record)
+            return StepResult(y, record, entry.card)
         raise SessionConflict("the session kept being re-created by other requests; retry it")
 
     async def session(self, session_id: str, owner: str | None) -> SessionRecord:
@@ -433,7 +442,13 @@ class Engine:
             record = _claimed(bulk.lease_one(session_id), owner)
         except SessionExpired as exc:
             raise _as_seen_by(exc, owner, session_id) from None
-        entry = self.session_model(record)
+        try:
+            entry = self.session_model(record)
+        except (ModelChanged, ModelNotReady):
+            if seq is None:
+                raise
+            # perhaps the retry of a step applied before the reload: decided by _advance
+            return await self._advance(session_id, owner, inputs, seq, parse, release=False)
         x = (parse or self._parse)(entry.card, inputs)
         steps = x.shape[0]
         if seq is not None and seq != record.step_count + steps:
@@ -448,7 +463,7 @@ class Engine:
         except SessionConflict:
             return await self._advance(session_id, owner, inputs, seq, parse, release=False)
         self._steps_counter(entry).inc(steps)
-        return StepResult(y, record)
+        return StepResult(y, record, entry.card)
 
     async def _advance(
         self,
@@ -466,7 +481,15 @@ class Engine:
         fresh = False
         for _ in range(_COMMIT_ATTEMPTS + 1):
             record = await self._owned(session_id, owner, fresh=fresh)
-            entry = self.session_model(record)
+            try:
+                entry = self.session_model(record)
+            except (ModelChanged, ModelNotReady) as exc:
+                if seq is None:
+                    raise
+                if not fresh:
+                    fresh = True
+                    continue
+                return await self._replay_without_model(record, inputs, seq, parse, release, exc)
             x = (parse or self._parse)(entry.card, inputs)
             try:
                 replay = self._check_seq(record, seq, x.shape[0])
@@ -481,7 +504,7 @@ class Engine:
                     continue
                 if release:  # END retried after its steps were applied: end it now
                     await self.store.commit(record, release=True)
-                return StepResult(replay, record, replayed=True)
+                return StepResult(replay, record, entry.card, replayed=True)
             try:
                 y, _ = await self.batcher(entry).submit(
                     x, record.state, commit=(record, seq, release)
@@ -490,8 +513,32 @@ class Engine:
                 fresh = True  # another replica moved first: re-read and re-check seq
                 continue
             self._steps_counter(entry).inc(x.shape[0])
-            return StepResult(y, record)
+            return StepResult(y, record, entry.card)
         raise SessionConflict("the session kept changing under this request; retry it")
+
+    async def _replay_without_model(
+        self,
+        record: SessionRecord,
+        inputs: object,
+        seq: int,
+        parse,
+        release: bool,
+        error: ServeError,
+    ) -> StepResult:
+        """The retry of a session's last applied request after its model was replaced or
+        removed (``error``, from ``session_model``): the stored answer, parsed against the
+        card the session was created on, so exactly-once holds across a reload. Anything
+        else raises ``error``: such a session cannot take a new step."""
+        try:
+            card = self.repository.card_for_session(record.model, record.version, record.fingerprint)
+            replay = self._check_seq(record, seq, (parse or self._parse)(card, inputs).shape[0])
+        except ServeError:
+            raise error from None
+        if replay is None:
+            raise error
+        if release:  # END retried after its steps were applied: end it now
+            await self.store.commit(record, release=True)
+        return StepResult(replay, record, card, replayed=True)
 
     async def _commit_jobs(self, jobs: list[StepJob]) -> None:
         """The batcher's commit hook: the records of one onnxruntime call's steps, each
@@ -655,7 +702,10 @@ class Engine:
                     try:
                         entry = models[key] = self.session_model(record)
                     except ServeError as exc:
-                        results[i] = exc
+                        if items[i].seq is None:
+                            results[i] = exc
+                        else:  # perhaps the retry of a step applied before the reload
+                            slow.append(i)
                         continue
                 group = by_entry.get(id(entry))
                 if group is None:
@@ -706,7 +756,7 @@ class Engine:
         final: list[int] = []
         for (i, record, _), y, error in zip(block, list(ys), errors):
             if error is None:
-                results[i] = StepResult(y, record)
+                results[i] = StepResult(y, record, entry.card)
                 done += 1
             elif isinstance(error, SessionConflict):
                 slow.append(i)
@@ -748,7 +798,7 @@ class Engine:
             final: list[int] = []
             for (i, y, entry), record, error in zip(placed, committed, errors):
                 if error is None:
-                    results[i] = StepResult(y, record)
+                    results[i] = StepResult(y, record, entry.card)
                     tally = counted.setdefault(id(entry), [entry, 0])
                     tally[1] += y.shape[0]
                 elif isinstance(error, SessionConflict):
@@ -982,7 +1032,11 @@ class Engine:
             self._steps_counter(entry).inc(fed)
             drawn_from.extend(outputs[: len(generated) - 1])
             return GenerateResult(
-                generated, np.asarray(outputs, np.float32), record, np.asarray(drawn_from, np.float32)
+                generated,
+                np.asarray(outputs, np.float32),
+                record,
+                card,
+                np.asarray(drawn_from, np.float32),
             )
 
 

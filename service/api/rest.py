@@ -6,7 +6,6 @@ import logging
 from itertools import chain
 from typing import Annotated, Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Depends, Request, Response
 from starlette.datastructures import Headers
@@ -40,7 +39,7 @@ from service.api.schemas import (
     StepRequest,
     StepResponse,
 )
-from service.engine import Engine
+from service.engine import Engine, StepResult
 from service.errors import ServeError
 from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
 from service.repository import ModelVersion, parse_version
@@ -215,34 +214,23 @@ async def step(
 ) -> ORJSONResponse:
     engine = engine_of(request)
     result = await engine.step(session_id, who, body.inputs, body.seq)
-    return ORJSONResponse(
-        step_content(
-            engine, result.record, result.outputs, result.replayed, body.top_k, result.step_count
-        )
-    )
+    return ORJSONResponse(step_content(result, body.top_k))
 
 
-def step_content(
-    engine: Engine,
-    record,
-    outputs: np.ndarray,
-    replayed: bool,
-    k: int | None = None,
-    step_count: int | None = None,
-) -> dict[str, Any]:
-    """The answer to a step: ``outputs`` (or, given k, ``top_k``), ``step_count`` (the
-    record's unless given), ``symbols``."""
-    card = engine.session_model(record).card
+def step_content(result: StepResult, k: int | None = None) -> dict[str, Any]:
+    """The answer to a step: ``outputs`` (or, given k, ``top_k``), ``step_count``,
+    ``symbols``, rendered with the card of the model the step ran on."""
+    card, outputs = result.card, result.outputs
     content: dict[str, Any] = (
         {"outputs": outputs.tolist()}
         if k is None or card is None
         else {"top_k": top_k(outputs, k, card.output_names)}
     )
-    content["step_count"] = record.step_count if step_count is None else step_count
+    content["step_count"] = result.step_count
     named = top_symbols(card, outputs) if card is not None else None
     if named is not None:
         content["symbols"] = named
-    if replayed:
+    if result.replayed:
         content["replayed"] = True
     return content
 
@@ -269,7 +257,7 @@ async def generate(
     if result.generated and all(isinstance(g, str) and len(g) == 1 for g in result.generated):
         content["text"] = "".join(result.generated)
     if body.top_k is not None and result.drawn_from is not None:
-        card = engine.session_model(result.record).card
+        card = result.card
         names = card.output_names if card is not None else None
         content["top_k"] = top_k(result.drawn_from, body.top_k, names)
     return ORJSONResponse(content)
@@ -341,12 +329,7 @@ class LeanStep:
                 else None  # no keys configured: everyone is the same owner
             )
             result = await engine.step(session_id, who, fields["inputs"], fields.get("seq"))
-            content = dumps(
-                step_content(
-                    engine, result.record, result.outputs, result.replayed, fields.get("top_k"),
-                    result.step_count,
-                )
-            )
+            content = dumps(step_content(result, fields.get("top_k")))
         except ServeError as exc:
             await error_response(exc)(scope, receive, send)
             return

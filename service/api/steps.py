@@ -196,7 +196,7 @@ class JsonAnswer:
         if k is None:
             item["outputs"] = np.ascontiguousarray(result.outputs)
         else:  # the best k classes instead of the outputs, as on the single routes
-            card = self.engine.session_model(result.record).card
+            card = result.card
             item["top_k"] = top_k(result.outputs, k, card.output_names if card else None)
         item["step_count"] = result.step_count
         if result.replayed:

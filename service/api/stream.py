@@ -173,7 +173,7 @@ async def _serve(
     settings = engine.settings
     metrics = engine.metrics
     limiter = _RateLimiter(settings.ws_max_messages_per_s)
-    entry = None
+    answered: dict[str, Any] | None = None
 
     while True:
         message = await _receive(websocket)
@@ -204,14 +204,11 @@ async def _serve(
             else:
                 inputs, seq, k = _json_message(text)
                 result = await engine.step(session_id, who, inputs, seq)
-                content = step_content(
-                    engine, result.record, result.outputs, result.replayed, k, result.step_count
-                )
+                content = step_content(result, k)
                 await websocket.send_text(dumps(content).decode())
-            if entry is None:
-                entry = engine.session_model(result.record)
-                answered = {
-                    k: metrics.ws_messages.labels(entry.name, k, "ok") for k in ("json", "binary")
+            if answered is None:  # the session's model name, not a fresh lookup: a reload
+                answered = {  # after the step must not turn its answer into an error
+                    k: metrics.ws_messages.labels(model, k, "ok") for k in ("json", "binary")
                 }
             answered[kind].inc()  # children looked up once per connection, not per message
         except WebSocketDisconnect:
