@@ -28,6 +28,7 @@ FLAG_REPLAYED = 2
 FLAG_IDS = 2
 """In a request: the payload is token ids (a response uses bit 1 for FLAG_REPLAYED)."""
 FLAG_TOP_K = 4
+_REQUEST_FLAGS = FLAG_SEQ | FLAG_IDS | FLAG_TOP_K
 
 
 class FrameError(ValueError):
@@ -59,6 +60,8 @@ def encode_request(x: np.ndarray, seq: int | None = None, top_k: int | None = No
 def decode_request(frame: bytes) -> tuple[np.ndarray, int | None, int | None]:
     """(x, seq, top_k): x [steps, features] float32, or [steps] uint32 token ids."""
     _, _, flags, steps, features, seq = _header(frame)
+    if flags & ~_REQUEST_FLAGS:
+        raise FrameError(f"undefined flag bits {flags & ~_REQUEST_FLAGS:#x} (they must be 0)")
     offset, k = HEADER.size, None
     if flags & FLAG_TOP_K:
         if len(frame) < offset + TOP_K.size:
@@ -181,17 +184,26 @@ def decode_many(frame: bytes, max_items: int) -> list[tuple[str, np.ndarray, int
     """(session_id, x, seq) per item of a multiplexed request frame."""
     if len(frame) < MUX_HEADER.size:
         raise FrameError(f"a multiplexed frame needs a {MUX_HEADER.size}-byte header")
-    magic, version, _, count = MUX_HEADER.unpack_from(frame)
+    magic, version, flags, count = MUX_HEADER.unpack_from(frame)
     if magic != MUX_MAGIC or version != VERSION:
         raise FrameError("not an rnnserve multiplexed v1 frame (bad magic or version)")
+    if flags:
+        raise FrameError(f"undefined header flags {flags:#x} (they must be 0)")
     if count > max_items:
         raise FrameError(f"{count} items exceed the limit of {max_items} per message")
     ids_at = MUX_HEADER.size + count * MUX_ITEM.itemsize
     if len(frame) < ids_at:
         raise FrameError(f"frame is {len(frame)} bytes; its {count} item entries need {ids_at}")
     table = np.frombuffer(frame, MUX_ITEM, count, MUX_HEADER.size)
+    if count and (table["flags"] > FLAG_SEQ).any():
+        raise FrameError("undefined item flag bits (only bit 0, seq, is defined)")
     id_ends = ids_at + np.cumsum(table["id_len"], dtype=np.int64)
-    values = table["steps"].astype(np.int64) * table["features"]
+    # u32 * u32 fits in u64; an item larger than the whole frame is refused before the
+    # sizes are summed, so the sum cannot wrap either
+    values = table["steps"].astype(np.uint64) * table["features"]
+    if count and int(values.max()) > len(frame) // 4:
+        raise FrameError(f"an item's steps x features exceeds what a {len(frame)}-byte frame holds")
+    values = values.astype(np.int64)
     data_at = int(id_ends[-1]) if count else ids_at
     expected = data_at + 4 * int(values.sum())
     if len(frame) != expected:

@@ -6,6 +6,7 @@ itself."""
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from service.client import AsyncClient, Client, RnnServeError
@@ -156,6 +158,35 @@ def test_websocket_json_and_binary(live, reference):
     assert second[0][1] == 2 and second[1][1] == 3
     np.testing.assert_allclose(second[1][0], reference("tiny-relu").run(xb)[0], atol=TOL)
     assert second[2]["code"] == "invalid_input" and second[3]["code"] == "session_not_found"
+
+
+def _mux_frame(entries: list[tuple], ids: bytes, payload: bytes, flags: int = 0) -> bytes:
+    """A hand-made multiplexed frame: (id_len, flags, steps, features, seq) entries."""
+    table = b"".join(struct.pack("<HHIIQ", *entry) for entry in entries)
+    return struct.pack("<2sBBI", b"RM", 1, flags, len(entries)) + table + ids + payload
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # steps x features of (2**32-1)**2 and 2**33 wrap to a sum of 1 in int64: one float
+        # of payload passed the length check, then the reshape failed (1011, internal_error)
+        _mux_frame([(1, 0, 2**32 - 1, 2**32 - 1, 0), (1, 0, 2**31, 4, 0)], b"ab", bytes(4)),
+        _mux_frame([(1, 0, 2**32 - 1, 1, 0)], b"a", bytes(4)),  # an item larger than the frame
+        _mux_frame([(1, 6, 1, 1, 0)], b"a", bytes(4)),  # undefined item flags
+        _mux_frame([(1, 0, 1, 1, 0)], b"a", bytes(4), flags=1),  # undefined header flags
+    ],
+)
+def test_frames_that_lie_about_their_sizes_or_flags_close_1003(live, frame):
+    sid = _create(live, "tiny-lstm")
+    with _ws(live) as ws:
+        ws.send(frame)
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "bad_frame"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1003
+    r = httpx.get(f"{live.url}/v1/sessions/{sid}", headers=ALICE, timeout=10)
+    assert r.status_code == 200 and r.json()["step_count"] == 0
 
 
 def test_frames_round_trip():

@@ -180,6 +180,7 @@ def test_bad_messages_get_an_error_frame_and_leave_the_state(live, reference):
         HEADER.pack(b"RS", 9, 0, 1, 3, 0) + bytes(12),  # bad version
         HEADER.pack(b"RS", 1, 0, 2, 3, 0) + bytes(12),  # payload shorter than the header says
         HEADER.pack(b"RS", 1, 0, 1, 3, 0) + bytes(16),  # payload longer
+        HEADER.pack(b"RS", 1, 0xF8, 1, 3, 0) + bytes(12),  # undefined flag bits
     ],
 )
 def test_malformed_binary_frame_closes_1003_and_keeps_the_state(live, reference, frame):
