@@ -135,10 +135,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
-        problems = [_problem(e, exc.body) for e in exc.errors()[:5]]
+        if isinstance(exc.body, bytes | bytearray):  # FastAPI did not read it as JSON
+            kind = request.headers.get("content-type")
+            message = (
+                f"the body was sent as {kind[:80]!r}" if kind else "the body was sent without a Content-Type"
+            ) + ": send JSON with Content-Type: application/json"
+        else:
+            message = "; ".join(_problem(e, exc.body) for e in exc.errors()[:5])
         return ORJSONResponse(
-            {"error": {"code": "invalid_input", "message": "; ".join(problems)}},
-            status_code=422,
+            {"error": {"code": "invalid_input", "message": message}}, status_code=422
         )
 
     @app.exception_handler(StarletteHTTPException)

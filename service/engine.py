@@ -36,7 +36,7 @@ from service.errors import (
     SessionNotFound,
     TooManySessions,
 )
-from service.inputs import sequence_array
+from service.inputs import check_batch, sequence_array
 from service.metrics import Metrics, note_served_model
 from service.repository import ModelRepository, ModelVersion, ReloadReport
 from service.sessions import MemorySessionStore, SessionRecord, SessionStore, make_store
@@ -223,17 +223,7 @@ class Engine:
         s = self.settings
         if not sequences:
             raise InvalidInput("inputs is empty: send at least one sequence")
-        if len(sequences) > s.max_batch_sequences:
-            raise PayloadTooLarge(
-                f"{len(sequences)} sequences exceed the limit of {s.max_batch_sequences}",
-                limit=s.max_batch_sequences,
-            )
-        total = sum(x.shape[0] for x in sequences)
-        if total > s.max_total_steps_per_predict:
-            raise PayloadTooLarge(
-                f"{total} steps in all exceed the limit of {s.max_total_steps_per_predict}",
-                limit=s.max_total_steps_per_predict,
-            )
+        check_batch(s, len(sequences), sum(x.shape[0] for x in sequences))
         assert entry.runner is not None
         if initial_states is None:
             zero = entry.runner.zero_state()

@@ -11,7 +11,7 @@ import numpy as np
 
 from service.card import ModelCard
 from service.config import Settings
-from service.errors import InvalidInput, SequenceTooLong
+from service.errors import InvalidInput, PayloadTooLarge, SequenceTooLong
 
 
 def _symbol_rows(card: ModelCard, steps: list[Any], where: str) -> np.ndarray:
@@ -34,7 +34,23 @@ _CHECKED_IN_PYTHON = 256
 numpy calls for a few values); beyond, by numpy."""
 
 
-def _check_length(steps: int, settings: Settings, where: str) -> None:
+def check_batch(settings: Settings, sequences: int, total_steps: int | None = None) -> None:
+    """The limits of a batch of sequences (predict, v2), from counts alone: checked before
+    any row is parsed, so an oversized request is refused at once, not after its rows."""
+    if sequences > settings.max_batch_sequences:
+        raise PayloadTooLarge(
+            f"{sequences} sequences exceed the limit of {settings.max_batch_sequences}",
+            limit=settings.max_batch_sequences,
+        )
+    if total_steps is not None and total_steps > settings.max_total_steps_per_predict:
+        raise PayloadTooLarge(
+            f"{total_steps} steps in all exceed the limit of {settings.max_total_steps_per_predict}",
+            limit=settings.max_total_steps_per_predict,
+        )
+
+
+def check_length(steps: int, settings: Settings, where: str = "") -> None:
+    """One sequence's length: at least one step, at most ``max_steps_per_request``."""
     if steps == 0:
         raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
     if steps > settings.max_steps_per_request:
@@ -54,7 +70,7 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
     else:
         if not isinstance(steps, list):
             raise InvalidInput(f"{where}a sequence must be a list of time steps")
-        _check_length(len(steps), settings, where)
+        check_length(len(steps), settings, where)
         fast = _plain_numbers(steps, card.input_size)
         if fast is not None:
             return fast
@@ -79,7 +95,7 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
             x = np.asarray(steps, np.float32)
     if x.ndim != 2 or x.shape[1] != card.input_size:
         raise InvalidInput(f"{where}expected [steps, {card.input_size}] values, got shape {list(x.shape)}")
-    _check_length(x.shape[0], settings, where)
+    check_length(x.shape[0], settings, where)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     if not np.isfinite(x).all():
@@ -126,7 +142,7 @@ def token_ids(card: ModelCard, steps: Any, settings: Settings, where: str = "") 
         ids = np.array(values, np.int64) if all(-(2**63) <= v < 2**63 for v in values) else None
         if ids is None:
             raise InvalidInput(f"{where}a token id is out of range [0, {size})")
-    _check_length(ids.shape[0], settings, where)
+    check_length(ids.shape[0], settings, where)
     bad = np.flatnonzero((ids < 0) | (ids >= size))
     if bad.size:
         raise InvalidInput(

@@ -88,6 +88,9 @@ class InferRequest:
 # -- content encoding ------------------------------------------------------------------
 
 
+_MAX_GZIP_MEMBERS = 64
+
+
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo ``Content-Encoding: gzip|deflate``, refusing to inflate past ``limit`` bytes."""
     if not encoding or encoding.strip().lower() == "identity":
@@ -95,19 +98,27 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     kind = encoding.strip().lower()
     if kind not in CONTENT_ENCODINGS:
         raise TensorError(f"unsupported Content-Encoding {encoding!r}: use gzip or deflate")
-    if kind == "gzip":
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    else:
-        inflater = zlib.decompressobj(zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise TensorError(f"the {kind} body cannot be decompressed: {exc}") from None
-    if len(out) > limit:
-        raise InflatedTooLarge(f"the decompressed body exceeds the limit of {limit} bytes")
-    if not inflater.eof:
-        raise TensorError(f"the {kind} body is truncated")
-    return out
+    wbits = 16 + zlib.MAX_WBITS if kind == "gzip" else zlib.MAX_WBITS
+    out = bytearray()
+    rest = body
+    # A gzip body may hold several members back to back (RFC 1952): each is inflated in
+    # turn, all within the limit. Anything after the last one is an error, not ignored.
+    for _ in range(_MAX_GZIP_MEMBERS):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out += inflater.decompress(rest, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise TensorError(f"the {kind} body cannot be decompressed: {exc}") from None
+        if len(out) > limit:
+            raise InflatedTooLarge(f"the decompressed body exceeds the limit of {limit} bytes")
+        if not inflater.eof:
+            raise TensorError(f"the {kind} body is truncated")
+        rest = inflater.unused_data
+        if not rest:
+            return bytes(out)
+        if kind != "gzip":
+            raise TensorError(f"{len(rest)} bytes follow the end of the {kind} body")
+    raise TensorError(f"the gzip body holds more than {_MAX_GZIP_MEMBERS} members")
 
 
 def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:

@@ -41,7 +41,14 @@ from service.api.schemas import (
 )
 from service.engine import Engine, StepResult
 from service.errors import ServeError
-from service.inputs import sequence_array, state_from_payload, state_to_payload, top_symbols
+from service.inputs import (
+    check_batch,
+    check_length,
+    sequence_array,
+    state_from_payload,
+    state_to_payload,
+    top_symbols,
+)
 from service.repository import ModelVersion, parse_version
 from service.topk import top_k
 
@@ -86,6 +93,12 @@ async def get_model(name: str, request: Request) -> ORJSONResponse:
 async def _predict(entry: ModelVersion, body: PredictRequest, engine: Engine) -> ORJSONResponse:
     card = entry.card
     assert card is not None and entry.runner is not None
+    # counts first, so that an oversized request is refused before any row is parsed
+    settings = engine.settings
+    check_batch(settings, len(body.inputs))
+    for i, seq in enumerate(body.inputs):
+        check_length(len(seq), settings, where=f"sequence {i}: ")
+    check_batch(settings, len(body.inputs), sum(map(len, body.inputs)))
     sequences = [
         sequence_array(card, seq, engine.settings, where=f"sequence {i}: ")
         for i, seq in enumerate(body.inputs)
@@ -314,15 +327,18 @@ class LeanStep:
             body = await _read_body(receive)
             if body is None:
                 return  # the client went away
-            fields = _lean_fields(body, self._FIELDS)
+            settings = scope["app"].state.settings
+            # FastAPI reads only a JSON-typed body as JSON: anything else goes to the
+            # route, so that the same request gets the same answer on both paths
+            fields = (
+                _lean_fields(body, self._FIELDS, settings) if _json_typed(scope) else None
+            )
             if fields is None:
                 await app(scope, replaying(body, receive), send)
                 return
             scope["path_params"] = {"session_id": session_id}  # for metrics and logs
             scope["route_template"] = self.template
-            app_state = scope["app"].state
-            engine: Engine = app_state.engine
-            settings = app_state.settings
+            engine: Engine = scope["app"].state.engine
             who = (
                 owner_for_key(settings, presented_key(Headers(scope=scope)))
                 if settings.api_keys
@@ -362,15 +378,34 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-def _lean_fields(body: bytes, allowed: frozenset) -> dict | None:
-    """The body when it is the common, certainly valid case; None for anything else."""
+def _json_typed(scope: Scope) -> bool:
+    """Whether the request says its body is JSON (application/json or application/*+json),
+    as FastAPI's strict Content-Type check wants: a body without that, which a browser may
+    send cross-site without a preflight, is never read as JSON."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            kind = value.split(b";", 1)[0].strip().lower()
+            return kind == b"application/json" or (
+                kind.startswith(b"application/") and kind.endswith(b"+json")
+            )
+    return False
+
+
+def _lean_fields(body: bytes, allowed: frozenset, settings) -> dict | None:
+    """The body when it is the common, certainly valid case; None for anything else.
+    A sequence longer than the limit is refused here (SequenceTooLong), before the route
+    would validate every one of its steps."""
     try:
         fields = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if type(fields) is not dict or not fields.keys() <= allowed:
+    if type(fields) is not dict:
         return None
     inputs = fields.get("inputs")
+    if type(inputs) is list:
+        check_length(len(inputs), settings)
+    if not fields.keys() <= allowed:
+        return None
     if type(inputs) is not list or not inputs or not all(type(s) is list for s in inputs):
         return None
     if set(map(type, chain.from_iterable(inputs))) != {float}:

@@ -37,6 +37,7 @@ from service.api.binary import (
     HEADER,
     INTEGERS,
     InferRequest,
+    InflatedTooLarge,
     OutputTensor,
     Tensor,
     TensorError,
@@ -52,11 +53,12 @@ from service.engine import Engine
 from service.errors import (
     InvalidInput,
     ModelNotFound,
+    PayloadTooLarge,
     ServeError,
     SessionExpired,
     SessionNotFound,
 )
-from service.inputs import sequence_array
+from service.inputs import check_batch, sequence_array
 from service.repository import ModelVersion, parse_version
 from service.topk import classification_strings
 
@@ -260,6 +262,7 @@ def decode(card: ModelCard, request: InferRequest, settings: Settings, *, single
             f"a sequence request carries one sequence: {x_name!r} must have shape "
             f"{x_dims.replace('batch', '1')}, not {list(shape)}"
         )
+    check_batch(settings, batch)  # counts first: a huge batch is refused before its rows
     lengths = [steps] * batch
     len_t = by_name.get(len_name)
     if len_t is not None:
@@ -276,6 +279,7 @@ def decode(card: ModelCard, request: InferRequest, settings: Settings, *, single
                 f"input {len_name!r}: row {bad[0]} has length {lengths[bad[0]]}; "
                 f"each must be between 1 and the time axis {steps}"
             )
+    check_batch(settings, batch, sum(lengths))
     sequences = [
         sequence_array(card, x_t.array[i, : lengths[i]], settings, where=f"{x_name} row {i}: ")
         for i in range(batch)
@@ -525,9 +529,11 @@ async def run_infer(
 async def _infer(request: Request, name: str, version: str | None, who: str | None) -> Response:
     engine = engine_of(request)
     number = _version(version)
-    body = decompress(
-        await request.body(), request.headers.get("content-encoding"), engine.settings.max_body_bytes
-    )
+    limit = engine.settings.max_body_bytes
+    try:
+        body = decompress(await request.body(), request.headers.get("content-encoding"), limit)
+    except InflatedTooLarge as exc:  # too many bytes: 413, as for a body sent plain
+        raise PayloadTooLarge(str(exc), limit=limit) from None
     parsed = parse_request(body, request.headers.get(HEADER))
     head, outputs = await run_infer(engine, name, number, parsed, who)
     content, header_length = encode_response(head, outputs)

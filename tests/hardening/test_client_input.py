@@ -219,3 +219,89 @@ def test_not_ready_messages_show_no_server_paths(repo_copy):
         assert str(repo_copy) not in text and "/tmp" not in text, text
         assert "Traceback" not in text
     assert "tiny-rnn/1/model.onnx" in texts[0] or "model.onnx" in texts[0]
+
+
+# -- found by the input hunt of the fifth round ------------------------------------------------
+
+
+def test_gzip_bodies_of_several_members_are_whole_and_trailing_bytes_are_refused(model_repo):
+    """RFC 1952 lets a gzip body hold members back to back (``cat a.gz b.gz``): all of
+    them are the body. Bytes after the last member were silently dropped (the step was
+    applied from the first member alone); they are refused, on v1 and v2."""
+    plain = orjson.dumps({"inputs": [X]})
+    half = len(plain) // 2
+    two_members = gzip.compress(plain[:half]) + gzip.compress(plain[half:])
+    v2 = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 2, 3], "datatype": "FP32",
+                                   "data": [v for row in X for v in row]}]})
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    with app_client(model_repo=model_repo) as client:
+        expected = client.post("/v1/models/tiny-lstm/predict", json={"inputs": [X]}).json()
+        r = client.post("/v1/models/tiny-lstm/predict", content=two_members, headers=headers)
+        assert r.status_code == 200 and r.json() == expected, r.text
+        r = client.post("/v2/models/tiny-lstm/infer", headers=headers,
+                        content=gzip.compress(v2[:10]) + gzip.compress(v2[10:]))
+        assert r.status_code == 200, r.text
+        sid = client.post("/v1/models/tiny-lstm/sessions").json()["session_id"]
+        step = orjson.dumps({"inputs": X})
+        for tail in (b"garbage", gzip.compress(b"")[:5]):
+            r = client.post(f"/v1/sessions/{sid}/steps", content=gzip.compress(step) + tail,
+                            headers=headers)
+            assert r.status_code == 422, r.text
+            r = client.post("/v2/models/tiny-lstm/infer", content=gzip.compress(v2) + tail,
+                            headers=headers)
+            assert r.status_code == 400, r.text
+        assert client.get(f"/v1/sessions/{sid}").json()["step_count"] == 0
+
+
+def test_v2_body_that_inflates_past_the_limit_is_413_as_on_v1(model_repo):
+    bomb = gzip.compress(b" " * 20_000_000)  # over the 16 MiB default once inflated
+    with app_client(model_repo=model_repo) as client:
+        r = client.post("/v2/models/tiny-lstm/infer", content=bomb,
+                        headers={"content-type": "application/json", "content-encoding": "gzip"})
+        assert r.status_code == 413 and "limit" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("body", [b'{"inputs": [[0.5, 0.1, 0.2]]}', b'{"inputs": [[1, 0, 2]]}'])
+def test_a_body_that_is_not_typed_json_gets_the_same_answer_on_every_path(model_repo, body):
+    """The lean step path read any body as JSON, the route (FastAPI's strict Content-Type
+    check) only a JSON-typed one: a float body sent as text/plain or untyped was applied,
+    an integer one refused. Both are refused now, saying what to send, and nothing
+    changes: a page on another site cannot step a session with a simple request."""
+    with app_client(model_repo=model_repo) as client:
+        sid = client.post("/v1/models/tiny-lstm/sessions").json()["session_id"]
+        for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"content-type": kind} if kind else {}
+            r = client.post(f"/v1/sessions/{sid}/steps", content=body, headers=headers)
+            assert r.status_code == 422, r.text
+            assert "Content-Type: application/json" in r.json()["error"]["message"], r.text
+        assert client.get(f"/v1/sessions/{sid}").json()["step_count"] == 0
+        for kind in ("application/json", "application/json; charset=utf-8", "application/x+json"):
+            r = client.post(f"/v1/sessions/{sid}/steps", content=body, headers={"content-type": kind})
+            assert r.status_code == 200, r.text
+
+
+def test_counts_are_refused_before_any_row_is_parsed(model_repo):
+    """An oversized request used to have every row validated (on the event loop) before
+    the count limits were checked: a 16 MB v2 tensor of 4,000,000 one-step sequences held
+    the server for 26 s before its 413. The counts now come first, which shows here as a
+    413 for a request whose rows are also invalid (NaN, a bad symbol), where the rows'
+    error used to win."""
+    limits = {"max_batch_sequences": 4, "max_total_steps_per_predict": 20, "max_steps_per_request": 8}
+    nan_rows = np.full((5, 1, 3), np.nan, np.float32)
+    with app_client(model_repo=model_repo, **limits) as client:
+        head = orjson.dumps({"inputs": [{"name": "x", "shape": [5, 1, 3], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": nan_rows.nbytes}}]})
+        r = client.post("/v2/models/tiny-lstm/infer", content=head + nan_rows.tobytes(), headers={
+            "content-type": "application/octet-stream", "inference-header-content-length": str(len(head))})
+        assert r.status_code == 413 and "5 sequences" in r.json()["error"], r.text
+        r = client.post("/v1/models/tiny-lstm/predict", json={"inputs": [["x"]] * 5})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+        r = client.post("/v1/models/tiny-lstm/predict", json={"inputs": [["x"] * 9]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "sequence_too_long", r.text
+        r = client.post("/v1/models/tiny-lstm/predict", json={"inputs": [["x"] * 7] * 3})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+        sid = client.post("/v1/models/tiny-lstm/sessions").json()["session_id"]
+        for inputs in ([[1, 2, 3]] * 9, [[0.5, 0.5, 0.5]] * 8 + [["x"]], [1] * 9):
+            r = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": inputs})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "sequence_too_long", r.text
+        assert client.get(f"/v1/sessions/{sid}").json()["step_count"] == 0
