@@ -146,6 +146,9 @@ class MemorySessionStore(SessionStore):
         slab, row = self._place(key)
         self._records[record.session_id] = self._hold(record, slab, row, key)
         self._per_owner[record.owner] += 1
+        # An id created again (a Triton sequence restarted after it expired) is live, and
+        # once it ends, unknown: its earlier expiry says nothing about it any more.
+        self._expired.pop(record.session_id, None)
 
     def _live(self, session_id: str) -> _Held:
         record = self._records.get(session_id)

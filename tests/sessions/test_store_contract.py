@@ -210,6 +210,26 @@ async def test_ttl_expiry_and_refresh(harness: Harness) -> None:
         await store.touch("s", harness.now())
 
 
+async def test_an_id_created_again_after_it_expired_is_no_longer_expired(harness: Harness) -> None:
+    """Triton sequence ids come back: START after an expiry creates the id again. Once
+    that incarnation ends (END, delete), the id is unknown, not "expired" (the memory
+    store kept the first incarnation's tombstone and answered session_expired)."""
+    store = harness.make(ttl_s=0.3)
+    await store.create(harness.record("seq", owner="alice"))
+    await harness.advance(0.5)
+    with pytest.raises(SessionExpired):
+        await store.get("seq")
+    await store.create(harness.record("seq", owner="alice"))
+    assert (await store.get("seq")).owner == "alice"
+    await store.commit(await store.get("seq"), release=True)  # END
+    with pytest.raises(SessionNotFound):
+        await store.get("seq")
+    await store.create(harness.record("seq", owner="alice"))
+    assert await store.delete("seq")
+    with pytest.raises(SessionNotFound):
+        await store.get("seq")
+
+
 async def test_unknown_session(harness: Harness) -> None:
     store = harness.make()
     with pytest.raises(SessionNotFound):
