@@ -148,6 +148,7 @@ class StepBatcher:
         max_overlap: int | None = None,
         inline_steps: int = 0,
         max_queue: int = 4096,
+        max_values: int | None = None,
         observe: Callable[[BatchStats], None] | None = None,
         commit: Callable[[list[StepJob]], Awaitable[None]] | None = None,
     ) -> None:
@@ -155,6 +156,11 @@ class StepBatcher:
         self.max_size = max_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.max_values = max_values
+        """Output values (rows x longest steps x output size) one call may produce: jobs
+        join a call only while it stays within them (a job alone always runs)."""
+        card = getattr(runner, "card", None)
+        self._output_size = card.output_size if card is not None else 1
         self._executor = executor
         self._observe = observe
         self._commit = commit
@@ -351,14 +357,24 @@ class StepBatcher:
                 return
 
     def _take(self) -> list[StepJob]:
-        """Jobs for one call, up to ``max_size`` sequences (a larger block runs alone)."""
+        """Jobs for one call, up to ``max_size`` sequences (a larger block runs alone) and
+        ``max_values`` output values, padding to the longest included."""
         jobs: list[StepJob] = []
-        rows = 0
+        rows = longest = 0
         queue = self._queue
+        cap, width = self.max_values, self._output_size
         while queue and rows < self.max_size:
-            if jobs and rows + queue[0].rows > self.max_size:
+            head = queue[0]
+            if jobs and (
+                rows + head.rows > self.max_size
+                or (
+                    cap is not None
+                    and (rows + head.rows) * max(longest, head.steps) * width > cap
+                )
+            ):
                 break
             job = queue.popleft()
+            longest = max(longest, job.steps)
             self._queued_rows -= job.rows
             if not job.future.done():  # skip callers that gave up
                 jobs.append(job)

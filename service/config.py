@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     max_batch_sequences: int = Field(default=1024, ge=1)
     """Sequences in one predict request."""
     max_total_steps_per_predict: int = Field(default=200_000, ge=1)
+    max_output_values: int = Field(default=4 * 1024 * 1024, ge=1)
+    """Output values (steps x the model's output size) one request may answer, and one
+    onnxruntime call may produce: 16 MiB as float32 by default. It bounds the memory a
+    request, a batched call and a remembered answer (``seq``) can take, whatever the
+    model's output size; a request over it is refused before it runs."""
     max_multiplex_items: int = Field(default=8192, ge=1)
     """Session steps in one multiplexed message (``POST /v1/steps``, ``/v1/stream``)."""
     mux_slice_items: int = Field(default=256, ge=1)

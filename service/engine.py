@@ -36,7 +36,7 @@ from service.errors import (
     SessionNotFound,
     TooManySessions,
 )
-from service.inputs import check_batch, sequence_array
+from service.inputs import check_batch, max_steps, sequence_array
 from service.metrics import Metrics, note_served_model
 from service.repository import ModelRepository, ModelVersion, ReloadReport
 from service.sessions import MemorySessionStore, SessionRecord, SessionStore, make_store
@@ -188,6 +188,7 @@ class Engine:
                 max_overlap=self._workers,
                 inline_steps=s.batch_inline_steps,
                 max_queue=s.max_queue,
+                max_values=s.max_output_values,
                 observe=self._observe_batch(entry.name),
                 commit=self._commit_jobs,
             )
@@ -223,7 +224,8 @@ class Engine:
         s = self.settings
         if not sequences:
             raise InvalidInput("inputs is empty: send at least one sequence")
-        check_batch(s, len(sequences), sum(x.shape[0] for x in sequences))
+        assert entry.card is not None
+        check_batch(s, len(sequences), sum(x.shape[0] for x in sequences), entry.card.output_size)
         assert entry.runner is not None
         if initial_states is None:
             zero = entry.runner.zero_state()
@@ -831,7 +833,7 @@ class Engine:
 
     def _parse_arrays(self, card, inputs: list, out: list) -> list[int]:
         """float32 [steps, input_size] arrays (binary frames): checked in one pass."""
-        width, limit = card.input_size, self.settings.max_steps_per_request
+        width, limit = card.input_size, max_steps(card, self.settings)
         good: list[int] = []
         rest: list[int] = []
         for k, x in enumerate(inputs):
@@ -863,7 +865,7 @@ class Engine:
 
     def _parse_plain(self, card, inputs: list, out: list) -> list[int]:
         width = card.input_size
-        limit = self.settings.max_steps_per_request
+        limit = max_steps(card, self.settings)
         plain: list[int] = []
         rest: list[int] = []
         rows: list = []
@@ -976,6 +978,12 @@ class Engine:
             if card.generation is None:
                 raise NotSupported(
                     f"model {card.name!r} cannot feed its output back (its card has no generation)"
+                )
+            if steps * card.output_size > self.settings.max_output_values:
+                raise InvalidInput(
+                    f"steps must be at most {self.settings.max_output_values // card.output_size} "
+                    f"for this model: {steps} steps answer {steps * card.output_size} values "
+                    f"({card.output_size} per step), over RNNSERVE_MAX_OUTPUT_VALUES"
                 )
             x: np.ndarray | None = None
             last: np.ndarray | None = None

@@ -34,7 +34,9 @@ _CHECKED_IN_PYTHON = 256
 numpy calls for a few values); beyond, by numpy."""
 
 
-def check_batch(settings: Settings, sequences: int, total_steps: int | None = None) -> None:
+def check_batch(
+    settings: Settings, sequences: int, total_steps: int | None = None, output_size: int = 0
+) -> None:
     """The limits of a batch of sequences (predict, v2), from counts alone: checked before
     any row is parsed, so an oversized request is refused at once, not after its rows."""
     if sequences > settings.max_batch_sequences:
@@ -47,16 +49,41 @@ def check_batch(settings: Settings, sequences: int, total_steps: int | None = No
             f"{total_steps} steps in all exceed the limit of {settings.max_total_steps_per_predict}",
             limit=settings.max_total_steps_per_predict,
         )
+    if total_steps is not None and total_steps * output_size > settings.max_output_values:
+        most = settings.max_output_values // output_size
+        raise PayloadTooLarge(
+            f"{total_steps} steps in all answer {total_steps * output_size} values "
+            f"({output_size} per step), over the limit of {settings.max_output_values} "
+            f"(RNNSERVE_MAX_OUTPUT_VALUES): send at most {most} steps in all",
+            limit=most,
+        )
 
 
-def check_length(steps: int, settings: Settings, where: str = "") -> None:
-    """One sequence's length: at least one step, at most ``max_steps_per_request``."""
+def max_steps(card: ModelCard, settings: Settings) -> int:
+    """The most steps one request may carry for this model: ``max_steps_per_request``,
+    and no more than ``max_output_values`` allows for its output size."""
+    return min(settings.max_steps_per_request, max(1, settings.max_output_values // card.output_size))
+
+
+def check_length(
+    steps: int, settings: Settings, where: str = "", card: ModelCard | None = None
+) -> None:
+    """One sequence's length: at least one step, at most ``max_steps_per_request``, and
+    (given the model's card) no more than its outputs fit in ``max_output_values``."""
     if steps == 0:
         raise InvalidInput(f"{where}the sequence is empty: send at least one time step")
     if steps > settings.max_steps_per_request:
         raise SequenceTooLong(
             f"{where}{steps} steps exceed the limit of {settings.max_steps_per_request}",
             limit=settings.max_steps_per_request,
+        )
+    if card is not None and steps * card.output_size > settings.max_output_values:
+        most = max_steps(card, settings)
+        raise SequenceTooLong(
+            f"{where}{steps} steps of this model answer {steps * card.output_size} values "
+            f"({card.output_size} per step), over the limit of {settings.max_output_values} "
+            f"(RNNSERVE_MAX_OUTPUT_VALUES): send at most {most} steps per request",
+            limit=most,
         )
 
 
@@ -70,7 +97,7 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
     else:
         if not isinstance(steps, list):
             raise InvalidInput(f"{where}a sequence must be a list of time steps")
-        check_length(len(steps), settings, where)
+        check_length(len(steps), settings, where, card)
         fast = _plain_numbers(steps, card.input_size)
         if fast is not None:
             return fast
@@ -95,7 +122,7 @@ def sequence_array(card: ModelCard, steps: Any, settings: Settings, where: str =
             x = np.asarray(steps, np.float32)
     if x.ndim != 2 or x.shape[1] != card.input_size:
         raise InvalidInput(f"{where}expected [steps, {card.input_size}] values, got shape {list(x.shape)}")
-    check_length(x.shape[0], settings, where)
+    check_length(x.shape[0], settings, where, card)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     if not np.isfinite(x).all():
@@ -142,7 +169,7 @@ def token_ids(card: ModelCard, steps: Any, settings: Settings, where: str = "") 
         ids = np.array(values, np.int64) if all(-(2**63) <= v < 2**63 for v in values) else None
         if ids is None:
             raise InvalidInput(f"{where}a token id is out of range [0, {size})")
-    check_length(ids.shape[0], settings, where)
+    check_length(ids.shape[0], settings, where, card)
     bad = np.flatnonzero((ids < 0) | (ids >= size))
     if bad.size:
         raise InvalidInput(

@@ -97,8 +97,8 @@ async def _predict(entry: ModelVersion, body: PredictRequest, engine: Engine) ->
     settings = engine.settings
     check_batch(settings, len(body.inputs))
     for i, seq in enumerate(body.inputs):
-        check_length(len(seq), settings, where=f"sequence {i}: ")
-    check_batch(settings, len(body.inputs), sum(map(len, body.inputs)))
+        check_length(len(seq), settings, f"sequence {i}: ", card)
+    check_batch(settings, len(body.inputs), sum(map(len, body.inputs)), card.output_size)
     sequences = [
         sequence_array(card, seq, engine.settings, where=f"sequence {i}: ")
         for i, seq in enumerate(body.inputs)

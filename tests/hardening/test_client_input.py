@@ -305,3 +305,36 @@ def test_counts_are_refused_before_any_row_is_parsed(model_repo):
             r = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": inputs})
             assert r.status_code == 413 and r.json()["error"]["code"] == "sequence_too_long", r.text
         assert client.get(f"/v1/sessions/{sid}").json()["step_count"] == 0
+
+
+def test_a_request_answers_at_most_max_output_values(model_repo):
+    """A model with a large output (a recommender over 5,000 items) answered 2.5 GB for a
+    347 KB predict, and a seq'd step kept a 200 MB answer in its session. Steps x output
+    size is bounded per request (and per batched call): tiny-gru answers 7 values a step,
+    so a limit of 70 allows 10 steps, on every route, and a refusal changes nothing."""
+    sym = list("BTPSXVE")
+    with app_client(model_repo=model_repo, max_output_values=70) as client:
+        sid = client.post("/v1/models/tiny-gru/sessions").json()["session_id"]
+        r = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": sym + sym[:4], "seq": 11})
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "sequence_too_long" and error["limit"] == 10, error
+        assert "RNNSERVE_MAX_OUTPUT_VALUES" in error["message"], error
+        r = client.post("/v1/steps", json={"steps": [
+            {"session_id": sid, "inputs": sym + sym[:4]}, {"session_id": sid, "inputs": sym[:3]}]})
+        first, second = r.json()["results"]
+        assert first["error"]["code"] == "sequence_too_long" and second["step_count"] == 3, r.text
+        r = client.post(f"/v1/sessions/{sid}/generate", json={"steps": 11})
+        assert r.status_code == 422 and "at most 10" in r.json()["error"]["message"], r.text
+        assert client.get(f"/v1/sessions/{sid}").json()["step_count"] == 3
+        r = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": sym + sym[:3], "seq": 13})
+        assert r.status_code == 200 and r.json()["step_count"] == 13, r.text
+        r = client.post("/v1/models/tiny-gru/predict", json={"inputs": [sym[:6], sym[:6]]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+        assert r.json()["error"]["limit"] == 10
+        assert client.post("/v1/models/tiny-gru/predict", json={"inputs": [sym[:5], sym[:5]]}).status_code == 200
+        x = np.eye(7, dtype=np.float32)[[0, 1, 2, 3, 4, 5]]
+        v2 = {"inputs": [{"name": "x", "shape": [2, 6, 7], "datatype": "FP32",
+                          "data": np.stack([x, x]).ravel().tolist()}]}
+        r = client.post("/v2/models/tiny-gru/infer", json=v2)
+        assert r.status_code == 413 and "RNNSERVE_MAX_OUTPUT_VALUES" in r.json()["error"], r.text

@@ -246,6 +246,28 @@ async def test_batcher_really_batches_and_stays_exact(runners, executor, referen
         np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
 
 
+async def test_a_call_holds_at_most_max_values_outputs(runners, executor, reference):
+    """RNNSERVE_MAX_OUTPUT_VALUES bounds a batched call too, not only each request: jobs of
+    6 steps of tiny-lstm (2 outputs) answer 12 values each, so a cap of 36 lets at most 3
+    share a call, and every result stays exact."""
+    runner, ref = runners["tiny-lstm"], reference("tiny-lstm")
+    rng = np.random.default_rng(5)
+    plans = [(rng.normal(size=(12, 3)).astype(np.float32), [0, 6, 12]) for _ in range(20)]
+    sizes: list[int] = []
+    batcher = StepBatcher(
+        runner, executor, max_size=64, max_values=36, observe=lambda s: sizes.append(s.size)
+    )
+    try:
+        results = await _drive(batcher, plans, [0])
+    finally:
+        await batcher.close()
+    assert 1 < max(sizes) <= 3 and sum(sizes) == 40, sizes
+    for (x, _), (y, state) in zip(plans, results):
+        y_ref, finals = ref.run(x)
+        np.testing.assert_allclose(y, y_ref, atol=TOL)
+        np.testing.assert_allclose(state, _flat(ref, finals), atol=TOL)
+
+
 async def test_lone_small_steps_run_inline_and_crowds_still_share_calls(
     runners, executor, reference
 ):
