@@ -19,7 +19,8 @@ import io
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from service.card import CARD_FILE, MODEL_FILE, CardInputs, CardOutputs, ModelCa
 from training.model import RecurrentModel
 
 PARITY_TOLERANCE = 1e-5
+WIDE_INPUT_SCALE = 25.0
+"""Verification also runs inputs this many times the standard normal draws (|x| up to
+about 100), compared relative to the outputs' magnitude: a branch on input values that
+the tracer froze, or a clamp, shows there."""
 _RECURRENT_OPS = {"RNN", "LSTM", "GRU"}
 _SEQUENCE_LENS_INDEX = 4  # X, W, R, B, sequence_lens, initial_h, ... for all three ops
 LENGTHS_INPUT = "lengths"
@@ -128,9 +133,24 @@ def torch_to_onnx(
     return proto
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode for an export, given back in the mode it had (a checkpoint
+    exported in the middle of training keeps training with its dropout)."""
+    training = module.training
+    try:
+        yield module.eval()
+    finally:
+        module.train(training)
+
+
 def to_onnx(model: RecurrentModel) -> onnx.ModelProto:
     """The ONNX graph of ``model`` with a ``lengths`` input wired to every recurrent node."""
-    model = model.eval()
+    with eval_mode(model):
+        return _to_onnx(model)
+
+
+def _to_onnx(model: RecurrentModel) -> onnx.ModelProto:
     example = (torch.zeros(2, 3, model.input_size), *model.zero_states(2))
     names = state_io_names(model)
     return torch_to_onnx(_Exportable(model), example, names, [1] * len(names))
@@ -205,7 +225,12 @@ def verify_graph(
         feed = {graph_io.sequence: x}
         feed[graph_io.lengths] = np.full(x.shape[0], x.shape[1], np.int32) if lengths is None else lengths
         feed.update({spec.input: s for spec, s in zip(graph_io.states, states)})
-        y, *new = sess.run([graph_io.output, *(s.output for s in graph_io.states)], feed)
+        try:
+            y, *new = sess.run([graph_io.output, *(s.output for s in graph_io.states)], feed)
+        except Exception as exc:  # onnxruntime's errors have no common public base
+            raise ParityError(
+                f"the exported graph fails in onnxruntime for x of shape {list(x.shape)}: {exc}"
+            ) from exc
         return y, new
 
     def ref_run(x: np.ndarray, states: list[np.ndarray]):
@@ -214,18 +239,23 @@ def verify_graph(
     def start_states(batch: int) -> list[np.ndarray]:
         return graph_io.random_states(rng, batch) if random_states else graph_io.zero_states(batch)
 
-    def check(label: str, a: np.ndarray, b: np.ndarray) -> None:
+    def check(label: str, a: np.ndarray, b: np.ndarray, relative: bool = False) -> None:
         nonlocal worst
         if a.shape != b.shape:
             raise ParityError(f"{label}: shape {a.shape} != {b.shape}")
         diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        if relative:  # float32 rounding grows with the values (an unbounded relu)
+            diff /= max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
         worst = max(worst, diff)
         if not diff <= PARITY_TOLERANCE:
-            raise ParityError(f"{label}: max abs diff {diff:.3g} > {PARITY_TOLERANCE}")
+            kind = "relative" if relative else "abs"
+            raise ParityError(f"{label}: max {kind} diff {diff:.3g} > {PARITY_TOLERANCE}")
 
-    def check_states(label: str, ref: list[np.ndarray] | None, got: list[np.ndarray]) -> None:
+    def check_states(
+        label: str, ref: list[np.ndarray] | None, got: list[np.ndarray], relative: bool = False
+    ) -> None:
         for spec, a, b in zip(graph_io.states, ref or [], got):
-            check(f"{label} state {spec.input}", a, b)
+            check(f"{label} state {spec.input}", a, b, relative)
 
     def answer(y: np.ndarray) -> np.ndarray:
         return y[:, -1] if last_step_only else y
@@ -237,6 +267,30 @@ def verify_graph(
         y_got, s_got = ort_run(x, states)
         check(f"y batch={batch} T={steps}", y_ref, answer(y_got))
         check_states(f"batch={batch} T={steps}", s_ref, s_got)
+
+    # A served session starts from zeros: the source given no state must start there too
+    # (a learned or non-zero initial state would be silently lost).
+    x = graph_io.draw_x(rng, 2, 9)
+    y_ref, s_ref = reference(x, None)
+    y_got, s_got = ort_run(x, graph_io.zero_states(2))
+    try:
+        check("from no state: y", y_ref, answer(y_got))
+        check_states("from no state:", s_ref, s_got)
+    except ParityError as exc:
+        raise ParityError(
+            f"{exc}. Given no state, the source does not start from zeros, but every served "
+            "session starts from zeros: a learned or non-zero initial state is not part of "
+            "the exported graph. Start from zeros when no state is given (and, for a "
+            "learned start, feed it as a state when you create a session)"
+        ) from None
+
+    if not graph_io.token_inputs:  # large values: frozen branches, clamps, saturation
+        x = graph_io.draw_x(rng, 2, 16) * WIDE_INPUT_SCALE
+        states = start_states(2)
+        y_ref, s_ref = ref_run(x, states)
+        y_got, s_got = ort_run(x, states)
+        check(f"y for inputs x{WIDE_INPUT_SCALE:g}", y_ref, answer(y_got), relative=True)
+        check_states(f"inputs x{WIDE_INPUT_SCALE:g}", s_ref, s_got, relative=True)
 
     # Chunked through the ONNX model == whole through the reference.
     x = graph_io.draw_x(rng, 2, 40)
@@ -270,8 +324,8 @@ def verify(model: RecurrentModel, proto: onnx.ModelProto, seed: int = 0) -> floa
 
     Raises ParityError when any check exceeds PARITY_TOLERANCE.
     """
-    model = model.eval()
-    return verify_graph(proto, _model_reference(model), _model_io(model), seed=seed)
+    with eval_mode(model):
+        return verify_graph(proto, _model_reference(model), _model_io(model), seed=seed)
 
 
 def next_version(repo: Path, name: str) -> int:
@@ -360,9 +414,9 @@ def export_model(
 
     Nothing is written when verification fails (ParityError).
     """
-    model = model.eval()
-    proto = to_onnx(model)
-    parity = verify(model, proto)
+    with eval_mode(model):
+        proto = to_onnx(model)
+        parity = verify(model, proto)
     return write_version(
         Path(repo),
         name,

@@ -115,6 +115,11 @@ def _linear_layers(keras: Any, model: Any) -> list[Any]:
         raise UnsupportedKerasModel(f"not a Keras model: {type(model).__name__}")
     if not model.built:
         raise UnsupportedKerasModel("the model is not built: give it an Input or call it once")
+    if not isinstance(model, keras.Sequential) and not hasattr(model, "inputs"):
+        raise UnsupportedKerasModel(
+            f"{type(model).__name__} is a subclassed keras.Model, whose layers cannot be read "
+            "as a graph: build the same layers as a Sequential or functional model"
+        )
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UnsupportedKerasModel(
             f"the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; one each is supported"

@@ -36,6 +36,7 @@ from training.export import (
     LENGTHS_INPUT,
     GraphIO,
     Reference,
+    eval_mode,
     library_versions,
     torch_to_onnx,
     verify_graph,
@@ -65,7 +66,11 @@ def _structure(state: State) -> Any:
     """The nesting of ``state`` with each tensor replaced by None (for ``unflatten_state``)."""
     if isinstance(state, torch.Tensor):
         return None
-    return tuple(_structure(part) for part in state)
+    if isinstance(state, (tuple, list)):
+        return tuple(_structure(part) for part in state)
+    raise ModuleConventionError(
+        f"a state must be a tensor or a tuple of tensors, got {type(state).__name__}"
+    )
 
 
 def unflatten_state(structure: Any, leaves: Sequence[torch.Tensor]) -> State:
@@ -121,7 +126,13 @@ class _Flat(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor, *leaves: torch.Tensor):
-        y, new_state = self.module(x, unflatten_state(self.structure, leaves))
+        return self._out(*self.module(x, unflatten_state(self.structure, leaves)))
+
+    def from_none(self, x: torch.Tensor):
+        """What the module does given no state (``forward(x, None)``), flattened."""
+        return self._out(*self.module(x, None))
+
+    def _out(self, y: torch.Tensor, new_state: State):
         if self.activation == "softmax":
             y = torch.softmax(y, dim=-1)
         elif self.activation == "sigmoid":
@@ -186,7 +197,10 @@ def discover_states(
 def _reference(flat: _Flat) -> Reference:
     def run(x: np.ndarray, states: list[np.ndarray] | None):
         with torch.no_grad():
-            y, *new = flat(torch.from_numpy(x), *(torch.from_numpy(s) for s in states or []))
+            if states is None:  # the module's own start: forward(x, None)
+                y, *new = flat.from_none(torch.from_numpy(x))
+            else:
+                y, *new = flat(torch.from_numpy(x), *(torch.from_numpy(s) for s in states))
         return y.numpy(), [s.numpy() for s in new]
 
     return run
@@ -200,8 +214,14 @@ def module_to_onnx(
     activation: Activation | None = None,
 ) -> tuple[onnx.ModelProto, float, GraphIO, int]:
     """Trace, wire ``lengths`` and verify; returns the graph, its parity, its tensors and
-    the output size."""
-    module = module.eval()
+    the output size. The module is traced in eval mode and given back in the mode it had."""
+    with eval_mode(module):
+        return _module_to_onnx(module, input_size, input_kind, activation)
+
+
+def _module_to_onnx(
+    module: nn.Module, input_size: int, input_kind: InputKind, activation: Activation | None
+) -> tuple[onnx.ModelProto, float, GraphIO, int]:
     structure, specs, output_size = discover_states(module, input_kind, input_size)
     flat = _Flat(module, structure, activation).eval()
     graph_io = GraphIO(states=specs, input_size=input_size, token_inputs=input_kind == "tokens")

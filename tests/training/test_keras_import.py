@@ -370,3 +370,23 @@ def test_fixed_batch_input_and_unreadable_files(tmp_path, capsys):
     broken.write_bytes(b"not a zip file")
     assert rnn_export(["keras", str(broken), "--out", str(tmp_path / "repo"), "--name", "b"]) == 2
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_a_subclassed_model_is_refused_by_name(tmp_path):
+    """A subclassed keras.Model has no graph to read (no ``inputs``): it was an
+    AttributeError, which the CLI does not turn into its exit status 2."""
+    from training.keras_import import UnsupportedKerasModel, import_keras
+
+    class Sub(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = L.GRU(4, return_sequences=True)
+
+        def call(self, x):
+            return self.gru(x)
+
+    model = Sub()
+    model(np.zeros((1, 5, 3), np.float32))
+    with pytest.raises(UnsupportedKerasModel, match="subclassed"):
+        import_keras(model, tmp_path, "sub")
+    assert not any(tmp_path.iterdir())

@@ -273,3 +273,100 @@ def test_the_documented_wrapper_makes_a_misfit_module_exportable(tmp_path):
         expected = inner(torch.from_numpy(x).transpose(0, 1))[0].transpose(0, 1).numpy()
     y, _ = _ort_chunks(folder, x, [2, 9])
     assert np.max(np.abs(y - expected)) <= TOL
+
+
+# -- found by the import/export hunt of the fifth round -------------------------------------
+
+
+def test_a_learned_initial_state_is_refused_not_exported_wrong(tmp_path):
+    """forward(x, None) started from a trained h0, but every served session starts from
+    zeros: the export passed (every check gave explicit states) and served sessions were
+    off from the first step (0.3). The module's own start is now checked."""
+
+    class LearnedStart(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(3, 5, batch_first=True)
+            self.h0 = nn.Parameter(torch.randn(1, 1, 5))
+
+        def forward(self, x, state=None):
+            if state is None:
+                state = self.h0.expand(1, x.shape[0], 5).contiguous()
+            return self.gru(x, state)
+
+    torch.manual_seed(0)
+    with pytest.raises(ParityError, match="starts from zeros"):
+        export_module(LearnedStart(), tmp_path, "h0", input_size=3)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_branch_on_input_values_is_caught_on_large_inputs(tmp_path):
+    """The tracer freezes a Python branch on tensor values (its warning was hidden) and
+    the usual draws never take it: verification now also runs inputs 25 times larger."""
+
+    class Clamped(GRUForecaster):
+        def forward(self, x, state=None):
+            if (x.abs() > 20).any():
+                x = x.clamp(-20, 20)
+            return super().forward(x, state)
+
+    torch.manual_seed(0)
+    with pytest.raises(ParityError, match="x25"):
+        export_module(Clamped(), tmp_path, "clamped", input_size=3)
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_gives_the_module_back_in_the_mode_it_had(tmp_path):
+    """Exporting a checkpoint in the middle of training left the module in eval mode, so
+    its dropout was off for the rest of training."""
+    from training.export import export_model
+    from training.model import RecurrentModel
+
+    torch.manual_seed(0)
+    module, model = GRUForecaster().train(), RecurrentModel("lstm", 3, 8, 2, num_layers=2, dropout=0.3)
+    export_module(module, tmp_path, "module", input_size=3)
+    export_model(model.train(), tmp_path, "model")
+    assert module.training and model.training
+    model.eval()
+    export_model(model, tmp_path, "model")
+    assert not model.training
+
+
+def test_states_that_are_not_tensors_or_tuples_are_refused_clearly(tmp_path):
+    """A dict state recursed without end in the structure walk (RecursionError)."""
+
+    class DictState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, x, state=None):
+            y, h = self.gru(x, None if state is None else state["h"])
+            return y, {"h": h}
+
+    with pytest.raises(ModuleConventionError, match="tuple of tensors, got dict"):
+        export_module(DictState(), tmp_path, "d", input_size=3)
+
+
+def test_a_graph_that_onnxruntime_cannot_run_is_a_parity_error(tmp_path):
+    """A Python-loop cell beside an nn.GRU traces to a graph that fails in onnxruntime at
+    another length: that is refused as a ParityError, as documented, not a raw error."""
+
+    class CellLoop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.GRUCell(3, 5)
+            self.rnn = nn.GRU(5, 5, batch_first=True)
+
+        def forward(self, x, state=None):
+            h = torch.zeros(x.shape[0], 5) if state is None else state[0]
+            outs = []
+            for t in range(x.shape[1]):
+                h = self.cell(x[:, t], h)
+                outs.append(h)
+            seq, h2 = self.rnn(torch.stack(outs, 1), None if state is None else state[1])
+            return seq, (h, h2)
+
+    with pytest.raises((ParityError, ModuleConventionError)):
+        export_module(CellLoop(), tmp_path, "loop", input_size=3)
+    assert not any(tmp_path.iterdir())
