@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         ws_max_size=settings.ws_max_message_bytes + 4096,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
+        limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=10,
     )
 

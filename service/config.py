@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     ws_max_message_bytes: int = Field(default=1024 * 1024, ge=64)
     ws_max_messages_per_s: float = Field(default=0.0, ge=0)
     """Per-connection message rate limit; 0 means unlimited."""
+    max_connections: int = Field(default=10_000, ge=1)
+    """Open HTTP and WebSocket connections (uvicorn's ``limit_concurrency``): past it a new
+    request is answered 503 at once. Bounds file descriptors and the memory that clients
+    who never finish a request, or never read their answers, can hold."""
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated keys; when set, every route but health and metrics needs one."""

@@ -580,12 +580,13 @@ class Engine:
         turns = self._turns
         entered: list[tuple[str, asyncio.Future | None]] = [(sid, turns.enter(sid)) for sid in seen]
         results: list = [None] * len(items)
+        budget = _Budget(s.max_output_values)
         try:
             for key, future in entered:
                 if future is not None:
                     await future
             for indices in rounds:
-                await self._step_round(owner, items, indices, results, on_ready)
+                await self._step_round(owner, items, indices, results, on_ready, budget)
         except BaseException:
             for key, future in entered:
                 turns.abandon(key, future)
@@ -601,16 +602,17 @@ class Engine:
         indices: list[int],
         results: list,
         on_ready: OnReady | None,
+        budget: _Budget,
     ) -> None:
         """At most one item per session, every session's turn held."""
         slow: list[int] = []  # through the single-session path (fresh reads, retries)
         bulk = self._bulk
         if bulk is not None:
-            await self._pipeline(bulk, owner, items, indices, results, slow, on_ready)
+            await self._pipeline(bulk, owner, items, indices, results, slow, on_ready, budget)
         else:
             ids = [items[i].session_id for i in indices]
             records = await self.store.get_many(ids)
-            jobs = self._plan(owner, items, indices, records, results, slow)
+            jobs = self._plan(owner, items, indices, records, results, slow, budget)
             outcomes = await asyncio.gather(
                 *(self._run_block(entry, block) for entry, _, block in jobs),
                 return_exceptions=True,
@@ -619,11 +621,18 @@ class Engine:
         for i in sorted(slow):
             item = items[i]
             try:
-                results[i] = await self._advance(
+                result = await self._advance(
                     item.session_id, owner, item.inputs, item.seq, None, release=False
                 )
             except ServeError as exc:
                 results[i] = exc
+                continue
+            # A replay not counted yet (planned without a parse) changed nothing: over the
+            # budget, it may be answered with the error instead.
+            if result.replayed and not budget.take(i, result.outputs.size):
+                results[i] = budget.error(i)
+            else:
+                results[i] = result
 
     async def _pipeline(
         self,
@@ -634,6 +643,7 @@ class Engine:
         results: list,
         slow: list,
         on_ready: OnReady | None,
+        budget: _Budget,
     ) -> None:
         """The memory store's round as a pipeline of slices of at most ``mux_slice_items``
         (and at least one per pool thread): each slice's blocks go to the runtime as soon
@@ -646,7 +656,7 @@ class Engine:
             for a in range(0, len(indices), size):
                 part = indices[a : a + size]
                 leased = bulk.lease([items[i].session_id for i in part])
-                for job in self._plan(owner, items, part, leased, results, slow):
+                for job in self._plan(owner, items, part, leased, results, slow, budget):
                     running.append(
                         asyncio.ensure_future(
                             self._run_leased(bulk, job, items, results, slow, on_ready)
@@ -668,6 +678,7 @@ class Engine:
         records: list,
         results: list,
         slow: list,
+        budget: _Budget,
     ) -> list[tuple[ModelVersion, int, list]]:
         """The onnxruntime jobs (entry, steps, [(i, record, x), ...]) of a round's items,
         one per (model, length) block of at most ``batch_max_size``; an item that fails
@@ -708,9 +719,13 @@ class Engine:
         size = self.settings.batch_max_size
         for entry, members in by_entry.values():
             xs = self._parse_many(entry, [items[i].inputs for i, _ in members], results, members)
+            width = entry.card.output_size if entry.card is not None else 1
             blocks: dict[int, list] = {}
             for (i, record), x in zip(members, xs):
                 if x is None:
+                    continue
+                if not budget.take(i, x.shape[0] * width):  # a replay answers as many
+                    results[i] = budget.error(i)
                     continue
                 seq = items[i].seq
                 if seq is not None and seq != record.step_count + x.shape[0]:
@@ -1039,6 +1054,35 @@ class Engine:
 
 
 _NUMBER_TYPES = frozenset({int, float})
+
+
+class _Budget:
+    """The output values one multiplexed message may still answer (``max_output_values``
+    for the whole message, not per item: 8,192 small items of a wide model would answer
+    gigabytes). Each item is counted once, in message order; items past it fail alone."""
+
+    __slots__ = ("counted", "left", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+        self.counted: set[int] = set()
+
+    def take(self, item: int, values: int) -> bool:
+        if item in self.counted:
+            return True
+        if values > self.left:
+            return False
+        self.left -= values
+        self.counted.add(item)
+        return True
+
+    def error(self, item: int) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"item {item}: the answers of this message would exceed {self.limit} output "
+            "values (RNNSERVE_MAX_OUTPUT_VALUES, steps x the model's output size summed over "
+            "its items); send the rest in another message",
+            limit=self.limit,
+        )
 
 
 def _hides(exc: BaseException, owner: str | None) -> bool:

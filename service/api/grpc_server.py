@@ -479,25 +479,47 @@ class _Stream:
     def _release(self, size: int) -> None:
         self.slots.release()
         self.bytes -= size
-        if self.bytes < self.byte_budget:
-            self.room.set()
+        self.room.set()
+
+    async def _admit(self, reserve: int) -> None:
+        """Wait until ``reserve`` more bytes fit in the budget (or nothing is held: a
+        request larger than the budget still runs, alone)."""
+        while self.bytes and self.bytes + reserve > self.byte_budget:
+            self.room.clear()
+            await self.room.wait()
+        self.bytes += reserve
+
+    def _estimate(self, message: Any) -> int:
+        """An upper bound of the answer's bytes, from the request alone: its sequences'
+        steps x the model's output size, as float32 (0 when the model is unknown: the
+        answer is then a short error)."""
+        try:
+            card = self.servicer.engine.model(message.model_name, _version(message.model_version)).card
+        except Exception:  # noqa: BLE001 - a bad request is answered with its error
+            return 0
+        if card is None:
+            return 0
+        for tensor in message.inputs:
+            if tensor.name == card.inputs.sequence and len(tensor.shape) >= 2:
+                return 4 * card.output_size * max(0, tensor.shape[0]) * max(0, tensor.shape[1])
+        return 0
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         loop = asyncio.get_running_loop()
         try:
             async for message in requests:
                 await self.slots.acquire()
-                await self.room.wait()
+                # The request's bytes and its answer's, which it holds until the client
+                # reads it: a client that sends and never reads stops being read.
                 size = message.ByteSize()
-                self.bytes += size
-                if self.bytes >= self.byte_budget:
-                    self.room.clear()
+                reserved = size + self._estimate(message)
+                await self._admit(reserved)
                 key = _sequence_key(message)
                 previous = self.last.get(key) if key is not None else None
                 done = loop.create_future()
                 if key is not None:
                     self.last[key] = done
-                task = asyncio.create_task(self._one(message, size, key, previous, done))
+                task = asyncio.create_task(self._one(message, size, reserved, key, previous, done))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             if self.tasks:
@@ -509,6 +531,7 @@ class _Stream:
         self,
         message: Any,
         size: int,
+        reserved: int,
         key: tuple[str, Any] | None,
         previous: asyncio.Future | None,
         done: asyncio.Future,
@@ -517,7 +540,10 @@ class _Stream:
             if previous is not None:
                 await previous
             response = await self.servicer.answer(message, self.who)
-            self.answers.put_nowait((response, size))  # queued before the next one may run
+            # The answer's own size replaces its estimate until it is sent.
+            answered = response.ByteSize()
+            self.bytes += size + answered - reserved
+            self.answers.put_nowait((response, size + answered))  # queued before the next one may run
         finally:
             if not done.done():
                 done.set_result(None)

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.websockets import WebSocketDisconnect
 
+from tests.conftest import require_redis
 from tests.hardening.conftest import app_client
 
 X = [[0.1, -0.2, 0.3], [0.5, 0.0, -1.0]]
@@ -338,3 +339,34 @@ def test_a_request_answers_at_most_max_output_values(model_repo):
                           "data": np.stack([x, x]).ravel().tolist()}]}
         r = client.post("/v2/models/tiny-gru/infer", json=v2)
         assert r.status_code == 413 and "RNNSERVE_MAX_OUTPUT_VALUES" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_multiplexed_message_answers_at_most_max_output_values_in_all(
+    model_repo, redis_db, store
+):
+    """The output limit held per item only: 256 items of 100 ids on a 5,000-output model,
+    a 90 KB message, answered 1.8 GB (RSS 6 GB). The budget is the message's: items past
+    it fail alone, in message order, and change nothing; replays count too."""
+    sym = list("BTPSXVE")
+    settings = {"model_repo": model_repo, "max_output_values": 70}
+    if store == "redis":
+        require_redis()
+        settings["session_store"] = redis_db(6)
+    with app_client(**settings) as client:
+        sids = [client.post("/v1/models/tiny-gru/sessions").json()["session_id"] for _ in range(5)]
+        steps = [{"session_id": sid, "inputs": sym[:3]} for sid in sids]  # 21 values each
+        results = client.post("/v1/steps", json={"steps": steps}).json()["results"]
+        assert [r.get("step_count") for r in results] == [3, 3, 3, None, None], results
+        assert {results[3]["error"]["code"], results[4]["error"]["code"]} == {"payload_too_large"}
+        assert "RNNSERVE_MAX_OUTPUT_VALUES" in results[3]["error"]["message"]
+        assert [client.get(f"/v1/sessions/{s}").json()["step_count"] for s in sids] == [3, 3, 3, 0, 0]
+        # a seq'd step of 7 values x 7, then its replay three times in one message
+        r = client.post(f"/v1/sessions/{sids[0]}/steps", json={"inputs": sym, "seq": 10})
+        assert r.status_code == 200, r.text
+        replay = {"session_id": sids[0], "inputs": sym, "seq": 10}
+        results = client.post("/v1/steps", json={"steps": [replay] * 3}).json()["results"]
+        assert results[0]["replayed"] is True
+        np.testing.assert_allclose(results[0]["outputs"], r.json()["outputs"], atol=1e-6)
+        assert [x.get("error", {}).get("code") for x in results[1:]] == ["payload_too_large"] * 2
+        assert client.get(f"/v1/sessions/{sids[0]}").json()["step_count"] == 10

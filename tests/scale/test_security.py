@@ -402,3 +402,38 @@ def test_dockerfile_final_stage_runs_as_non_root():
     final_stage = re.split(r"(?im)^FROM\s", dockerfile.read_text())[-1]
     users = re.findall(r"(?im)^USER\s+(\S+)", final_stage)
     assert users and users[-1].split(":")[0] not in ("0", "root"), users
+
+
+def test_connections_past_the_limit_are_answered_503_at_once(model_repo, tmp_path):
+    """Clients that never finish a request (slowloris) or never read held a connection,
+    its file descriptor and its buffers each, without limit: 1,007 half-sent requests
+    took every descriptor of a server limited to 1,024, and a new client was reset.
+    RNNSERVE_MAX_CONNECTIONS (uvicorn's limit_concurrency) bounds them."""
+    import socket
+    import time
+
+    import httpx
+
+    from tests.conftest import start_server
+
+    server = start_server(model_repo, tmp_path, env={"RNNSERVE_MAX_CONNECTIONS": "4"})
+    held = []
+    try:
+        for _ in range(4):  # requests that never end: the headers are never finished
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            held.append(sock)
+        time.sleep(0.3)
+        r = httpx.get(f"{server.url}/healthz", timeout=5)
+        assert r.status_code == 503, r.text
+        for sock in held:
+            sock.close()
+        held.clear()
+        deadline = time.monotonic() + 5
+        while (r := httpx.get(f"{server.url}/healthz", timeout=5)).status_code != 200:
+            assert time.monotonic() < deadline, r.text  # freed as soon as they close
+            time.sleep(0.05)
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()

@@ -708,3 +708,40 @@ def test_error_codes_map_to_the_grpc_status_a_client_can_act_on():
     for cls in vars(errors).values():
         if isinstance(cls, type) and issubclass(cls, errors.ServeError) and cls.status < 500:
             assert status_of(cls("x"))[0] is not grpc.StatusCode.INTERNAL, cls
+
+
+async def test_a_stream_whose_answers_are_not_read_stops_being_read():
+    """A client that sends requests and never reads the answers held up to 512 answers of
+    any size (64 requests of 838 ids on a 5,000-output model pinned 1.1 GiB). Each request
+    now reserves its answer's size (steps x the model's output size) in the stream's byte
+    budget until the answer is sent, so reading stops once they fill it."""
+    from types import SimpleNamespace
+
+    from service.api.grpc_server import _Stream
+
+    card = SimpleNamespace(output_size=1000, inputs=SimpleNamespace(sequence="x"))
+    answered: list[int] = []
+
+    class Servicer:
+        engine = SimpleNamespace(model=lambda name, version: SimpleNamespace(card=card))
+
+        async def answer(self, message, who):
+            answered.append(len(answered))
+            out = service_pb2.ModelInferResponse(raw_output_contents=[bytes(4 * 1000 * 100)])
+            return service_pb2.ModelStreamInferResponse(infer_response=out)
+
+    async def requests():
+        for k in range(50):
+            request = service_pb2.ModelInferRequest(model_name="wide", id=str(k))
+            request.inputs.add(name="x", datatype="INT64", shape=[1, 100])
+            yield request
+
+    stream = _Stream(Servicer(), None, byte_budget=1_000_000)  # 2 answers of 400 KB fit
+    answers = stream.run(requests())
+    first = await anext(answers)  # the client reads one answer, then nothing more
+    assert first.infer_response.raw_output_contents
+    await asyncio.sleep(0.5)
+    assert len(answered) <= 4, f"{len(answered)} answers held for a client that reads none"
+    assert stream.bytes <= 1_000_000 + 500_000
+    rest = [a async for a in answers]  # reading again lets every request through
+    assert len(rest) == 49 and len(answered) == 50
