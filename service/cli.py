@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 from pathlib import Path
 
 import uvicorn
@@ -58,9 +59,20 @@ def main(argv: list[str] | None = None) -> None:
         ws_max_size=settings.ws_max_message_bytes + 4096,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
-        limit_concurrency=settings.max_connections,
+        limit_concurrency=connection_limit(settings),
         timeout_graceful_shutdown=10,
     )
+
+
+def connection_limit(settings: Settings) -> int:
+    """``max_connections``, and no more than the process's file descriptors allow, with
+    room kept for the models, the Redis pool and gRPC, so that requests past it get a 503
+    while descriptors are left to accept them."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections
+    spare = 128 + settings.redis_max_connections
+    return max(16, min(settings.max_connections, soft - spare))
 
 
 if __name__ == "__main__":

@@ -86,9 +86,11 @@ class Settings(BaseSettings):
     ws_max_messages_per_s: float = Field(default=0.0, ge=0)
     """Per-connection message rate limit; 0 means unlimited."""
     max_connections: int = Field(default=10_000, ge=1)
-    """Open HTTP and WebSocket connections (uvicorn's ``limit_concurrency``): past it a new
-    request is answered 503 at once. Bounds file descriptors and the memory that clients
-    who never finish a request, or never read their answers, can hold."""
+    """Open HTTP and WebSocket connections (uvicorn's ``limit_concurrency``, and at most
+    the open-file limit allows): past it a request on a new connection is answered 503 at
+    once. It bounds the connections that requests and streams hold, with the answers of
+    clients that never read them; requests that are never finished are not timed out
+    (uvicorn has no header timeout: a proxy's timeouts are needed for that)."""
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated keys; when set, every route but health and metrics needs one."""

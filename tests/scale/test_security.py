@@ -405,10 +405,10 @@ def test_dockerfile_final_stage_runs_as_non_root():
 
 
 def test_connections_past_the_limit_are_answered_503_at_once(model_repo, tmp_path):
-    """Clients that never finish a request (slowloris) or never read held a connection,
-    its file descriptor and its buffers each, without limit: 1,007 half-sent requests
-    took every descriptor of a server limited to 1,024, and a new client was reset.
-    RNNSERVE_MAX_CONNECTIONS (uvicorn's limit_concurrency) bounds them."""
+    """RNNSERVE_MAX_CONNECTIONS (uvicorn's limit_concurrency): with that many connections
+    open (here requests never finished), a request on a new connection is answered 503 at
+    once, and served again as soon as they close. (It does not time the unfinished ones
+    out: docs/operations.md, "Facing untrusted clients".)"""
     import socket
     import time
 

@@ -115,3 +115,19 @@ def test_environment_reaches_a_real_server(server_factory, model_repo):
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=10)
         assert info.value.rcvd.code == 4401
+
+
+def test_the_connection_limit_stays_under_the_descriptor_limit(monkeypatch):
+    """With 1,024 descriptors (a common default) and 10,000 connections allowed, half-sent
+    requests took every descriptor and new clients were reset instead of answered 503."""
+    import resource
+
+    from service.cli import connection_limit
+
+    settings = Settings(model_repo="models")
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    assert connection_limit(settings) == 1024 - 128 - settings.redis_max_connections
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1_000_000, 1_000_000))
+    assert connection_limit(settings) == settings.max_connections == 10_000
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (resource.RLIM_INFINITY,) * 2)
+    assert connection_limit(settings) == 10_000
