@@ -72,7 +72,7 @@ def connection_limit(settings: Settings) -> int:
     if soft == resource.RLIM_INFINITY:
         return settings.max_connections
     spare = 128 + settings.redis_max_connections
-    return max(16, min(settings.max_connections, soft - spare))
+    return min(settings.max_connections, max(16, soft - spare))
 
 
 if __name__ == "__main__":
