@@ -378,6 +378,11 @@ class Engine:
             return StepResult(y, record, entry.card)
         raise SessionConflict("the session kept being re-created by other requests; retry it")
 
+    async def check_session(self, session_id: str, owner: str | None) -> None:
+        """Raise what a request on the session would meet first (unknown, expired, another
+        owner's), changing nothing: not even its last use."""
+        await self._owned(session_id, owner)
+
     async def session(self, session_id: str, owner: str | None) -> SessionRecord:
         # fresh: what a client reads back must not come from this replica's cached copy
         record = await self._owned(session_id, owner, fresh=True)
@@ -620,6 +625,9 @@ class Engine:
             await self._commit_round(items, jobs, outcomes, results, slow, on_ready)
         for i in sorted(slow):
             item = items[i]
+            if item.session_id in budget.refused:  # an earlier item of it was refused
+                results[i] = budget.error(i)
+                continue
             try:
                 result = await self._advance(
                     item.session_id, owner, item.inputs, item.seq, None, release=False
@@ -629,7 +637,7 @@ class Engine:
                 continue
             # A replay not counted yet (planned without a parse) changed nothing: over the
             # budget, it may be answered with the error instead.
-            if result.replayed and not budget.take(i, result.outputs.size):
+            if result.replayed and not budget.take(i, item.session_id, result.outputs.size):
                 results[i] = budget.error(i)
             else:
                 results[i] = result
@@ -724,7 +732,7 @@ class Engine:
             for (i, record), x in zip(members, xs):
                 if x is None:
                     continue
-                if not budget.take(i, x.shape[0] * width):  # a replay answers as many
+                if not budget.take(i, items[i].session_id, x.shape[0] * width):  # replays too
                     results[i] = budget.error(i)
                     continue
                 seq = items[i].seq
@@ -1059,18 +1067,24 @@ _NUMBER_TYPES = frozenset({int, float})
 class _Budget:
     """The output values one multiplexed message may still answer (``max_output_values``
     for the whole message, not per item: 8,192 small items of a wide model would answer
-    gigabytes). Each item is counted once, in message order; items past it fail alone."""
+    gigabytes). Items are counted once each, round by round (a session's k-th item in
+    round k); one past the budget fails alone, and so do the later items of its session,
+    so that a session never has a step applied after one that was refused."""
 
-    __slots__ = ("counted", "left", "limit")
+    __slots__ = ("counted", "left", "limit", "refused")
 
     def __init__(self, limit: int) -> None:
         self.limit = self.left = limit
         self.counted: set[int] = set()
+        self.refused: set[str] = set()
 
-    def take(self, item: int, values: int) -> bool:
+    def take(self, item: int, session_id: str, values: int) -> bool:
+        if session_id in self.refused:
+            return False
         if item in self.counted:
             return True
         if values > self.left:
+            self.refused.add(session_id)
             return False
         self.left -= values
         self.counted.add(item)

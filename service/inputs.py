@@ -35,7 +35,11 @@ numpy calls for a few values); beyond, by numpy."""
 
 
 def check_batch(
-    settings: Settings, sequences: int, total_steps: int | None = None, output_size: int = 0
+    settings: Settings,
+    sequences: int,
+    total_steps: int | None = None,
+    output_size: int = 0,
+    answered_steps: int | None = None,
 ) -> None:
     """The limits of a batch of sequences (predict, v2), from counts alone: checked before
     any row is parsed, so an oversized request is refused at once, not after its rows."""
@@ -49,10 +53,11 @@ def check_batch(
             f"{total_steps} steps in all exceed the limit of {settings.max_total_steps_per_predict}",
             limit=settings.max_total_steps_per_predict,
         )
-    if total_steps is not None and total_steps * output_size > settings.max_output_values:
+    answered = total_steps if answered_steps is None else answered_steps
+    if answered is not None and answered * output_size > settings.max_output_values:
         most = settings.max_output_values // output_size
         raise PayloadTooLarge(
-            f"{total_steps} steps in all answer {total_steps * output_size} values "
+            f"{answered} steps in all (padded ones included) answer {answered * output_size} values "
             f"({output_size} per step), over the limit of {settings.max_output_values} "
             f"(RNNSERVE_MAX_OUTPUT_VALUES): send at most {most} steps in all",
             limit=most,

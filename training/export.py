@@ -137,11 +137,12 @@ def torch_to_onnx(
 def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``module`` in eval mode for an export, given back in the mode it had (a checkpoint
     exported in the middle of training keeps training with its dropout)."""
-    training = module.training
+    modes = [(part, part.training) for part in module.modules()]
     try:
         yield module.eval()
     finally:
-        module.train(training)
+        for part, training in modes:  # each its own: a frozen submodule stays in eval
+            part.training = training
 
 
 def to_onnx(model: RecurrentModel) -> onnx.ModelProto:

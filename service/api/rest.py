@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from itertools import chain
 from typing import Annotated, Any
 
@@ -330,20 +331,22 @@ class LeanStep:
             settings = scope["app"].state.settings
             # FastAPI reads only a JSON-typed body as JSON: anything else goes to the
             # route, so that the same request gets the same answer on both paths
-            fields = (
-                _lean_fields(body, self._FIELDS, settings) if _json_typed(scope) else None
-            )
+            parsed = _parsed(body) if _json_typed(scope) else None
+            fields = _lean_fields(parsed, self._FIELDS)
+            engine: Engine = scope["app"].state.engine
             if fields is None:
+                if _longer_than(parsed, self._FIELDS, settings.max_steps_per_request):
+                    # The route would validate every step before refusing the length:
+                    # refuse it here, after what the route checks first (key, session).
+                    scope["path_params"] = {"session_id": session_id}
+                    scope["route_template"] = self.template
+                    await engine.check_session(session_id, _owner(settings, scope))
+                    check_length(len(parsed["inputs"]), settings)  # type: ignore[index]
                 await app(scope, replaying(body, receive), send)
                 return
             scope["path_params"] = {"session_id": session_id}  # for metrics and logs
             scope["route_template"] = self.template
-            engine: Engine = scope["app"].state.engine
-            who = (
-                owner_for_key(settings, presented_key(Headers(scope=scope)))
-                if settings.api_keys
-                else None  # no keys configured: everyone is the same owner
-            )
+            who = _owner(settings, scope)
             result = await engine.step(session_id, who, fields["inputs"], fields.get("seq"))
             content = dumps(step_content(result, fields.get("top_k")))
         except ServeError as exc:
@@ -385,27 +388,42 @@ def _json_typed(scope: Scope) -> bool:
     for name, value in scope.get("headers", ()):
         if name == b"content-type":
             kind = value.split(b";", 1)[0].strip().lower()
-            return kind == b"application/json" or (
-                kind.startswith(b"application/") and kind.endswith(b"+json")
-            )
+            return kind == b"application/json" or _JSON_SUFFIXED.fullmatch(kind) is not None
     return False
 
 
-def _lean_fields(body: bytes, allowed: frozenset, settings) -> dict | None:
-    """The body when it is the common, certainly valid case; None for anything else.
-    A sequence longer than the limit is refused here (SequenceTooLong), before the route
-    would validate every one of its steps."""
+_JSON_SUFFIXED = re.compile(rb"application/[a-z0-9!#$&^_.-]+\+json")
+"""application/<subtype>+json, as FastAPI's parser reads it (a malformed type is text)."""
+
+
+def _owner(settings, scope: Scope) -> str | None:
+    if not settings.api_keys:
+        return None  # no keys configured: everyone is the same owner
+    return owner_for_key(settings, presented_key(Headers(scope=scope)))
+
+
+def _parsed(body: bytes) -> Any:
     try:
-        fields = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if type(fields) is not dict:
+
+
+def _longer_than(parsed: Any, allowed: frozenset, limit: int) -> bool:
+    """A body the route would accept the shape of, whose ``inputs`` exceed ``limit``."""
+    return (
+        type(parsed) is dict
+        and parsed.keys() <= allowed
+        and type(parsed.get("inputs")) is list
+        and len(parsed["inputs"]) > limit
+    )
+
+
+def _lean_fields(fields: Any, allowed: frozenset) -> dict | None:
+    """The body when it is the common, certainly valid case; None for anything else."""
+    if type(fields) is not dict or not fields.keys() <= allowed:
         return None
     inputs = fields.get("inputs")
-    if type(inputs) is list:
-        check_length(len(inputs), settings)
-    if not fields.keys() <= allowed:
-        return None
     if type(inputs) is not list or not inputs or not all(type(s) is list for s in inputs):
         return None
     if set(map(type, chain.from_iterable(inputs))) != {float}:

@@ -279,7 +279,8 @@ def decode(card: ModelCard, request: InferRequest, settings: Settings, *, single
                 f"input {len_name!r}: row {bad[0]} has length {lengths[bad[0]]}; "
                 f"each must be between 1 and the time axis {steps}"
             )
-    check_batch(settings, batch, sum(lengths), card.output_size)
+    # steps as given, and outputs as answered: padded to the time axis for every row
+    check_batch(settings, batch, sum(lengths), card.output_size, answered_steps=batch * steps)
     sequences = [
         sequence_array(card, x_t.array[i, : lengths[i]], settings, where=f"{x_name} row {i}: ")
         for i in range(batch)

@@ -347,7 +347,8 @@ def test_a_multiplexed_message_answers_at_most_max_output_values_in_all(
 ):
     """The output limit held per item only: 256 items of 100 ids on a 5,000-output model,
     a 90 KB message, answered 1.8 GB (RSS 6 GB). The budget is the message's: items past
-    it fail alone, in message order, and change nothing; replays count too."""
+    it fail alone and change nothing, replays count too, and once an item of a session is
+    refused its later items are too (no step applied after a refused one)."""
     sym = list("BTPSXVE")
     settings = {"model_repo": model_repo, "max_output_values": 70}
     if store == "redis":
@@ -370,3 +371,53 @@ def test_a_multiplexed_message_answers_at_most_max_output_values_in_all(
         np.testing.assert_allclose(results[0]["outputs"], r.json()["outputs"], atol=1e-6)
         assert [x.get("error", {}).get("code") for x in results[1:]] == ["payload_too_large"] * 2
         assert client.get(f"/v1/sessions/{sids[0]}").json()["step_count"] == 10
+        # [X: 9 steps, A: 2, A: 1]: A's first does not fit, so its second must not run
+        x_sid, a_sid = sids[3], sids[4]
+        results = client.post("/v1/steps", json={"steps": [
+            {"session_id": x_sid, "inputs": (sym * 2)[:9]},
+            {"session_id": a_sid, "inputs": sym[:2]},
+            {"session_id": a_sid, "inputs": sym[:1]},
+        ]}).json()["results"]
+        assert results[0]["step_count"] == 9, results
+        assert [r.get("error", {}).get("code") for r in results[1:]] == ["payload_too_large"] * 2
+        assert client.get(f"/v1/sessions/{a_sid}").json()["step_count"] == 0
+
+
+def test_a_v2_answer_padded_to_its_time_axis_counts_against_the_output_limit(model_repo):
+    """The v2 answer is padded to batch x time; ``lengths`` of 1 on a long time axis made
+    the server answer (and allocate) the padded size, past the limit."""
+    with app_client(model_repo=model_repo, max_output_values=70) as client:
+        x = np.zeros((1, 20, 7), np.float32)
+        body = {"inputs": [
+            {"name": "x", "shape": [1, 20, 7], "datatype": "FP32", "data": x.ravel().tolist()},
+            {"name": "lengths", "shape": [1], "datatype": "INT32", "data": [1]},
+        ]}
+        r = client.post("/v2/models/tiny-gru/infer", json=body)
+        assert r.status_code == 413 and "padded" in r.json()["error"], r.text
+
+
+def test_the_lean_step_path_refuses_in_the_routes_order(model_repo):
+    """The early length check answered 413 where the route answers 401 (no key), 404 (no
+    such session) or 422 (an unknown field) first; and a malformed JSON type was applied
+    on the lean path where the route, reading it as text, refused it."""
+    long_steps = [[0.5, 0.5, 0.5]] * 9
+    plain = orjson.dumps({"inputs": long_steps})
+    with app_client(model_repo=model_repo, api_keys=["k"], max_steps_per_request=8) as client:
+        key = {"X-API-Key": "k", "content-type": "application/json"}
+        sid = client.post("/v1/models/tiny-lstm/sessions", headers=key).json()["session_id"]
+        cases = [
+            ({"content-type": "application/json"}, sid, plain, 401),
+            (key, "nope", plain, 404),
+            (key, sid, orjson.dumps({"inputs": long_steps, "x": 1}), 422),
+            (key, sid, plain, 413),
+        ]
+        for headers, target, body, status in cases:
+            lean = client.post(f"/v1/sessions/{target}/steps", content=body, headers=headers)
+            route = client.post(f"/v1/sessions/{target}/steps", content=gzip.compress(body),
+                                headers={**headers, "content-encoding": "gzip"})  # the route
+            assert lean.status_code == route.status_code == status, (lean.text, route.text)
+            assert lean.json()["error"]["code"] == route.json()["error"]["code"]
+        odd = {**key, "content-type": "application/a/b+json"}
+        r = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.5, 0.5, 0.5]]}, headers=odd)
+        assert r.status_code == 422, r.text
+        assert client.get(f"/v1/sessions/{sid}", headers=key).json()["step_count"] == 0

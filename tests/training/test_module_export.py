@@ -370,3 +370,21 @@ def test_a_graph_that_onnxruntime_cannot_run_is_a_parity_error(tmp_path):
     with pytest.raises((ParityError, ModuleConventionError)):
         export_module(CellLoop(), tmp_path, "loop", input_size=3)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_submodule_frozen_in_eval_stays_in_eval_after_export(tmp_path):
+    """module.train(mode) recurses: a submodule the user froze (dropout off while the rest
+    fine-tunes) came back in train mode."""
+
+    class WithDropout(GRUForecaster):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x, state=None):
+            return super().forward(self.drop(x), state)
+
+    module = WithDropout().train()
+    module.drop.eval()
+    export_module(module, tmp_path, "frozen", input_size=3)
+    assert module.training and module.gru.training and not module.drop.training
