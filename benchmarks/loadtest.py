@@ -222,7 +222,12 @@ async def run_load(
     outputs: list[list[np.ndarray]] = [[] for _ in inputs]
     session_ids: list[str | None] = [None] * len(inputs)
     gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections are dropped by the client before the server's keep-alive timeout
+    # (uvicorn: 5 s) can close them: reusing one the server is closing just then fails
+    # with a ReadError that is the client's race, not the server's (seen once on CI).
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0
+    )
     clients = [
         httpx.AsyncClient(base_url=u, timeout=60, limits=limits, headers=headers) for u in urls
     ]
