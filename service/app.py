@@ -23,21 +23,11 @@ from service.api.common import (
 from service.api.middleware import RequestContext
 from service.config import Settings
 from service.engine import Engine
-from service.errors import ServeError
+from service.errors import HTTP_CODES, ServeError
 from service.sessions import SessionStore
 
 log = logging.getLogger("service.app")
 
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
 
 
 def create_app(settings: Settings | None = None, *, store: SessionStore | None = None) -> FastAPI:
@@ -148,7 +138,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        code = HTTP_CODES.get(exc.status_code, "http_error")
         return ORJSONResponse(
             {"error": {"code": code, "message": str(exc.detail)}},
             status_code=exc.status_code,

@@ -53,6 +53,7 @@ import orjson
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect as _ws_connect
 
+from service.errors import code_statuses
 from service.frames import (
     decode_many_response,
     decode_response,
@@ -90,30 +91,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# The HTTP status of each error code (WebSocket error frames carry only the code).
-_CODE_STATUS = {
-    "bad_request": 400,
-    "not_supported": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "model_not_found": 404,
-    "session_not_found": 404,
-    "session_expired": 404,
-    "method_not_allowed": 405,
-    "session_conflict": 409,
-    "seq_mismatch": 409,
-    "payload_too_large": 413,
-    "sequence_too_long": 413,
-    "invalid_input": 422,
-    "too_many_sessions": 429,
-    "overloaded": 429,
-    "rate_limited": 429,
-    "internal_error": 500,
-    "inference_failed": 500,
-    "model_not_ready": 503,
-    "store_unavailable": 503,
-}
+# The HTTP status of each error code (WebSocket error frames carry only the code), from
+# the server's own error hierarchy.
+_CODE_STATUS = code_statuses()
 _TRANSIENT_CODES = {
     "connection_error",
     "timeout",
@@ -123,7 +103,9 @@ _TRANSIENT_CODES = {
     "store_unavailable",
     "model_not_ready",
 }
-_TRANSIENT_STATUSES = {502, 503, 504}
+_TRANSIENT_STATUSES = {429, 502, 503, 504}
+"""A bare status without one of our codes (a proxy's answer) that is worth retrying: 429
+too (an rnnserve 429 is decided by its code: ``too_many_sessions`` is not transient)."""
 
 
 class RnnServeError(Exception):
@@ -165,7 +147,9 @@ class RnnServeError(Exception):
     def transient(self) -> bool:
         """True when sending the same request again later may succeed (a connection failure,
         a timeout, 502/503/504, an overload or rate limit, a store conflict)."""
-        return self.code in _TRANSIENT_CODES or self.status in _TRANSIENT_STATUSES
+        if self.code in _TRANSIENT_CODES:
+            return True
+        return self.status in _TRANSIENT_STATUSES and self.code not in _CODE_STATUS
 
     @classmethod
     def from_body(
@@ -969,6 +953,7 @@ class _StreamBase(_Retrying):
         self._tracker = tracker
         self._opened = False
         self._closed = False
+        self._closing: set[asyncio.Task] = set()
 
     def _url(self) -> str:
         if self.session_id is not None:
@@ -1095,7 +1080,8 @@ class Stream(_StreamBase):
     ``/v1/sessions/{id}/stream`` and sends the unanswered message again with the same seq,
     so the server applies it once and the caller sees each answer exactly once. Transient
     error frames (overloaded, rate_limited, store_unavailable, ...) are retried the same way.
-    At most ``retries`` attempts in a row are made before RnnServeError is raised.
+    A message is sent again up to ``retries`` times in a row (``retries + 1`` attempts)
+    before RnnServeError is raised.
     """
 
     client: Client
@@ -1146,6 +1132,13 @@ class Stream(_StreamBase):
             except _DROPPED as exc:
                 self._forget()
                 pause = self._pause(exc, attempt)
+            except BaseException:
+                # interrupted once the message may have gone out: its answer would be read
+                # as the next message's, so the connection goes with it, and whether it was
+                # applied is read from the session when the stream reconnects
+                self._forget()
+                self.step_count = None
+                raise
             attempt += 1
             time.sleep(pause)
 
@@ -1235,6 +1228,14 @@ class AsyncStream(_StreamBase):
             except _DROPPED as exc:
                 await self._aforget()
                 pause = self._pause(exc, attempt)
+            except BaseException:
+                # cancelled (a timeout around the call) once the message may have gone
+                # out: its answer would be read as the next message's, so the connection
+                # goes with it (closed in the background: the task is being cancelled),
+                # and whether it was applied is read from the session on reconnecting
+                self.connection = _close_later(self.connection, self._closing)
+                self.step_count = None
+                raise
             attempt += 1
             await asyncio.sleep(pause)
 
@@ -1499,7 +1500,10 @@ def _mux_binary(items: Iterable[Any]) -> tuple[bytes, list[str]]:
     for item in _mux_items(items):
         if item.get("top_k") is not None:
             raise ValueError("top_k is answered in JSON only; use binary=False")
-        rows.append((item["session_id"], np.asarray(item["inputs"], np.float32), item.get("seq")))
+        x = np.asarray(item["inputs"], np.float32)
+        if x.ndim == 1:  # a flat series of a one-feature model, as the other paths take it
+            x = x[:, np.newaxis]
+        rows.append((item["session_id"], x, item.get("seq")))
     return encode_many(rows), [row[0] for row in rows]
 
 
@@ -1509,9 +1513,36 @@ def _mux_binary_results(frame: bytes, ids: list[str]) -> list[StepResult | RnnSe
         if isinstance(result, dict):
             out.append(RnnServeError.from_body({"error": result}))
         else:
-            y, step_count, replayed = result
-            out.append(StepResult(y, step_count, replayed=replayed, session_id=session_id))
+            y, step_count, replayed = result  # a copy: the frame's memory is read-only
+            out.append(StepResult(y.copy(), step_count, replayed=replayed, session_id=session_id))
     return out
+
+
+def _error_frame(frame: Any) -> RnnServeError | None:
+    """The RnnServeError of an ``{"error": ...}`` text frame, else None."""
+    if not isinstance(frame, str):
+        return None
+    try:
+        body = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    return RnnServeError.from_body(body) if isinstance(body, dict) and "error" in body else None
+
+
+def _close_later(connection: Any, closing: set[asyncio.Task]) -> None:
+    """Close an asyncio connection without waiting (from a task being cancelled), the task
+    kept in ``closing`` until done (asyncio holds only weak references to tasks); the caller
+    drops its reference: ``self.connection = _close_later(self.connection, ...)``."""
+    if connection is not None:
+        task = asyncio.get_running_loop().create_task(_quiet_close(connection))
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+
+async def _quiet_close(connection: Any) -> None:
+    with contextlib.suppress(Exception):
+        await connection.close()
+
 
 
 class _MultiplexBase:
@@ -1520,6 +1551,7 @@ class _MultiplexBase:
         self.binary = binary
         self.timeout = timeout
         self.connection: Any = None
+        self._closing: set[asyncio.Task] = set()
 
     def _url(self) -> str:
         return f"{self.client.ws_url}/v1/stream"
@@ -1572,9 +1604,22 @@ class Multiplex(_MultiplexBase):
             self.connection.send(message)
             answer = self.connection.recv(timeout=self.timeout)
         except (ConnectionClosed, OSError, TimeoutError) as exc:
+            said = self._said_before_closing(exc)
             self.close()
-            raise _transport_error(exc) from exc
+            raise (said or _transport_error(exc)) from exc
+        except BaseException:  # interrupted: the answer would be read as the next one's
+            self.close()
+            raise
         return self._decode(answer, ids)
+
+    def _said_before_closing(self, exc: BaseException) -> RnnServeError | None:
+        """The error frame the server sent before it closed (a wrong API key), if any."""
+        if not isinstance(exc, ConnectionClosed):
+            return None
+        try:
+            return _error_frame(self.connection.recv(timeout=0))
+        except Exception:  # noqa: BLE001 - nothing was left to read
+            return None
 
     def close(self) -> None:
         if self.connection is not None:
@@ -1612,8 +1657,15 @@ class AsyncMultiplex(_MultiplexBase):
             await self.connection.send(message)
             answer = await asyncio.wait_for(self.connection.recv(), self.timeout)
         except (ConnectionClosed, OSError, TimeoutError) as exc:
+            said = None
+            if isinstance(exc, ConnectionClosed):  # the error frame sent before the close
+                with contextlib.suppress(Exception):
+                    said = _error_frame(await asyncio.wait_for(self.connection.recv(), 0.1))
             await self.close()
-            raise _transport_error(exc) from exc
+            raise (said or _transport_error(exc)) from exc
+        except BaseException:  # cancelled: the answer would be read as the next one's
+            self.connection = _close_later(self.connection, self._closing)
+            raise
         return self._decode(answer, ids)
 
     async def close(self) -> None:

@@ -4,6 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+"""The codes of HTTP-level refusals (routing, methods), which no ServeError raises."""
+
+
+def code_statuses() -> dict[str, int]:
+    """Every stable code with its HTTP status: the HTTP-level ones and each ServeError's."""
+    out = {code: status for status, code in HTTP_CODES.items()}
+    pending = [ServeError]
+    while pending:
+        cls = pending.pop()
+        out[cls.code] = cls.status
+        pending.extend(cls.__subclasses__())
+    return out
+
 
 class ServeError(Exception):
     status: int = 500

@@ -283,7 +283,8 @@ def encode_many_response(
 
 
 def decode_many_response(frame: bytes) -> list[tuple[np.ndarray, int, bool] | dict]:
-    """Per item (y, step_count, replayed), or ``{"code", "message"}`` for a failed item."""
+    """Per item (y, step_count, replayed), or the error's fields (``code``, ``message`` and
+    any others, such as ``step_count``) for a failed item."""
     import json
 
     if len(frame) < MUX_RESPONSE_HEADER.size:
@@ -297,8 +298,8 @@ def decode_many_response(frame: bytes) -> list[tuple[np.ndarray, int, bool] | di
     out: list = []
     for k, (flags, _, steps, outputs, step_count) in enumerate(table.tolist()):
         if flags & MUX_ERROR:
-            error = errors.get(k, {})
-            out.append({"code": error.get("code"), "message": error.get("message")})
+            error = {key: value for key, value in errors.get(k, {}).items() if key != "index"}
+            out.append({"code": None, "message": None, **error})
             continue
         n = steps * outputs
         y = np.frombuffer(frame, "<f4", n, at).reshape(steps, outputs)

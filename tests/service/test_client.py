@@ -6,6 +6,8 @@ broken on purpose to check that reconnecting never applies a step twice nor lose
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -527,6 +529,13 @@ def test_api_keys_and_rate_limited_stream(server_factory, model_repo, reference)
             with pytest.raises(RnnServeError) as err:
                 list(client.stream("tiny-lstm", [x]))
             assert (err.value.status, err.value.code) == (401, "unauthorized")
+            # the multiplexed socket: the error frame sent before the close, not a
+            # connection_error a retry loop would take for a network blip
+            for binary in (False, True):
+                with client.multiplex(binary=binary) as mux, pytest.raises(RnnServeError) as err:
+                    mux.send([{"session_id": "s", "inputs": x}])
+                assert (err.value.status, err.value.code) == (401, "unauthorized")
+                assert not err.value.transient
 
 
 def test_connection_errors_and_light_import(server):
@@ -549,3 +558,73 @@ def test_connection_errors_and_light_import(server):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- found by the client hunt of the fifth round -------------------------------------------
+
+
+async def test_a_cancelled_async_step_never_shifts_the_answers(server):
+    """A step cancelled after its message went out (a deadline around it) left its answer
+    on the socket: the next step read it (5,000 rows for a 1-step message). The connection
+    now goes with the cancelled call: the next step answers itself, or, when the abandoned
+    message was applied meanwhile, refuses with seq_mismatch and the session's count."""
+    big = np.zeros((5000, 3), np.float32)
+    async with AsyncClient(server.url) as client:
+        stream = client.stream("tiny-lstm", binary=True)
+        await stream.open()
+        await stream.step(np.zeros((1, 3), np.float32))
+        with contextlib.suppress(TimeoutError):  # (on a fast machine it may just finish)
+            await asyncio.wait_for(stream.step(big), 0.005)
+        try:
+            result = await stream.step(np.ones((1, 3), np.float32))
+        except RnnServeError as exc:
+            assert exc.code == "seq_mismatch" and exc.details["step_count"] in (1, 5001), exc
+        else:
+            assert result.outputs.shape == (1, 2) and result.step_count in (2, 5002), result
+        await stream.close()
+        sid = (await client.create_session("tiny-lstm")).session_id
+        other = (await client.create_session("tiny-lstm")).session_id
+        async with client.multiplex(binary=True) as mux:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(mux.send([{"session_id": sid, "inputs": big}]), 0.005)
+            (mine,) = await mux.send([{"session_id": other, "inputs": np.ones((1, 3), np.float32)}])
+        assert mine.session_id == other and mine.step_count == 1 and mine.outputs.shape == (1, 2)
+
+
+def test_binary_multiplexed_results_read_like_the_other_paths(server, reference):
+    """Binary multiplexed results: errors kept their code and message only (no
+    ``step_count`` for a seq_mismatch), outputs were read-only views of the frame, and a
+    flat series of a one-feature model was refused."""
+    with Client(server.url) as client:
+        sid = client.create_session("tiny-lstm").session_id
+        rnn = client.create_session("tiny-rnn").session_id
+        with client.multiplex(binary=True) as mux:
+            ok, bad, flat = mux.send([
+                {"session_id": sid, "inputs": [[0.1, 0.2, 0.3]], "seq": 1},
+                {"session_id": sid, "inputs": [[0.1, 0.2, 0.3]], "seq": 9},
+                {"session_id": rnn, "inputs": np.array([0.3, 0.1], np.float32)},
+            ])
+        assert bad.code == "seq_mismatch" and bad.details.get("step_count") == 1, bad
+        ok.outputs += 1  # writable, as a JSON result's
+        assert flat.step_count == 2
+        close(flat.outputs, reference("tiny-rnn").run(np.array([[0.3], [0.1]], np.float32))[0])
+
+
+def test_every_code_has_its_status_and_bare_proxy_statuses_are_transient():
+    """model_changed (409) and unsupported_media_type (415) had no status outside REST;
+    the table now comes from the server's own error hierarchy. A bare 429 (a proxy's) is
+    retried like a bare 503, as docs/api.md says; an rnnserve 429 follows its code."""
+    from service.errors import ModelChanged, ServeError
+
+    assert RnnServeError.from_body({"error": {"code": "model_changed", "message": ""}}).status == 409
+    assert RnnServeError.from_body({"error": {"code": "unsupported_media_type"}}).status == 415
+    pending = [ServeError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        assert RnnServeError.from_body({"error": {"code": cls.code}}).status == cls.status
+    assert ModelChanged.status == 409
+    assert RnnServeError(429, "http_error", "Too Many Requests").transient
+    assert RnnServeError(503, "http_error", "Service Unavailable").transient
+    assert not RnnServeError(429, "too_many_sessions", "").transient
+    assert RnnServeError(429, "overloaded", "").transient
