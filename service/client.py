@@ -1233,8 +1233,8 @@ class AsyncStream(_StreamBase):
                 # out: its answer would be read as the next message's, so the connection
                 # goes with it (closed in the background: the task is being cancelled),
                 # and whether it was applied is read from the session on reconnecting
-                self.connection = _close_later(self.connection, self._closing)
-                self.step_count = None
+                _close_later(self.connection, self._closing)
+                self.connection = self.step_count = None
                 raise
             attempt += 1
             await asyncio.sleep(pause)
@@ -1531,8 +1531,7 @@ def _error_frame(frame: Any) -> RnnServeError | None:
 
 def _close_later(connection: Any, closing: set[asyncio.Task]) -> None:
     """Close an asyncio connection without waiting (from a task being cancelled), the task
-    kept in ``closing`` until done (asyncio holds only weak references to tasks); the caller
-    drops its reference: ``self.connection = _close_later(self.connection, ...)``."""
+    kept in ``closing`` until done (asyncio holds only weak references to tasks)."""
     if connection is not None:
         task = asyncio.get_running_loop().create_task(_quiet_close(connection))
         closing.add(task)
@@ -1542,7 +1541,6 @@ def _close_later(connection: Any, closing: set[asyncio.Task]) -> None:
 async def _quiet_close(connection: Any) -> None:
     with contextlib.suppress(Exception):
         await connection.close()
-
 
 
 class _MultiplexBase:
@@ -1664,7 +1662,8 @@ class AsyncMultiplex(_MultiplexBase):
             await self.close()
             raise (said or _transport_error(exc)) from exc
         except BaseException:  # cancelled: the answer would be read as the next one's
-            self.connection = _close_later(self.connection, self._closing)
+            _close_later(self.connection, self._closing)
+            self.connection = None
             raise
         return self._decode(answer, ids)
 

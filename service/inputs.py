@@ -57,7 +57,8 @@ def check_batch(
     if answered is not None and answered * output_size > settings.max_output_values:
         most = settings.max_output_values // output_size
         raise PayloadTooLarge(
-            f"{answered} steps in all (padded ones included) answer {answered * output_size} values "
+            f"{answered} steps in all{' (padded ones included)' if answered_steps else ''} "
+            f"answer {answered * output_size} values "
             f"({output_size} per step), over the limit of {settings.max_output_values} "
             f"(RNNSERVE_MAX_OUTPUT_VALUES): send at most {most} steps in all",
             limit=most,
