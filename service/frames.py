@@ -19,6 +19,8 @@ import struct
 
 import numpy as np
 
+from service.errors import PayloadTooLarge
+
 MAGIC = b"RS"
 VERSION = 1
 HEADER = struct.Struct("<2sBBIIQ")
@@ -189,11 +191,13 @@ def decode_many(frame: bytes, max_items: int) -> list[tuple[str, np.ndarray, int
         raise FrameError("not an rnnserve multiplexed v1 frame (bad magic or version)")
     if flags:
         raise FrameError(f"undefined header flags {flags:#x} (they must be 0)")
-    if count > max_items:
-        raise FrameError(f"{count} items exceed the limit of {max_items} per message")
     ids_at = MUX_HEADER.size + count * MUX_ITEM.itemsize
     if len(frame) < ids_at:
         raise FrameError(f"frame is {len(frame)} bytes; its {count} item entries need {ids_at}")
+    if count > max_items:  # a frame that holds its items, over a limit: the stream stays open
+        raise PayloadTooLarge(
+            f"{count} items exceed the limit of {max_items} per message", limit=max_items
+        )
     table = np.frombuffer(frame, MUX_ITEM, count, MUX_HEADER.size)
     if count and (table["flags"] > FLAG_SEQ).any():
         raise FrameError("undefined item flag bits (only bit 0, seq, is defined)")

@@ -4,7 +4,7 @@
 ``{"steps": [{"session_id", "inputs", "seq"?, "top_k"?}, ...]}`` and answer
 ``{"results": [...]}`` in the same order, each item ``{"session_id", "outputs" (or,
 asked with ``top_k``, the best k classes per step as ``top_k``), "step_count",
-"replayed"?}`` or ``{"session_id", "error": {"code", "message"}}``.
+"symbols"? (softmax models with names), "replayed"?}`` or ``{"session_id", "error": {"code", "message"}}``.
 One bad item fails only itself; the engine applies every item as the single-session
 routes would (``Engine.step_many``).
 """
@@ -22,6 +22,7 @@ from service.api.common import ORJSONRoute, dumps, engine_of, error_responses, o
 from service.engine import Engine, StepItem, StepResult
 from service.errors import InvalidInput, PayloadTooLarge, ServeError
 from service.frames import decode_many, encode_many_response
+from service.inputs import top_symbols
 from service.topk import top_k
 
 router = APIRouter(
@@ -68,7 +69,7 @@ class MultiplexRequest(BaseModel):
 
 class MultiplexResponse(BaseModel):
     results: list[dict[str, Any]] = Field(
-        description='Per item {"session_id", "outputs", "step_count", "replayed"?, "top_k"?} '
+        description='Per item {"session_id", "outputs", "step_count", "symbols"?, "replayed"?, "top_k"?} '
         'or {"session_id", "error": {"code", "message"}}.'
     )
 
@@ -192,13 +193,16 @@ class JsonAnswer:
         if not isinstance(result, StepResult):
             return {"session_id": session_id, "error": result.body()["error"]}
         k = self.parsed.top_ks[position]
+        card = result.card
         item: dict[str, Any] = {"session_id": session_id}
         if k is None:
             item["outputs"] = np.ascontiguousarray(result.outputs)
         else:  # the best k classes instead of the outputs, as on the single routes
-            card = result.card
             item["top_k"] = top_k(result.outputs, k, card.output_names if card else None)
         item["step_count"] = result.step_count
+        named = top_symbols(card, result.outputs) if card is not None else None
+        if named is not None:  # as on the single routes: softmax models with names
+            item["symbols"] = named
         if result.replayed:
             item["replayed"] = True
         return item

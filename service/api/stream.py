@@ -123,7 +123,8 @@ def _admit(settings, limiter: _RateLimiter, binary: bytes | None, text: str | No
         size = len(text.encode())  # only count UTF-8 bytes when it could matter
     if size > settings.ws_max_message_bytes:
         raise PayloadTooLarge(
-            f"message of {size} bytes exceeds the limit of {settings.ws_max_message_bytes}"
+            f"message of {size} bytes exceeds the limit of {settings.ws_max_message_bytes}",
+            limit=settings.ws_max_message_bytes,
         )
     limiter.take()
 

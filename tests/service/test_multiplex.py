@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from service.client import AsyncClient, Client, RnnServeError
+from service.errors import PayloadTooLarge
 from service.frames import decode_many, decode_many_response, encode_many, encode_many_response
 from tests.conftest import REDIS_URL_BASE, ServerProcess, require_redis, start_server
 
@@ -160,6 +161,46 @@ def test_websocket_json_and_binary(live, reference):
     assert second[2]["code"] == "invalid_input" and second[3]["code"] == "session_not_found"
 
 
+def test_limits_on_the_stream_keep_it_open_and_items_carry_symbols(live):
+    """A well-formed binary frame over the item limit is refused as a JSON message is
+    (413 payload_too_large with its limit), not as a malformed frame that closes the
+    stream; a message over the size limit says its limit; multiplexed items of a softmax
+    model with a vocabulary carry ``symbols`` as the single-session routes do."""
+    a, g = _create(live, "tiny-lstm"), _create(live, "tiny-gru")
+    x = np.zeros((1, 3), np.float32)
+    with _ws(live) as ws:
+        ws.send(encode_many([(a, x, None)] * 65))
+        error = json.loads(ws.recv(timeout=10))["error"]
+        assert (error["code"], error["limit"]) == ("payload_too_large", 64)
+        ws.send(json.dumps({"steps": [{"session_id": a, "inputs": [[0.0] * 3]}] * 65}))
+        error = json.loads(ws.recv(timeout=10))["error"]
+        assert (error["code"], error["limit"]) == ("payload_too_large", 64)
+        ws.send(json.dumps({"steps": [{"session_id": g, "inputs": ["B", "T"]}]}))
+        (item,) = json.loads(ws.recv(timeout=10))["results"]
+    single = httpx.post(
+        f"{live.url}/v1/sessions/{_create(live, 'tiny-gru')}/steps",
+        json={"inputs": ["B", "T"]}, headers=ALICE, timeout=10,
+    ).json()  # fmt: skip
+    assert item["symbols"] == single["symbols"] and len(item["symbols"]) == 2
+    assert "symbols" not in _post(live, [{"session_id": a, "inputs": [[0.0] * 3]}])[0]
+    r = httpx.get(f"{live.url}/v1/sessions/{a}", headers=ALICE, timeout=10)
+    assert r.json()["step_count"] == 1  # only the last message's step
+
+
+def test_oversized_stream_message_says_its_limit(model_repo, tmp_path):
+    server = start_server(model_repo, tmp_path, {"RNNSERVE_WS_MAX_MESSAGE_BYTES": "1000"})
+    try:
+        with connect(server.ws_url + "/v1/models/tiny-lstm/stream", open_timeout=10) as ws:
+            ws.recv(timeout=10)  # the session's info
+            ws.send(json.dumps({"inputs": [[0.0, 0.0, 0.0]] * 100}))
+            error = json.loads(ws.recv(timeout=10))["error"]
+            assert (error["code"], error["limit"]) == ("payload_too_large", 1000)
+            ws.send(json.dumps({"inputs": [[0.0, 0.0, 0.0]]}))
+            assert json.loads(ws.recv(timeout=10))["step_count"] == 1
+    finally:
+        server.stop()
+
+
 def _mux_frame(entries: list[tuple], ids: bytes, payload: bytes, flags: int = 0) -> bytes:
     """A hand-made multiplexed frame: (id_len, flags, steps, features, seq) entries."""
     table = b"".join(struct.pack("<HHIIQ", *entry) for entry in entries)
@@ -197,7 +238,7 @@ def test_frames_round_trip():
     ]
     with pytest.raises(ValueError):
         decode_many(encode_many(items)[:-1], 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(PayloadTooLarge):  # a limit, not a malformed frame
         decode_many(encode_many(items), 1)
 
 
