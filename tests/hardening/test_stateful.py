@@ -2,7 +2,7 @@
 
 Hypothesis drives random interleavings of every way to touch a session (v1 steps with and
 without ``seq``, retries and wrong ``seq``, concurrent steps, WebSocket JSON and binary
-steps, reset, delete, export / import, generate, batch predict, Triton START / plain / END,
+steps, multiplexed messages over REST and ``/v1/stream`` (JSON and binary), reset, delete, export / import, generate, batch predict, Triton START / plain / END,
 concurrent STARTs), another API key poking at every session (it must see only what an
 unknown id gets, and change nothing), and deploys: the served model swapped in place for
 another one with the same state contract, broken files written over it, its folder
@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from onnx import numpy_helper
 
-from service.frames import decode_response, encode_request
+from service.frames import decode_many_response, decode_response, encode_many, encode_request
 from tests.conftest import Reference
 from tests.hardening.conftest import app_client
 
@@ -284,6 +284,93 @@ class SessionMachine(RuleBasedStateMachine):
                 y = self.apply(expected, x, seq)
                 assert step_count == expected.step_count and not replayed
                 self.close(outputs, y, "WebSocket outputs")
+
+    @precondition(lambda self: self.sessions or self.sequences)
+    @rule(
+        picks=st.lists(
+            st.tuples(st.integers(0, 99), step_lists, st.sampled_from(["none", "seq", "retry", "bad"])),
+            min_size=1,
+            max_size=5,
+        ),
+        route=st.sampled_from(["rest", "json", "binary"]),
+        stray=st.sampled_from([None, "gone", "unknown"]),
+    )
+    def multiplexed(self, picks, route: str, stray: str | None) -> None:
+        """Steps for several sessions (v1 ones and Triton sequences' alike) in one message,
+        over ``POST /v1/steps`` or ``/v1/stream`` (JSON or binary frames): each item gets
+        what the single-session route would answer at its place in the message (items of
+        one session apply in order, a retry replays, a wrong ``seq`` or a replaced model
+        fails the item alone), and an unknown or deleted session fails only its item."""
+        live = dict(self.sessions)
+        live.update({_sequence_session(i): e for i, e in self.sequences.items()})
+        ids = sorted(live)
+        items: list[tuple[str, list, int | None]] = []
+        wanted: list[tuple] = []  # ("ok", y, step_count, replayed) or ("error", code, step_count)
+        for k, x, mode in picks:
+            sid = ids[k % len(ids)]
+            expected = live[sid]
+            retry = (
+                mode == "retry"
+                and expected.last_request is not None
+                and expected.last_seq == expected.step_count
+            )
+            if retry:
+                x, seq = expected.last_request[0], expected.step_count
+            else:
+                seq = None if mode == "none" else expected.step_count + len(x) + (mode == "bad")
+            items.append((sid, x, seq))
+            if not retry and (refused := self.refusal(expected)):
+                wanted.append(("error", refused[1], None))
+            elif mode == "bad":
+                wanted.append(("error", "seq_mismatch", expected.step_count))
+            elif retry:
+                wanted.append(("ok", expected.last_request[1], expected.step_count, True))
+            else:
+                y = self.apply(expected, x, seq)
+                wanted.append(("ok", y, expected.step_count, False))
+        if stray is not None and (stray == "unknown" or self.gone):
+            sid = self.gone[-1] if stray == "gone" else "no-such-session"
+            at = len(items) // 2
+            items.insert(at, (sid, [[0.5]], None))
+            wanted.insert(at, ("error", "session_not_found", None))
+        got = self._send_multiplexed(items, route)
+        assert len(got) == len(wanted), got
+        for i, (answer, want) in enumerate(zip(got, wanted)):
+            what = f"item {i} of {len(items)} over {route}"
+            if want[0] == "error":
+                assert answer[0] == "error" and answer[1] == want[1], (what, answer, want)
+                if want[2] is not None:
+                    assert answer[2] == want[2], (what, answer, want)
+                continue
+            assert answer[0] == "ok", (what, answer, want)
+            assert (answer[2], answer[3]) == (want[2], want[3]), (what, answer, want)
+            self.close(answer[1], want[1], what)
+
+    def _send_multiplexed(self, items: list[tuple[str, list, int | None]], route: str) -> list[tuple]:
+        """Per item ("ok", outputs, step_count, replayed) or ("error", code, step_count)."""
+        if route == "binary":
+            with self.client.websocket_connect("/v1/stream") as ws:
+                ws.send_bytes(encode_many([(s, np.asarray(x, np.float32), q) for s, x, q in items]))
+                decoded = decode_many_response(ws.receive_bytes())
+            return [
+                ("error", r["code"], r.get("step_count")) if isinstance(r, dict) else ("ok", *r)
+                for r in decoded
+            ]
+        body = {"steps": [{"session_id": s, "inputs": x, **({"seq": q} if q else {})} for s, x, q in items]}
+        if route == "rest":
+            r = self.client.post("/v1/steps", json=body)
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+        else:
+            with self.client.websocket_connect("/v1/stream") as ws:
+                ws.send_json(body)
+                results = ws.receive_json()["results"]
+        return [
+            ("error", r["error"]["code"], r["error"].get("step_count"))
+            if "error" in r
+            else ("ok", r["outputs"], r["step_count"], r.get("replayed", False))
+            for r in results
+        ]
 
     @precondition(lambda self: self.sessions)
     @rule(k=st.integers(0, 99))
