@@ -63,11 +63,24 @@ _LONE = BatchStats(1, [])
 
 
 class StepBatch:
-    """Runs jobs as few onnxruntime calls as the model allows and splits results back."""
+    """Runs jobs as few onnxruntime calls as the model allows and splits results back.
+
+    Three parts, so that a pooled call holds the GIL as little as possible: ``prepare``
+    (gather each call's inputs and states) and ``finish`` (split the results back) run on
+    the caller's thread, the event loop's; ``compute`` (the onnxruntime calls alone) runs
+    on a pool thread. Gathering and splitting copy arrays, and numpy releases the GIL
+    around every copy: on the pool thread each copy meant waiting to take the GIL back
+    from the busy event loop (up to the interpreter's switch interval), several times per
+    call. Now the pool thread takes it twice per call, to start and to end onnxruntime's.
+    ``run`` does all three here (the inline path)."""
 
     def __init__(self, runner: Runner, jobs: list[StepJob]) -> None:
         self.runner = runner
         self.jobs = jobs
+        self._calls: list[tuple[list[StepJob], tuple | None]] = []
+        """(group, the call's (x, states, lengths) or None when gathering failed)."""
+        self._outputs: list[tuple[np.ndarray, list[np.ndarray]] | None] = []
+        """Per call its (y, new states), or None when its rows ran one by one instead."""
 
     def groups(self) -> list[list[StepJob]]:
         """One call for everything when the model takes ``lengths``; else one per length."""
@@ -80,49 +93,81 @@ class StepBatch:
 
     def run(self) -> None:
         """Fill each job's ``result`` (y [steps, out], new flat state) or ``error``."""
+        self.prepare()
+        self.compute()
+        self.finish()
+
+    def prepare(self) -> None:
+        """Gather every call's inputs (on the event loop's thread)."""
         for group in self.groups():
             try:
-                self._run_group(group)
-            except Exception as exc:  # noqa: BLE001 - isolate the failing row below
-                if len(group) == 1:
-                    group[0].error = exc
-                    continue
-                for job in group:
-                    try:
-                        self._run_group([job])
-                    except Exception as solo_exc:  # noqa: BLE001
-                        job.error = solo_exc
+                feed = self._feed(group)
+            except Exception:  # noqa: BLE001 - its rows run one by one in compute
+                feed = None
+            self._calls.append((group, feed))
 
-    def _run_group(self, group: list[StepJob]) -> None:
+    def compute(self) -> None:
+        """The onnxruntime calls (on a pool thread). A failed call's rows run again one by
+        one, so that one bad row fails alone."""
+        outputs = self._outputs
+        for group, feed in self._calls:
+            if feed is not None:
+                try:
+                    outputs.append(self.runner.run(*feed))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - isolate the failing row below
+                    if len(group) == 1:
+                        group[0].error = exc
+                        outputs.append(None)
+                        continue
+            for job in group:
+                try:
+                    self._split([job], *self.runner.run(*self._feed([job])))
+                except Exception as solo_exc:  # noqa: BLE001
+                    job.error = solo_exc
+            outputs.append(None)
+
+    def finish(self) -> None:
+        """Split every call's results back to its jobs (on the event loop's thread)."""
+        for (group, _), output in zip(self._calls, self._outputs):
+            if output is None:
+                continue
+            try:
+                self._split(group, *output)
+            except Exception as exc:  # noqa: BLE001 - every job of the call hears it
+                for job in group:
+                    job.error = exc
+
+    def _feed(self, group: list[StepJob]) -> tuple:
         runner = self.runner
         if len(group) == 1:
             job = group[0]
             x = job.x if job.block else job.x[np.newaxis]
             states = job.state if job.block else job.state[np.newaxis]
             lengths = np.full(x.shape[0], x.shape[1], np.int32) if runner.has_lengths else None
-        else:
-            blocks = [job.x if job.block else job.x[np.newaxis] for job in group]
-            steps = [b.shape[1] for b in blocks]
-            longest = max(steps)
-            if min(steps) == longest:
-                x = np.concatenate(blocks)
-            else:  # dtype/shape-generic padding: float32 vectors or int64 token ids
-                first = blocks[0]
-                x = np.zeros((sum(b.shape[0] for b in blocks), longest, *first.shape[2:]), first.dtype)
-                row = 0
-                for b in blocks:
-                    x[row : row + b.shape[0], : b.shape[1]] = b
-                    row += b.shape[0]
-            states = np.concatenate(
-                [job.state if job.block else job.state[np.newaxis] for job in group]
-            )
-            lengths = (
-                np.repeat(np.asarray(steps, np.int32), [b.shape[0] for b in blocks])
-                if runner.has_lengths
-                else None
-            )
-        y, new_states = runner.run(x, runner.stack_states(states), lengths)
-        flat = runner.split_states(new_states)
+            return x, runner.stack_states(states), lengths
+        blocks = [job.x if job.block else job.x[np.newaxis] for job in group]
+        steps = [b.shape[1] for b in blocks]
+        longest = max(steps)
+        if min(steps) == longest:
+            x = np.concatenate(blocks)
+        else:  # dtype/shape-generic padding: float32 vectors or int64 token ids
+            first = blocks[0]
+            x = np.zeros((sum(b.shape[0] for b in blocks), longest, *first.shape[2:]), first.dtype)
+            row = 0
+            for b in blocks:
+                x[row : row + b.shape[0], : b.shape[1]] = b
+                row += b.shape[0]
+        states = np.concatenate([job.state if job.block else job.state[np.newaxis] for job in group])
+        lengths = (
+            np.repeat(np.asarray(steps, np.int32), [b.shape[0] for b in blocks])
+            if runner.has_lengths
+            else None
+        )
+        return x, runner.stack_states(states), lengths
+
+    def _split(self, group: list[StepJob], y: np.ndarray, new_states: list[np.ndarray]) -> None:
+        flat = self.runner.split_states(new_states)
         row = 0
         for job in group:
             if job.block:
@@ -323,12 +368,14 @@ class StepBatcher:
             # Handed to the pool right here, not by a task's first step: the call starts
             # before the callers of the previous one resume (their Python overlaps it).
             started = time.perf_counter()
+            batch = StepBatch(self.runner, jobs)
+            batch.prepare()
             try:
-                call = loop.run_in_executor(self._executor, StepBatch(self.runner, jobs).run)
+                call = loop.run_in_executor(self._executor, batch.compute)
             except RuntimeError as exc:  # the pool was shut down: every waiter hears it
                 call = loop.create_future()
                 call.set_exception(exc)
-            task = loop.create_task(self._execute(call, jobs, started))
+            task = loop.create_task(self._execute(call, batch, started))
             self._inflight.add(task)
             task.add_done_callback(self._finished)
             self._track(task)
@@ -381,12 +428,15 @@ class StepBatcher:
                 rows += job.rows
         return jobs
 
-    async def _execute(self, call: asyncio.Future, jobs: list[StepJob], started: float) -> None:
+    async def _execute(self, call: asyncio.Future, batch: StepBatch, started: float) -> None:
+        jobs = batch.jobs
         try:
             await call
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
             for job in jobs:
                 job.error = job.error or exc
+        else:
+            batch.finish()
         finally:
             # The dispatch loop wakes before the waiters below: the next call starts
             # before they resume, so their Python overlaps it.

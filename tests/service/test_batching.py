@@ -133,8 +133,9 @@ def test_run_one_equals_the_reference_bound_or_not(runners, reference, name):
     np.testing.assert_array_equal(first, kept)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("name", ["tiny-lstm", "nolengths-lstm"])
-def test_a_failing_job_fails_alone(runners, reference, name):
+def test_a_failing_job_fails_alone(runners, reference, name, split):
     runner, ref = runners[name], reference(name)
     rng = np.random.default_rng(2)
     jobs = [
@@ -143,7 +144,15 @@ def test_a_failing_job_fails_alone(runners, reference, name):
     ]
     jobs[1].state = np.zeros(runner.state_size - 5, np.float32)  # a corrupt state
     jobs[2].x = jobs[2].x[:, :2]  # a wrong feature count that slipped through
-    StepBatch(runner, jobs).run()
+    if split:  # as the batcher's pooled calls run: gather here, compute on a thread, split here
+        batch = StepBatch(runner, jobs)
+        batch.prepare()
+        thread = threading.Thread(target=batch.compute)
+        thread.start()
+        thread.join()
+        batch.finish()
+    else:
+        StepBatch(runner, jobs).run()
     assert jobs[1].error is not None and jobs[1].result is None
     assert jobs[2].error is not None and jobs[2].result is None
     for job in (jobs[0], jobs[3]):
@@ -151,6 +160,18 @@ def test_a_failing_job_fails_alone(runners, reference, name):
         y_ref, finals = ref.run(job.x)
         np.testing.assert_allclose(job.result[0], y_ref, atol=TOL)
         np.testing.assert_allclose(job.result[1], _flat(ref, finals), atol=TOL)
+
+
+def test_a_call_onnxruntime_refuses_fails_each_job_alone(runners):
+    """Inputs that gather into one call but that onnxruntime refuses (every row has the
+    wrong feature count): the call's rows run again one by one, each failing alone."""
+    runner = runners["tiny-lstm"]
+    jobs = [StepJob(np.zeros((2, 2), np.float32), runner.zero_state()) for _ in range(3)]
+    batch = StepBatch(runner, jobs)
+    batch.prepare()
+    batch.compute()
+    batch.finish()
+    assert all(job.error is not None and job.result is None for job in jobs)
 
 
 # -- StepBatcher -----------------------------------------------------------------------------
