@@ -164,6 +164,10 @@ async def _open(
         await websocket.send_text(dumps(exc.body()).decode())
         await websocket.close(_CLOSE_CODES.get(exc.status, CLOSE_POLICY))
         return
+    except Exception:  # a bug, not the client's doing: still a frame and a close code
+        log.exception("stream could not open its session")
+        await _close_internal(websocket)
+        return
     await websocket.send_text(dumps(session_info(record, engine.store.ttl_s)).decode())
     await _serve(websocket, engine, record.session_id, record.model, who)
 

@@ -103,8 +103,19 @@ _CAUSES: tuple[tuple[type[BaseException], str], ...] = (
     (rx.RedisClusterException, "cluster_down"),
     (rx.ConnectionError, "connection"),
     (OSError, "connection"),
+    # Any other error reply: Redis refused the command (BUSY with a script running,
+    # NOREPLICAS under min-replicas-to-write, MISCONF when it cannot persist, MASTERDOWN).
+    (rx.ResponseError, "refused"),
+    (rx.RedisError, "connection"),  # e.g. a reply stream that does not parse
 )
 _UNAVAILABLE = tuple(kind for kind, _ in _CAUSES)
+
+
+def _cause(exc: BaseException) -> str:
+    """The ``cause`` label of a failure to reach the store."""
+    return next((c for kind, c in _CAUSES if isinstance(exc, kind)), "connection")
+
+
 _APPLIED = (1,)  # a commit's reply when its whole script applied
 
 # Codes returned by the scripts.
@@ -601,10 +612,10 @@ class RedisSessionStore(SessionStore):
     def _unavailable(self, exc: BaseException, what: str, answers: int = 1) -> StoreUnavailable:
         """Log and count a failure to reach Redis; ``answers`` is how many requests it
         fails (the commits of one pipeline fail together)."""
-        cause = next((c for kind, c in _CAUSES if isinstance(exc, kind)), "connection")
+        cause = _cause(exc)
         log.warning(
-            "session store unavailable (%s) during %s, %d answer(s) 503: %r",
-            cause, what, answers, exc,
+            "session store unavailable (%s) during %s, %d answer(s) 503: %s: %s",
+            cause, what, answers, type(exc).__name__, exc,
         )  # fmt: skip
         if self.on_unavailable is not None:
             self.on_unavailable(cause, answers)
@@ -639,11 +650,14 @@ class RedisSessionStore(SessionStore):
             await client.script_load(_LUA_COMMON + body)
 
     async def _pipeline(
-        self, commands: Sequence[Command], what: str, answers: int = 1
+        self, commands: Sequence[Command], what: str, answers: int = 1, *, each: bool = False
     ) -> list[Any]:
         """Run raw commands as one pipeline; errors come back in place. EVALSHA of a
         script Redis does not know (after a restart) loads the scripts and runs again:
-        NOSCRIPT means nothing ran."""
+        NOSCRIPT means nothing ran. A reply that is a failure to reach the store fails the
+        whole pipeline (StoreUnavailable), unless ``each``: then the caller decides each
+        command from its own reply (on a cluster, one failing node fails only its own
+        sessions' commands), and ``_unavailable_each`` turns those into 503s."""
         async with self._turn(what, answers) as client:
             results = await self._send(client, commands)
             missing = [i for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
@@ -652,10 +666,23 @@ class RedisSessionStore(SessionStore):
                 again = await self._send(client, [commands[i] for i in missing])
                 for i, result in zip(missing, again):
                     results[i] = result
-        for result in results:
-            if isinstance(result, _UNAVAILABLE):
-                raise self._unavailable(result, what, answers)
+        if not each:
+            for result in results:
+                if isinstance(result, _UNAVAILABLE):
+                    raise self._unavailable(result, what, answers)
         return results
+
+    def _unavailable_each(self, outcomes: list[Any], what: str) -> None:
+        """Replace, in place, each outcome that is a failure to reach the store with its own
+        StoreUnavailable; logged and counted once per cause for all the answers it fails."""
+        by_cause: dict[str, list[int]] = {}
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, _UNAVAILABLE):
+                by_cause.setdefault(_cause(outcome), []).append(i)
+        for indices in by_cause.values():
+            first = self._unavailable(outcomes[indices[0]], what, len(indices))
+            for i in indices:
+                outcomes[i] = StoreUnavailable(first.message)
 
     async def _send(self, client: Any, commands: Sequence[Command]) -> list[Any]:
         """The commands as one write on one connection, their raw replies in order (an
@@ -667,10 +694,13 @@ class RedisSessionStore(SessionStore):
         try:
             if connection.is_connected and connection._reader.at_eof():
                 await connection.disconnect()
-            if not connection.is_connected:
-                await connection.connect()
             try:
+                # (Re)connecting counts against the operation's time: after a timeout the
+                # connection is dropped, and a stalled Redis must not hold the next one for
+                # the connect timeout on top.
                 async with asyncio.timeout(self._timeout_s):
+                    if not connection.is_connected:
+                        await connection.connect()
                     return await _exchange(connection, _pack(commands), len(commands))
             except TimeoutError:
                 raise rx.TimeoutError(
@@ -798,16 +828,18 @@ class RedisSessionStore(SessionStore):
                 key, marker, _ = self._keys(session_ids[i])
                 commands += [("GET", key), ("GET", marker)]
             try:
-                replies = await self._pipeline(commands, "get", len(wanted))
+                replies = await self._pipeline(commands, "get", len(wanted), each=True)
             except StoreUnavailable as exc:
                 for i in wanted:
                     out[i] = exc
                 return out  # type: ignore[return-value]
+            failed: list[Any] = []
             for k, i in enumerate(wanted):
                 session_id = session_ids[i]
                 blob, marker = replies[2 * k], replies[2 * k + 1]
                 if isinstance(blob, Exception) or isinstance(marker, Exception):
                     out[i] = blob if isinstance(blob, Exception) else marker
+                    failed.append(i)
                 elif blob is None:
                     out[i] = self._gone(
                         session_id, [_EXPIRED, marker] if marker is not None else [_NOT_FOUND]
@@ -816,6 +848,11 @@ class RedisSessionStore(SessionStore):
                     record = decode(session_id, blob)
                     self._remember(self._entry(record), record)
                     out[i] = record
+            if failed:
+                errors = [out[i] for i in failed]
+                self._unavailable_each(errors, "get")
+                for i, error in zip(failed, errors):
+                    out[i] = error
         return out  # type: ignore[return-value]
 
     async def commit(self, record: SessionRecord, *, release: bool = False) -> None:
@@ -915,7 +952,7 @@ class RedisSessionStore(SessionStore):
         errors: list[BaseException | None]
         try:
             commands = self._commit_commands(batch)
-            replies = await self._pipeline(commands, "commit", len(batch))
+            replies = await self._pipeline(commands, "commit", len(batch), each=True)
         except BaseException as exc:
             for item in batch:
                 self._cache.pop(item.record.session_id, None)  # in doubt: read Redis next
@@ -935,6 +972,7 @@ class RedisSessionStore(SessionStore):
                     reply = reply[item.position]
                 staged = replies[item.set_reply] if item.set_reply >= 0 else None
                 errors.append(self._commit_outcome(item, reply, staged))
+            self._unavailable_each(errors, "commit")
         for item, error in zip(batch, errors):
             if item.future is None or item.future.done():
                 continue

@@ -230,3 +230,50 @@ async def test_full_redis_is_503_not_500(server_factory, model_repo, reference, 
         np.testing.assert_allclose(
             np.asarray(outputs + retry.json()["outputs"]), ref.run(x)[0], atol=TOL
         )
+
+
+async def test_refused_writes_are_503_per_item_not_500(
+    server_factory, model_repo, reference, throwaway_redis
+):
+    """Found by the Redis hunt: an error reply the store did not know (NOREPLICAS under
+    ``min-replicas-to-write``; BUSY, MISCONF and MASTERDOWN alike) answered 500 on every
+    session route, failed a whole multiplexed message, and a WebSocket open died without a
+    frame (1006). Now: 503 ``store_unavailable`` counted as ``cause="refused"``, per item
+    in a multiplexed message, an error frame and 1013 on a stream open, and nothing
+    written: the retry with the same ``seq`` applies the step once."""
+    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
+    ref = reference(LSTM)
+    x = np.random.default_rng(6).normal(size=(6, 3)).astype(np.float32)
+    control = throwaway_redis.client()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        sid = (await client.post(f"/v1/models/{LSTM}/sessions")).json()["session_id"]
+        outputs = await _steps(client, sid, x, 0, 3)
+        body = {"inputs": x[3:].tolist(), "seq": 6}
+        control.config_set("min-replicas-to-write", 1)  # no replica: every write is refused
+        try:
+            _assert_unavailable(await client.post(f"/v1/sessions/{sid}/steps", json=body))
+            _assert_unavailable(await client.post(f"/v1/models/{LSTM}/sessions"))
+            _assert_unavailable(await client.post(f"/v1/sessions/{sid}/reset"))
+            r = await client.post("/v1/steps", json={"steps": [{"session_id": sid, **body}]})
+            assert r.status_code == 200, r.text
+            assert r.json()["results"][0]["error"]["code"] == "store_unavailable", r.text
+            async with websockets.connect(
+                f"{server.ws_url}/v1/models/{LSTM}/stream", close_timeout=1
+            ) as ws:
+                assert json.loads(await ws.recv())["error"]["code"] == "store_unavailable"
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+                assert ws.close_code == 1013
+            metrics = (await client.get("/metrics")).text
+        finally:
+            control.config_set("min-replicas-to-write", 0)
+        assert 'rnnserve_store_unavailable_total{cause="refused"}' in metrics, metrics
+        assert "NOREPLICAS" in server.log.read_text()  # the log line says what Redis said
+        retry = await client.post(f"/v1/sessions/{sid}/steps", json=body)
+        assert retry.status_code == 200 and "replayed" not in retry.json(), retry.text
+        state = (await client.get(f"/v1/sessions/{sid}/state")).json()
+    expected, finals = ref.run(x)
+    np.testing.assert_allclose(np.asarray(outputs + retry.json()["outputs"]), expected, atol=TOL)
+    assert state["step_count"] == 6
+    assert_state(ref, state["state"], finals)
+

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from service.config import Settings
-from service.errors import SessionConflict, SessionNotFound, TooManySessions
+from service.errors import SessionConflict, SessionNotFound, StoreUnavailable, TooManySessions
 from service.sessions import make_store
 from service.sessions.base import SessionRecord
 from service.sessions.redis_cluster import RedisClusterSessionStore, parse_nodes
@@ -74,6 +74,41 @@ async def test_a_step_is_one_script_call_on_the_cluster(cluster_store, redis_clu
     assert evalsha_calls() - before == 5 * 30
     fresh = await store.get_many([r.session_id for r in sessions], fresh=True)
     assert [f.step_count for f in fresh] == [5] * 30
+
+
+async def test_one_refusing_primary_fails_only_its_own_commits(cluster_store, redis_cluster) -> None:
+    """Found by the Redis hunt: one primary failing turned every commit of the pipeline
+    into a 503, the commits applied on the healthy primaries included (in doubt for a
+    client without ``seq``). Each commit is now decided by its own reply: a primary that
+    refuses writes (NOREPLICAS) fails only its sessions' commits, as store_unavailable."""
+    store = cluster_store()
+    sessions = [record(f"s{n}") for n in range(30)]
+    for rec in sessions:
+        await store.create(rec)
+    refusing = redis_cluster.node(redis_cluster.ports[0])
+    def held(session_id: str) -> bool:
+        try:
+            return bool(refusing.exists(store._keys(session_id)[0]))
+        except redis.exceptions.ResponseError:  # MOVED: another primary holds its slot
+            return False
+
+    on_it = {r.session_id for r in sessions if held(r.session_id)}
+    assert 0 < len(on_it) < 30
+    got = [await store.get(r.session_id) for r in sessions]
+    for rec in got:
+        rec.step_count += 1
+    refusing.config_set("min-replicas-to-write", 1)
+    try:
+        outcomes = await store.commit_many(got)
+    finally:
+        refusing.config_set("min-replicas-to-write", 0)
+    for rec, outcome in zip(got, outcomes):
+        if rec.session_id in on_it:
+            assert isinstance(outcome, StoreUnavailable), (rec.session_id, outcome)
+        else:
+            assert outcome is None, (rec.session_id, outcome)
+    fresh = await store.get_many([r.session_id for r in sessions], fresh=True)
+    assert [f.step_count for f in fresh] == [0 if r.session_id in on_it else 1 for r in sessions]
 
 
 async def test_limits_hold_across_replicas_on_the_cluster(cluster_store) -> None:

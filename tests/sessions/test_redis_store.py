@@ -239,6 +239,36 @@ async def test_hung_redis_times_out(silent_server: int) -> None:
         await store.close()
 
 
+async def test_a_connect_that_hangs_counts_against_the_timeout() -> None:
+    """Found by the Redis hunt: (re)connecting sat outside the operation's timeout, under
+    a connect timeout of at least 5 s, so after a stalled Redis dropped a connection the
+    next request took up to 6 s to answer 503. A listener whose backlog is full (it never
+    accepts) leaves the connect hanging: the operation still ends within its timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue: later SYNs go unanswered
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{port}/0", ttl_s=60, max_sessions=10, max_sessions_per_owner=10,
+        timeout_s=0.3,
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get("s")
+        assert time.monotonic() - started < 1.5
+    finally:
+        await store.close()
+        for sock in (*fillers, listener):
+            sock.close()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
