@@ -102,17 +102,31 @@ _CAUSES: tuple[tuple[type[BaseException], str], ...] = (
     (rx.ClusterError, "cluster_down"),
     (rx.RedisClusterException, "cluster_down"),
     (rx.ConnectionError, "connection"),
+    (rx.InvalidResponse, "connection"),  # a reply stream that does not parse
     (OSError, "connection"),
-    # Any other error reply: Redis refused the command (BUSY with a script running,
-    # NOREPLICAS under min-replicas-to-write, MISCONF when it cannot persist, MASTERDOWN).
-    (rx.ResponseError, "refused"),
-    (rx.RedisError, "connection"),  # e.g. a reply stream that does not parse
 )
 _UNAVAILABLE = tuple(kind for kind, _ in _CAUSES)
+_REFUSALS = ("BUSY ", "NOREPLICAS ", "MISCONF ")
+"""Error replies redis-py has no class for that mean Redis refuses writes for now: a
+script running past its time limit, fewer replicas than ``min-replicas-to-write``, a
+failed snapshot with ``stop-writes-on-bgsave-error``. Any other error reply (WRONGTYPE on
+a foreign key, an error in one of our scripts, NOPERM) is a bug or a misconfiguration,
+not "try again later": it is raised as it is (a 500 and a logged traceback)."""
+
+
+def _refused(exc: object) -> bool:
+    return type(exc) is rx.ResponseError and str(exc).startswith(_REFUSALS)
+
+
+def _is_unavailable(exc: object) -> bool:
+    """Whether ``exc`` (raised, or a reply in place) is a failure to reach the store."""
+    return isinstance(exc, _UNAVAILABLE) or _refused(exc)
 
 
 def _cause(exc: BaseException) -> str:
     """The ``cause`` label of a failure to reach the store."""
+    if _refused(exc):
+        return "refused"
     return next((c for kind, c in _CAUSES if isinstance(exc, kind)), "connection")
 
 
@@ -553,7 +567,8 @@ class RedisSessionStore(SessionStore):
         self._nonce = os.urandom(6).hex().encode()
         self._timeout_s = timeout_s
         # Connections are opened in bursts (a wave of stream opens), when the event loop is
-        # busiest: give the connect more room than a command. Refused connections fail at once.
+        # busiest: an operation that connects first gets twice the timeout, its connect
+        # included (``_send``); the cluster client connects on its own, within this.
         self._connect_timeout_s = max(timeout_s, 5.0)
         self._max_connections = max_connections
         self._pool_timeout_s = pool_timeout_s
@@ -640,8 +655,10 @@ class RedisSessionStore(SessionStore):
             await self._gate.acquire()
         try:
             yield self._client
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc, what, answers) from exc
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise self._unavailable(exc, what, answers) from exc
+            raise
         finally:
             self._gate.release()
 
@@ -662,13 +679,18 @@ class RedisSessionStore(SessionStore):
             results = await self._send(client, commands)
             missing = [i for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
             if missing:
-                await self._load_scripts(client)
-                again = await self._send(client, [commands[i] for i in missing])
+                try:
+                    await self._load_scripts(client)
+                    again = await self._send(client, [commands[i] for i in missing])
+                except Exception as exc:  # only the re-sent commands failed
+                    if not each or not _is_unavailable(exc):
+                        raise
+                    again = [exc] * len(missing)
                 for i, result in zip(missing, again):
                     results[i] = result
         if not each:
             for result in results:
-                if isinstance(result, _UNAVAILABLE):
+                if _is_unavailable(result):
                     raise self._unavailable(result, what, answers)
         return results
 
@@ -677,7 +699,7 @@ class RedisSessionStore(SessionStore):
         StoreUnavailable; logged and counted once per cause for all the answers it fails."""
         by_cause: dict[str, list[int]] = {}
         for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, _UNAVAILABLE):
+            if _is_unavailable(outcome):
                 by_cause.setdefault(_cause(outcome), []).append(i)
         for indices in by_cause.values():
             first = self._unavailable(outcomes[indices[0]], what, len(indices))
@@ -695,10 +717,11 @@ class RedisSessionStore(SessionStore):
             if connection.is_connected and connection._reader.at_eof():
                 await connection.disconnect()
             try:
-                # (Re)connecting counts against the operation's time: after a timeout the
-                # connection is dropped, and a stalled Redis must not hold the next one for
-                # the connect timeout on top.
-                async with asyncio.timeout(self._timeout_s):
+                # (Re)connecting counts against the operation's time (twice the timeout
+                # then): after a timeout the connection is dropped, and a stalled Redis
+                # must not hold the next operation for a connect timeout on top.
+                connecting = not connection.is_connected
+                async with asyncio.timeout(self._timeout_s * (2 if connecting else 1)):
                     if not connection.is_connected:
                         await connection.connect()
                     return await _exchange(connection, _pack(commands), len(commands))

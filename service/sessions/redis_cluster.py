@@ -8,6 +8,7 @@ nothing else (a re-sent commit could apply twice).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,16 +47,53 @@ class RedisClusterSessionStore(RedisSessionStore):
         )
 
     async def _send(self, client: Any, commands: Sequence[Command]) -> list[Any]:
-        """One pipeline per node (sent in parallel), replies in order, errors in place.
-        Commands already in RESP form are turned back into arguments."""
-        pipe = client.pipeline()
-        for command in commands:
-            if not isinstance(command, tuple):
-                name, *args = resp_arguments(command)
-                command = (name.decode(), *args)
-            pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
+        """One pipeline per primary (sent together), replies in order, errors in place:
+        a primary that cannot be reached (its reconnect refused) fails only its own
+        commands, not the others' (whose commits did apply). Commands already in RESP
+        form are turned back into arguments."""
+        calls = [
+            command if isinstance(command, tuple) else _arguments(command) for command in commands
+        ]
+        groups: dict[str, list[int]] = {}
+        try:
+            for i, call in enumerate(calls):
+                groups.setdefault(client.get_node_from_key(_first_key(call)).name, []).append(i)
+        except Exception:  # noqa: BLE001 - no slot map yet: one pipeline, which makes it
+            groups = {"": list(range(len(calls)))}
+        outcomes = await asyncio.gather(
+            *(_pipeline(client, [calls[i] for i in members]) for members in groups.values()),
+            return_exceptions=True,
+        )
+        results: list[Any] = [None] * len(calls)
+        for members, outcome in zip(groups.values(), outcomes):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+            for k, i in enumerate(members):
+                results[i] = outcome if isinstance(outcome, Exception) else outcome[k]
+        return results
 
     def _script_group(self, entry: _Cached) -> bytes:
         """One script per hash tag: a script's keys must all live in one slot."""
         return entry.tag
+
+
+def _arguments(command: bytes | list) -> tuple:
+    name, *args = resp_arguments(command)
+    return (name.decode(), *args)
+
+
+def _first_key(call: tuple) -> Any:
+    """The first key of a command (EVALSHA sha numkeys key ...; or NAME key ...)."""
+    name = call[0].upper() if isinstance(call[0], str) else call[0].decode().upper()
+    if name in ("EVALSHA", "EVAL"):
+        if int(call[2]) < 1:
+            raise ValueError("a script without keys")
+        return call[3]
+    return call[1]
+
+
+async def _pipeline(client: Any, calls: list[tuple]) -> list[Any]:
+    pipe = client.pipeline()
+    for call in calls:
+        pipe.execute_command(*call)
+    return list(await pipe.execute(raise_on_error=False))

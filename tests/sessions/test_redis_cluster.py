@@ -111,6 +111,53 @@ async def test_one_refusing_primary_fails_only_its_own_commits(cluster_store, re
     assert [f.step_count for f in fresh] == [0 if r.session_id in on_it else 1 for r in sessions]
 
 
+async def test_a_dead_primary_fails_only_its_own_commits(tmp_path, key_prefix: str) -> None:
+    """Found by review: with one primary killed, the first pipeline got its error in
+    place, but the next one, whose reconnect to the dead primary was refused, raised out
+    of redis-py's cluster pipeline and answered 503 for every commit, those applied on
+    the healthy primaries included. Each primary's commands now go as a pipeline of
+    their own. (A cluster of this test's own: the shared one stays whole.)"""
+    from benchmarks.redis_servers import LocalCluster
+
+    cluster = LocalCluster(tmp_path / "cluster")
+    cluster.start()
+    store = RedisClusterSessionStore(
+        cluster.url, ttl_s=60, max_sessions=1000, max_sessions_per_owner=1000, prefix=key_prefix
+    )
+    try:
+        sessions = [record(f"s{n}") for n in range(30)]
+        for rec in sessions:
+            await store.create(rec)
+        dead = cluster.node(cluster.ports[0])
+        on_it = set()
+        for rec in sessions:
+            try:
+                if dead.exists(store._keys(rec.session_id)[0]):
+                    on_it.add(rec.session_id)
+            except redis.exceptions.ResponseError:  # MOVED: another primary's slot
+                pass
+        dead.close()
+        assert 0 < len(on_it) < 30
+        got = [await store.get(r.session_id) for r in sessions]
+        cluster.procs[0].kill()
+        cluster.procs[0].wait(10)
+        for _ in range(2):  # the broken connection, then a refused reconnect
+            for rec in got:
+                rec.step_count += 1
+            outcomes = await store.commit_many(got)
+            for rec, outcome in zip(got, outcomes):
+                if rec.session_id in on_it:
+                    assert isinstance(outcome, StoreUnavailable), (rec.session_id, outcome)
+                else:
+                    assert outcome is None, (rec.session_id, outcome)
+        healthy = [r.session_id for r in sessions if r.session_id not in on_it]
+        fresh = await store.get_many(healthy, fresh=True)
+        assert [f.step_count for f in fresh] == [2] * len(healthy)
+    finally:
+        await store.close()
+        cluster.stop()
+
+
 async def test_limits_hold_across_replicas_on_the_cluster(cluster_store) -> None:
     stores = [cluster_store(max_sessions=10, max_sessions_per_owner=4) for _ in range(3)]
     creates = [stores[n % 3].create(record(f"s{n}", owner=f"key{n % 2}")) for n in range(30)]

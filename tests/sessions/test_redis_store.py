@@ -239,6 +239,29 @@ async def test_hung_redis_times_out(silent_server: int) -> None:
         await store.close()
 
 
+async def test_only_refusals_are_store_unavailable(redis_store, db_url) -> None:
+    """Redis refusing writes for now (NOREPLICAS, BUSY, MISCONF) is 503 store_unavailable;
+    any other error reply, such as WRONGTYPE on a key that is not ours, is raised as it
+    is: a bug or a misconfiguration, not "try again later"."""
+    store = redis_store()
+    rec = record()
+    await store.create(rec)
+    control = redis.Redis.from_url(db_url(REDIS_DB))
+    control.config_set("min-replicas-to-write", 1)
+    try:
+        rec.step_count += 1
+        with pytest.raises(StoreUnavailable, match="NOREPLICAS"):
+            await store.commit(rec)
+    finally:
+        control.config_set("min-replicas-to-write", 0)
+    key = store._keys(rec.session_id)[0]
+    control.delete(key)
+    control.lpush(key, "not a session")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE") as raised:
+        await store.get(rec.session_id, fresh=True)
+    assert not isinstance(raised.value, StoreUnavailable)
+
+
 async def test_a_connect_that_hangs_counts_against_the_timeout() -> None:
     """Found by the Redis hunt: (re)connecting sat outside the operation's timeout, under
     a connect timeout of at least 5 s, so after a stalled Redis dropped a connection the
