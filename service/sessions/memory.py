@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import SessionConflict, SessionExpired, SessionNotFound, TooManySessions
-from service.sessions.base import SessionRecord, SessionStore
+from service.sessions.base import SessionRecord, SessionStore, copy_state, write_state
 
 _TOMBSTONES = 100_000
 _FIRST_ROWS = 16
@@ -123,7 +123,7 @@ class MemorySessionStore(SessionStore):
     @staticmethod
     def _copy(held: _Held) -> SessionRecord:
         record = held.shallow()
-        record.state = held.slab.rows[held.row].copy()  # type: ignore[union-attr]
+        record.state = copy_state(held.slab.rows[held.row])  # type: ignore[union-attr]
         return record
 
     def rows_allocated(self) -> int:
@@ -342,7 +342,7 @@ class MemorySessionStore(SessionStore):
             self._live(leased.session_id)  # raises when it went
             raise SessionConflict("the session was changed by another request")
         assert isinstance(leased, _Held) and leased.slab is not None
-        leased.slab.rows[leased.row] = state
+        write_state(leased.slab.rows[leased.row], state)
         self._account(leased, steps, outputs, seq, now)
 
     def _account(

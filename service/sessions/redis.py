@@ -76,7 +76,7 @@ from service.errors import (
     StoreUnavailable,
     TooManySessions,
 )
-from service.sessions.base import SessionRecord, SessionStore
+from service.sessions.base import SessionRecord, SessionStore, write_state
 
 log = logging.getLogger("service.sessions.redis")
 
@@ -775,7 +775,7 @@ class RedisSessionStore(SessionStore):
         cached = entry.record
         if entry.private and cached.state.shape == record.state.shape:
             # What a commit can change (the rest is fixed for an entry: ``_same_identity``).
-            np.copyto(cached.state, record.state)
+            write_state(cached.state, record.state)
             cached.last_used = record.last_used
             cached.step_count = record.step_count
             cached.revision = record.revision

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.errors import SessionConflict, SessionExpired, SessionNotFound
-from service.sessions.base import SessionRecord
+from service.sessions.base import SessionRecord, copy_state, write_state
 from service.sessions.memory import MemorySessionStore
 
 WIDTH = 6
@@ -114,3 +114,21 @@ async def test_commit_onto_another_model_moves_slab(store: MemorySessionStore, c
     assert (await store.get("b")).state.tolist() == [2] * WIDTH
     with pytest.raises(ValueError):
         store.gather(store.lease(["a", "b"]))  # two slabs never gathered as one
+
+
+def test_state_copies_that_keep_the_gil_are_exact_and_independent() -> None:
+    """``copy_state`` / ``write_state`` (the per-step copies on the event loop's thread):
+    exact, never aliasing, and refusing a state of another size as numpy would."""
+    state = np.random.default_rng(0).standard_normal(1024).astype(np.float32)
+    copy = copy_state(state)
+    assert copy.dtype == np.float32 and np.array_equal(copy, state)
+    copy[0] += 1.0
+    assert copy[0] != state[0] and copy.flags.writeable
+    rows = np.zeros((3, 1024), np.float32)
+    write_state(rows[1], state)
+    assert np.array_equal(rows[1], state) and not rows[0].any() and not rows[2].any()
+    write_state(rows[2], state.astype(np.float64))  # converted, as an assignment would be
+    assert np.array_equal(rows[2], state)
+    assert np.array_equal(copy_state(rows[:, ::2][1]), state[::2])  # a strided view
+    with pytest.raises(ValueError):
+        write_state(rows[0], state[:-1])
