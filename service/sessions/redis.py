@@ -722,7 +722,7 @@ class RedisSessionStore(SessionStore):
                 # must not hold the next operation for a connect timeout on top.
                 connecting = not connection.is_connected
                 async with asyncio.timeout(self._timeout_s * (2 if connecting else 1)):
-                    if not connection.is_connected:
+                    if connecting:
                         await connection.connect()
                     return await _exchange(connection, _pack(commands), len(commands))
             except TimeoutError:
