@@ -786,7 +786,7 @@ class _FakeConnection:
         self._reader = reader
         self._writer = self
 
-    def writelines(self, data: list) -> None:
+    def write(self, data: bytes) -> None:
         pass
 
     async def drain(self) -> None:
