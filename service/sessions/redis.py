@@ -27,6 +27,9 @@ over the record (which refreshes the TTL) or, with ``release=True``, deletes the
 instead. Concurrent commits are coalesced: whatever commits wait while a pipeline is in
 flight go out together as the next pipeline, with one script call for all of them (one per
 hash tag on a cluster). Replies are parsed here, not by redis-py's per-reply parser.
+The cache's states are read-only and replaced, never written in place: a read shares its
+record's state rather than copying it, and an applied commit keeps a view of the bytes it
+sent; one future per ``commit_many`` call, not per commit.
 
 Lazy refreshes. A step rewrites only the record. The live-set entry records an expiry of
 now + TTL + TTL/10, and a process re-writes it only when it last did more than TTL/10

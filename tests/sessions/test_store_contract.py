@@ -141,6 +141,27 @@ async def test_get_returns_a_private_copy(harness: Harness) -> None:
     assert (again.step_count, again.revision) == (0, 0)
 
 
+async def test_a_read_record_keeps_its_state_while_the_session_moves_on(
+    harness: Harness,
+) -> None:
+    """A store may share a state between the records it hands out and its own copy (the
+    Redis store's cache does, read-only): later commits replace that state, they never
+    write it in place, so a record read earlier still holds what it read."""
+    store = harness.make()
+    await store.create(harness.record("s"))
+    earlier = await store.get("s")
+    seen = np.array(earlier.state, copy=True)
+    for k in range(3):
+        moved = await store.get("s")
+        moved.state = np.full_like(moved.state, k + 1.0)
+        moved.step_count += 1
+        await store.commit(moved)
+        assert np.array_equal(earlier.state, seen)
+    again = await store.get("s")
+    assert np.array_equal(again.state, np.full(512, 3.0, np.float32))
+    assert again.step_count == 3
+
+
 async def test_commit_is_compare_and_set(harness: Harness) -> None:
     store = harness.make()
     await store.create(harness.record("s"))
