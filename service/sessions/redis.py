@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import itertools
 import logging
@@ -127,6 +128,20 @@ def _refused(exc: object) -> bool:
 def _is_unavailable(exc: object) -> bool:
     """Whether ``exc`` (raised, or a reply in place) is a failure to reach the store."""
     return isinstance(exc, _UNAVAILABLE) or _refused(exc)
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` for one more of the commits it failed: raising one exception object
+    from many requests would grow its traceback with every raise (and keep their frames).
+    ``exc`` itself when it cannot be copied."""
+    try:
+        twin = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception class that does not copy
+        return exc
+    twin.__cause__, twin.__context__ = exc.__cause__, exc.__context__
+    twin.__suppress_context__ = exc.__suppress_context__
+    twin.__traceback__ = exc.__traceback__
+    return twin
 
 
 def _cause(exc: BaseException) -> str:
@@ -932,6 +947,8 @@ class RedisSessionStore(SessionStore):
         writer task sends the pipelines, one at a time, while commits wait; it starts on
         the next turn of the event loop, so every commit made in this turn (say, by the
         steps one batch of onnxruntime work just released) goes out together."""
+        if not records:
+            return []
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), len(records))
         self._pending += [
@@ -943,14 +960,27 @@ class RedisSessionStore(SessionStore):
         return await waiter.future
 
     async def _write(self) -> None:
-        """Send the waiting commits as pipelines, one at a time, until none wait."""
+        """Send the waiting commits as pipelines, one at a time, until none wait. A writer
+        stopped by anything else than its pipelines' outcomes leaves no commit waiting for
+        ever: the ones not sent yet are cancelled with it (a cancelled writer: the server
+        stops), or go out through a new writer."""
         try:
             while self._pending:
                 batch = self._pending[: self._max_pipeline]
                 del self._pending[: len(batch)]
                 await self._write_batch(batch)
-        finally:
+        except Exception:  # a bug: the batch's commits were decided, the others wait
+            log.exception("the Redis commit writer failed")
+            if self._pending:
+                self._writer = asyncio.get_running_loop().create_task(self._write())
+                return  # the new writer owns ``_writing``
+        except BaseException:  # cancelled (the server stops): so are the waiting commits
+            stranded, self._pending = self._pending, []
+            for item in stranded:
+                item.waiter.future.cancel()
             self._writing = False
+            raise
+        self._writing = False
 
     def _script_group(self, entry: _Cached) -> bytes:
         """Commits of one group go to Redis as one script call: here all of a pipeline's
@@ -1025,6 +1055,7 @@ class RedisSessionStore(SessionStore):
         try:
             commands = self._commit_commands(batch, now, at)
             replies = await self._pipeline(commands, "commit", len(batch), each=True)
+            errors = self._outcomes(batch, replies, now, at)
         except BaseException as exc:
             for item in batch:
                 self._cache.pop(item.record.session_id, None)  # in doubt: read Redis next
@@ -1033,26 +1064,12 @@ class RedisSessionStore(SessionStore):
                     item.waiter.future.cancel()
                 raise
             errors = [exc] * len(batch)
-        else:
-            errors = []
-            failed = False
-            for item in batch:
-                reply = replies[item.script_reply]
-                if reply == 1:
-                    if item.release:
-                        error = self._applied_release(item)
-                    else:
-                        error = self._applied(item, now, at)
-                else:
-                    if not isinstance(reply, Exception):
-                        reply = reply[item.position]
-                    staged = replies[item.set_reply] if item.set_reply >= 0 else None
-                    error = self._commit_outcome(item, reply, staged, now, at)
-                    failed = failed or error is not None
-                errors.append(error)
-            if failed:
-                self._unavailable_each(errors, "commit")
+        given: set[int] = set()
         for item, error in zip(batch, errors):
+            if error is not None:
+                if id(error) in given:  # one failure of many commits: each its own
+                    error = _own_copy(error)
+                given.add(id(error))
             item.waiter.decided(item.index, error)
         released = [
             (i.record.owner, i.record.session_id)
@@ -1061,6 +1078,31 @@ class RedisSessionStore(SessionStore):
         ]
         if released:
             await self._forget_owners(released)
+
+    def _outcomes(
+        self, batch: list[_Commit], replies: list[Any], now: float, at: float
+    ) -> list[BaseException | None]:
+        """Each commit's outcome from the pipeline's replies (the cache follows them)."""
+        errors: list[BaseException | None] = []
+        failed = False
+        for item in batch:
+            reply = replies[item.script_reply]
+            error: Exception | None = None
+            if reply == 1:  # the whole script applied
+                if item.release:
+                    self._applied_release(item)
+                else:
+                    self._applied(item, now, at)
+            else:
+                if not isinstance(reply, Exception):
+                    reply = reply[item.position]
+                staged = replies[item.set_reply] if item.set_reply >= 0 else None
+                error = self._commit_outcome(item, reply, staged, now, at)
+                failed = failed or error is not None
+            errors.append(error)
+        if failed:
+            self._unavailable_each(errors, "commit")
+        return errors
 
     def _applied(self, item: _Commit, now: float, at: float) -> None:
         """A step's commit was applied: the cache takes the new record."""
@@ -1073,7 +1115,7 @@ class RedisSessionStore(SessionStore):
             entry.marker_at = at
         if item.flags & 4:
             entry.live_at = at
-        record.state = np.frombuffer(item.blob, np.float32)
+        record.state = np.frombuffer(item.blob, _F4)  # as encoded: little-endian
         self._remember(entry, record, frozen=True)
 
     def _applied_release(self, item: _Commit) -> None:
@@ -1112,8 +1154,12 @@ class RedisSessionStore(SessionStore):
         verified against the session keys when its owner reaches the limit)."""
         commands = [("ZREM", self._owner_set(o), sid) for o, sid in entries if o is not None]
         if commands:
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 await self._pipeline(commands, "delete")
+            except StoreUnavailable:
+                pass
+            except Exception:  # noqa: BLE001 - best effort; the commits were answered
+                log.exception("dropping %d deleted session(s) from their owners' sets", len(commands))
 
     async def touch(self, session_id: str, now: float) -> None:
         at = self._refresh_clock()

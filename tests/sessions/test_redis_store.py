@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -791,3 +792,86 @@ class _FakeConnection:
 
     async def drain(self) -> None:
         pass
+
+
+async def test_commits_failed_together_each_raise_their_own_error(silent_server: int) -> None:
+    """A pipeline that fails fails all its commits; each caller gets an exception object of
+    its own, so that raising it does not grow one traceback with every caller's frames."""
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{silent_server}/0", ttl_s=60, max_sessions=10,
+        max_sessions_per_owner=10, timeout_s=0.3,
+    )  # fmt: skip
+    try:
+        outcomes = await asyncio.gather(
+            *(store.commit(record(f"s{k}")) for k in range(50)), return_exceptions=True
+        )
+    finally:
+        await store.close()
+    assert all(isinstance(e, StoreUnavailable) for e in outcomes)
+    assert len({id(e) for e in outcomes}) == len(outcomes)
+    frames = max(len(traceback.extract_tb(e.__traceback__)) for e in outcomes)
+    assert frames < 40, frames
+
+
+async def test_commit_many_of_nothing_returns_at_once(redis_store) -> None:
+    store = redis_store()
+    assert await asyncio.wait_for(store.commit_many([]), 1) == []
+
+
+async def test_a_cancelled_writer_leaves_no_commit_waiting(redis_store) -> None:
+    """Commits queued behind a pipeline in flight are cancelled with the writer (the server
+    stopping), not left waiting for ever."""
+    store = redis_store()
+    first, second = record("first"), record("second")
+    await store.create(first)
+    await store.create(second)
+    a, b = await store.get("first"), await store.get("second")
+    gate = asyncio.Event()
+    real = store._pipeline
+
+    async def held(*args, **kwargs):
+        await gate.wait()  # a pipeline that takes its time
+        return await real(*args, **kwargs)
+
+    store._pipeline = held
+    one = asyncio.ensure_future(store.commit(a))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the writer takes the first commit and waits on the gate
+    two = asyncio.ensure_future(store.commit(b))
+    await asyncio.sleep(0)
+    store._writer.cancel()
+    done, _ = await asyncio.wait({one, two}, timeout=2)
+    assert done == {one, two}
+    assert one.cancelled() and two.cancelled()
+
+
+async def test_a_failing_writer_still_sends_the_commits_queued_behind(redis_store, caplog) -> None:
+    """Should the writer fail after deciding a pipeline (a bug), it is logged and the commits
+    that queued meanwhile still go out, through a new writer."""
+    store = redis_store()
+    first, second = record("first"), record("second")
+    await store.create(first)
+    await store.create(second)
+    real = store._write_batch
+    calls = 0
+
+    async def flaky(batch):
+        nonlocal calls
+        calls += 1
+        await real(batch)
+        if calls == 1:
+            raise RuntimeError("a bug after the outcomes")
+
+    store._write_batch = flaky
+    a = await store.get("first")
+    a.step_count = 1
+    one = asyncio.ensure_future(store.commit(a))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the writer has taken the first commit
+    b = await store.get("second")
+    b.step_count = 1
+    two = asyncio.ensure_future(store.commit(b))
+    await asyncio.wait_for(asyncio.gather(one, two), 3)
+    assert (await store.get("second", fresh=True)).step_count == 1
+    assert (await store.get("first", fresh=True)).step_count == 1
+    assert "the Redis commit writer failed" in caplog.text
