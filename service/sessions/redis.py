@@ -61,7 +61,7 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -570,6 +570,40 @@ class _Cached:
     """The RESP of its staged names up to the counter (``$<length>``, the tag, the nonce)."""
 
 
+class _Turn:
+    """``RedisSessionStore._turn``: a plain class rather than @asynccontextmanager, which
+    cost a generator and its machinery on every round trip."""
+
+    __slots__ = ("answers", "store", "what")
+
+    def __init__(self, store: RedisSessionStore, what: str, answers: int) -> None:
+        self.store, self.what, self.answers = store, what, answers
+
+    async def __aenter__(self) -> Any:
+        store = self.store
+        gate = store._gate
+        if gate.locked():
+            try:
+                await asyncio.wait_for(gate.acquire(), store._pool_timeout_s)
+            except TimeoutError:
+                raise store._unavailable(
+                    rx.MaxConnectionsError(
+                        f"no free Redis connection within {store._pool_timeout_s:g} s "
+                        f"({store._max_connections} in use)"
+                    ),
+                    self.what,
+                    self.answers,
+                ) from None
+        else:
+            await gate.acquire()
+        return store._client
+
+    async def __aexit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        self.store._gate.release()
+        if isinstance(exc, Exception) and _is_unavailable(exc):
+            raise self.store._unavailable(exc, self.what, self.answers) from exc
+
+
 class RedisSessionStore(SessionStore):
     def __init__(
         self,
@@ -681,31 +715,10 @@ class RedisSessionStore(SessionStore):
             self.on_unavailable(cause, answers)
         return StoreUnavailable(f"session store unavailable: {exc}")
 
-    @contextlib.asynccontextmanager
-    async def _turn(self, what: str, answers: int = 1) -> AsyncIterator[Any]:
-        """One operation's turn on the connections; waits up to ``pool_timeout_s``."""
-        if self._gate.locked():
-            try:
-                await asyncio.wait_for(self._gate.acquire(), self._pool_timeout_s)
-            except TimeoutError:
-                raise self._unavailable(
-                    rx.MaxConnectionsError(
-                        f"no free Redis connection within {self._pool_timeout_s:g} s "
-                        f"({self._max_connections} in use)"
-                    ),
-                    what,
-                    answers,
-                ) from None
-        else:
-            await self._gate.acquire()
-        try:
-            yield self._client
-        except Exception as exc:
-            if _is_unavailable(exc):
-                raise self._unavailable(exc, what, answers) from exc
-            raise
-        finally:
-            self._gate.release()
+    def _turn(self, what: str, answers: int = 1) -> _Turn:
+        """``async with``: one operation's turn on the connections (waits up to
+        ``pool_timeout_s``); a failure to reach Redis inside it is StoreUnavailable."""
+        return _Turn(self, what, answers)
 
     async def _load_scripts(self, client: Any) -> None:
         for body in _SCRIPTS.values():
