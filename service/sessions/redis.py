@@ -515,7 +515,7 @@ class _Waiter:
     done when the last one's outcome is known (a future per commit cost more than the
     rest of its bookkeeping)."""
 
-    __slots__ = ("future", "left", "errors")
+    __slots__ = ("errors", "future", "left")
 
     def __init__(self, future: asyncio.Future, count: int) -> None:
         self.future = future
@@ -598,7 +598,9 @@ class _Turn:
             await gate.acquire()
         return store._client
 
-    async def __aexit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
         self.store._gate.release()
         if isinstance(exc, Exception) and _is_unavailable(exc):
             raise self.store._unavailable(exc, self.what, self.answers) from exc
@@ -1171,7 +1173,7 @@ class RedisSessionStore(SessionStore):
                 await self._pipeline(commands, "delete")
             except StoreUnavailable:
                 pass
-            except Exception:  # noqa: BLE001 - best effort; the commits were answered
+            except Exception:  # best effort: the commits were answered
                 log.exception("dropping %d deleted session(s) from their owners' sets", len(commands))
 
     async def touch(self, session_id: str, now: float) -> None:
