@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         "Inference Protocol (v2) with sequences.",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
+        **_telemetry(settings),
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -76,6 +78,14 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         lean_stream=stream.LeanStream(),
     )
     return app
+
+
+def _telemetry(settings: Settings) -> dict:
+    """FastAPI's OpenTelemetry bridge, off unless ``otel_telemetry`` (FastAPI releases
+    before the bridge take no such argument)."""
+    if settings.otel_telemetry or "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 class _App(FastAPI):

@@ -126,3 +126,30 @@ async def test_openapi_documents_every_route(make_client, model_repo):
     schemas = spec["components"]["schemas"]
     for name in ("PredictRequest", "StepRequest", "GenerateRequest"):
         assert schemas[name].get("examples"), f"{name} has no example"
+
+
+async def test_fastapi_opentelemetry_bridge_is_off_unless_asked_for(
+    make_client, model_repo, monkeypatch
+):
+    """FastAPI's OpenTelemetry bridge looks for a configured provider on every request; the
+    server leaves it off (its metrics and logs are its own) unless RNNSERVE_OTEL_TELEMETRY."""
+    from opentelemetry import trace
+
+    lookups = 0
+    real = trace.get_tracer_provider
+
+    def counted():
+        nonlocal lookups
+        lookups += 1
+        return real()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", counted)
+    for enabled, expected in ((False, 0), (True, 3)):
+        lookups = 0
+        async with make_client(model_repo=model_repo, otel_telemetry=enabled) as client:
+            lookups = 0  # (start-up may look once)
+            sid = (await client.post("/v1/models/tiny-lstm/sessions")).json()["session_id"]
+            for _ in range(2):
+                r = await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[1, 2, 3]]})
+                assert r.status_code == 200
+        assert (lookups >= expected) if expected else (lookups == 0), (enabled, lookups)
