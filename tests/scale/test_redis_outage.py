@@ -7,9 +7,13 @@ it can be paused, shut down and restarted without touching the shared Redis.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -38,6 +42,32 @@ async def _steps(client, sid: str, x: np.ndarray, start: int, stop: int, size: i
         assert r.json()["step_count"] == end and "replayed" not in r.json()
         outputs.extend(r.json()["outputs"])
     return outputs
+
+
+@dataclass
+class _Started:
+    """A server on ``throwaway_redis`` with one session three steps in (``outputs``), the
+    rest of ``x`` still to go, and a client of Redis itself to break it with."""
+
+    server: Any
+    client: httpx.AsyncClient
+    control: Any
+    ref: Any
+    x: np.ndarray
+    sid: str
+    outputs: list
+
+
+@contextlib.asynccontextmanager
+async def _three_steps_in(
+    server_factory, model_repo, reference, throwaway_redis, seed: int
+) -> AsyncIterator[_Started]:
+    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
+    x = np.random.default_rng(seed).normal(size=(6, 3)).astype(np.float32)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        sid = (await client.post(f"/v1/models/{LSTM}/sessions")).json()["session_id"]
+        outputs = await _steps(client, sid, x, 0, 3)
+        yield _Started(server, client, throwaway_redis.client(), reference(LSTM), x, sid, outputs)
 
 
 async def test_paused_redis_gives_503_then_the_session_continues(
@@ -209,13 +239,8 @@ async def test_websocket_stream_survives_a_pause(
 
 
 async def test_full_redis_is_503_not_500(server_factory, model_repo, reference, throwaway_redis):
-    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
-    ref = reference(LSTM)
-    x = np.random.default_rng(4).normal(size=(6, 3)).astype(np.float32)
-    control = throwaway_redis.client()
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-        sid = (await client.post(f"/v1/models/{LSTM}/sessions")).json()["session_id"]
-        outputs = await _steps(client, sid, x, 0, 3)
+    async with _three_steps_in(server_factory, model_repo, reference, throwaway_redis, 4) as run:
+        client, control, x, sid, outputs = run.client, run.control, run.x, run.sid, run.outputs
         control.config_set("maxmemory-policy", "noeviction")
         control.config_set("maxmemory", 1)  # every write is now over the limit
         try:
@@ -228,7 +253,7 @@ async def test_full_redis_is_503_not_500(server_factory, model_repo, reference, 
         retry = await client.post(f"/v1/sessions/{sid}/steps", json=body)
         assert retry.status_code == 200 and "replayed" not in retry.json(), retry.text
         np.testing.assert_allclose(
-            np.asarray(outputs + retry.json()["outputs"]), ref.run(x)[0], atol=TOL
+            np.asarray(outputs + retry.json()["outputs"]), run.ref.run(x)[0], atol=TOL
         )
 
 
@@ -241,13 +266,9 @@ async def test_refused_writes_are_503_per_item_not_500(
     frame (1006). Now: 503 ``store_unavailable`` counted as ``cause="refused"``, per item
     in a multiplexed message, an error frame and 1013 on a stream open, and nothing
     written: the retry with the same ``seq`` applies the step once."""
-    server = server_factory(model_repo, RNNSERVE_SESSION_STORE=throwaway_redis.url)
-    ref = reference(LSTM)
-    x = np.random.default_rng(6).normal(size=(6, 3)).astype(np.float32)
-    control = throwaway_redis.client()
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-        sid = (await client.post(f"/v1/models/{LSTM}/sessions")).json()["session_id"]
-        outputs = await _steps(client, sid, x, 0, 3)
+    async with _three_steps_in(server_factory, model_repo, reference, throwaway_redis, 6) as run:
+        server, client, control = run.server, run.client, run.control
+        x, sid, outputs = run.x, run.sid, run.outputs
         body = {"inputs": x[3:].tolist(), "seq": 6}
         control.config_set("min-replicas-to-write", 1)  # no replica: every write is refused
         try:
@@ -272,8 +293,8 @@ async def test_refused_writes_are_503_per_item_not_500(
         retry = await client.post(f"/v1/sessions/{sid}/steps", json=body)
         assert retry.status_code == 200 and "replayed" not in retry.json(), retry.text
         state = (await client.get(f"/v1/sessions/{sid}/state")).json()
-    expected, finals = ref.run(x)
+    expected, finals = run.ref.run(x)
     np.testing.assert_allclose(np.asarray(outputs + retry.json()["outputs"]), expected, atol=TOL)
     assert state["step_count"] == 6
-    assert_state(ref, state["state"], finals)
+    assert_state(run.ref, state["state"], finals)
 
