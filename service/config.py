@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     """A call of at most this many steps (rows x steps) made while no other call runs is
     made on the event loop's thread instead of the pool: a lone stream skips two thread
     hand-offs. 0 always uses the pool."""
+    batch_inline_block_ms: float = Field(default=5.0, ge=0)
+    """A multiplexed message's block (a slice of its sessions) that starts while another
+    call runs on the pool, with nothing else waiting, runs on the event loop's thread
+    when this model's recent calls say it takes at most this long: the loop would
+    otherwise wait idle for both, and the pool's thread hand-offs cost more than they
+    save. The loop serves nothing else meanwhile, hence the bound. 0 never."""
     batch_max_inflight: int = Field(default=1, ge=1)
     """onnxruntime calls that may run at once per model version while more requests could
     still join the next one. A call that cannot grow by waiting (a full batch, or a

@@ -188,6 +188,7 @@ class Engine:
                 max_inflight=s.batch_max_inflight,
                 max_overlap=self._workers,
                 inline_steps=s.batch_inline_steps,
+                inline_block_s=s.batch_inline_block_ms / 1000.0,
                 max_queue=s.max_queue,
                 max_values=s.max_output_values,
                 observe=self._observe_batch(entry.name),

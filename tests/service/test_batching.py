@@ -428,6 +428,71 @@ async def test_calls_that_cannot_grow_start_while_another_runs(runners, referenc
         pool.shutdown(wait=True)
 
 
+@pytest.mark.parametrize("limit_s", [1.0, 1e-9, 0.0])
+async def test_a_block_beside_a_running_call_runs_on_the_loop_when_quick(
+    runners, reference, limit_s
+):
+    """While one call runs on the pool and nothing else waits, a multiplexed block runs on
+    the event loop's thread if this model's recent calls say it takes at most
+    ``inline_block_s``; past that (or with 0) it goes to the pool's second thread. Either
+    way its results are the reference's."""
+    ref = reference("tiny-lstm")
+    gated = _GatedRunner(runners["tiny-lstm"])
+    loop_thread = threading.get_ident()
+    threads: list[tuple[int, bool]] = []  # (rows, on the loop's thread) per call
+    run = gated.run
+
+    def watched(x, states, lengths):
+        here = threading.get_ident() == loop_thread
+        threads.append((x.shape[0], here))
+        if here:  # the gate holds pool calls only
+            return gated._runner.run(x, states, lengths)
+        return run(x, states, lengths)
+
+    gated.run = watched  # type: ignore[method-assign]
+    pool = ThreadPoolExecutor(max_workers=2)
+    batcher = StepBatcher(
+        gated, pool, max_size=8, max_overlap=2, inline_block_s=limit_s  # type: ignore[arg-type]
+    )
+    rng = np.random.default_rng(12)
+    zero = gated.zero_state()
+    try:
+        xs = rng.normal(size=(4, 2, 3)).astype(np.float32)
+        gated.gate.set()
+        await batcher.submit_block(xs, np.stack([zero] * 4))  # teaches the batcher its cost
+        assert threads == [(4, False)]  # nothing else ran: the pool, as ever
+        gated.gate.clear()
+        threads.clear()
+        first = asyncio.ensure_future(batcher.submit(xs[0], zero))
+        for _ in range(2000):
+            if threads:
+                break
+            await asyncio.sleep(0.001)
+        block = asyncio.ensure_future(batcher.submit_block(xs[1:], np.stack([zero] * 3)))
+        if limit_s >= 1.0:
+            ys, states = await block  # while the pool's call is still held
+            assert not first.done() and threads == [(1, False), (3, True)]
+        else:
+            for _ in range(2000):
+                if len(threads) == 2:
+                    break
+                await asyncio.sleep(0.001)
+            assert threads == [(1, False), (3, False)] and not block.done()
+            gated.gate.set()
+            ys, states = await block
+        gated.gate.set()
+        y, _ = await first
+        np.testing.assert_allclose(y, ref.run(xs[0])[0], atol=TOL)
+        for row, x in enumerate(xs[1:]):
+            y_ref, finals = ref.run(x)
+            np.testing.assert_allclose(ys[row], y_ref, atol=TOL)
+            np.testing.assert_allclose(states[row], _flat(ref, finals), atol=TOL)
+    finally:
+        gated.gate.set()
+        await batcher.close()
+        pool.shutdown(wait=True)
+
+
 async def test_overloaded_when_the_queue_is_full(runners, reference):
     ref = reference("tiny-lstm")
     gated = _GatedRunner(runners["tiny-lstm"])
