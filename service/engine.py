@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -45,6 +46,14 @@ from service.sessions.base import copy_state
 log = logging.getLogger("service.engine")
 _UNKNOWN_OWNER = object()
 _COMMIT_ATTEMPTS = 3
+_SESSION_OF = attrgetter("session_id")
+_SEQ_OF = attrgetter("seq")
+_INPUTS_OF = attrgetter("inputs")
+_OWNER_OF = attrgetter("owner")
+_MODEL_OF = attrgetter("model", "version", "fingerprint")
+_DTYPE_OF = attrgetter("dtype")
+_SHAPE_OF = attrgetter("shape")
+_F32 = np.dtype(np.float32)
 
 
 @dataclass(slots=True)
@@ -73,6 +82,20 @@ class StepItem:
     inputs: object
     """A list of steps (as on the single-session routes) or an array."""
     seq: int | None = None
+
+
+@dataclass(slots=True)
+class _Block:
+    """One onnxruntime job of a multiplexed round: items of one model and step count."""
+
+    entry: ModelVersion
+    steps: int
+    indices: list[int]
+    """The items' positions in the message."""
+    records: list
+    """Their sessions' records (on the memory store, the leased records themselves)."""
+    x: np.ndarray
+    """Their inputs, stacked: [items, steps, ...]."""
 
 
 @dataclass(slots=True)
@@ -575,31 +598,34 @@ class Engine:
                 f"{len(items)} items exceed the limit of {s.max_multiplex_items} per message",
                 limit=s.max_multiplex_items,
             )
+        ids = list(map(_SESSION_OF, items))
+        keys = list(dict.fromkeys(ids))  # each session once, in message order
         # The k-th item of each session runs in round k: rounds keep per-session order.
-        rounds: list[list[int]] = [[]]
-        seen: dict[str, int] = {}
-        for i, item in enumerate(items):
-            k = seen.get(item.session_id, 0)
-            seen[item.session_id] = k + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(i)
+        rounds: list[list[int]] = [list(range(len(items)))]
+        if len(keys) < len(ids):
+            rounds = [[]]
+            seen: dict[str, int] = {}
+            for i, session_id in enumerate(ids):
+                k = seen.get(session_id, 0)
+                seen[session_id] = k + 1
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append(i)
         turns = self._turns
-        entered: list[tuple[str, asyncio.Future | None]] = [(sid, turns.enter(sid)) for sid in seen]
+        waiting = turns.enter_many(keys)
         results: list = [None] * len(items)
         budget = _Budget(s.max_output_values)
         try:
-            for key, future in entered:
-                if future is not None:
-                    await future
+            for _, future in waiting:
+                await future
             for indices in rounds:
                 await self._step_round(owner, items, indices, results, on_ready, budget)
         except BaseException:
-            for key, future in entered:
-                turns.abandon(key, future)
+            pending = dict(waiting)
+            for key in keys:
+                turns.abandon(key, pending.get(key))
             raise
-        for key, _ in entered:
-            turns.leave(key)
+        turns.leave_many(keys)
         return results
 
     async def _step_round(
@@ -621,8 +647,7 @@ class Engine:
             records = await self.store.get_many(ids)
             jobs = self._plan(owner, items, indices, records, results, slow, budget)
             outcomes = await asyncio.gather(
-                *(self._run_block(entry, block) for entry, _, block in jobs),
-                return_exceptions=True,
+                *(self._run_block(block) for block in jobs), return_exceptions=True
             )
             await self._commit_round(items, jobs, outcomes, results, slow, on_ready)
         for i in sorted(slow):
@@ -689,10 +714,13 @@ class Engine:
         results: list,
         slow: list,
         budget: _Budget,
-    ) -> list[tuple[ModelVersion, int, list]]:
-        """The onnxruntime jobs (entry, steps, [(i, record, x), ...]) of a round's items,
-        one per (model, length) block of at most ``batch_max_size``; an item that fails
-        gets its error in ``results``, one that needs a fresh read goes to ``slow``."""
+    ) -> list[_Block]:
+        """The onnxruntime jobs of a round's items, one per (model, length) block of at
+        most ``batch_max_size``; an item that fails gets its error in ``results``, one that
+        needs a fresh read goes to ``slow``."""
+        uniform = self._plan_uniform(owner, items, indices, records, budget)
+        if uniform is not None:
+            return uniform
         by_entry: dict[int, tuple[ModelVersion, list]] = {}
         models: dict[tuple, ModelVersion] = {}
         last_key: tuple | None = None  # most messages are of one model: its group, at hand
@@ -744,13 +772,96 @@ class Engine:
                 blocks.setdefault(x.shape[0], []).append((i, record, x))
             for steps, block in blocks.items():
                 for a in range(0, len(block), size):
-                    jobs.append((entry, steps, block[a : a + size]))
+                    part = block[a : a + size]
+                    jobs.append(
+                        _Block(
+                            entry,
+                            steps,
+                            [i for i, _, _ in part],
+                            [record for _, record, _ in part],
+                            _stack([x for _, _, x in part]),
+                        )
+                    )
         return jobs
+
+    def _plan_uniform(
+        self,
+        owner: str | None,
+        items: list[StepItem],
+        indices: list[int],
+        records: list,
+        budget: _Budget,
+    ) -> list[_Block] | None:
+        """``_plan`` for a round whose items are all alike, the common multiplexed message:
+        every session found and the caller's, all of one model, no ``seq``, inputs of one
+        shape, all within the budget. Checked and planned in a few bulk operations, without
+        Python per item; None, having changed nothing, when any item is not so (``_plan``
+        then decides item by item, and words each item's error)."""
+        if not records or any(issubclass(t, BaseException) for t in set(map(type, records))):
+            return None
+        if set(map(_OWNER_OF, records)) != {owner} or len(set(map(_MODEL_OF, records))) != 1:
+            return None
+        chosen = list(map(items.__getitem__, indices))
+        if list(map(_SEQ_OF, chosen)).count(None) != len(chosen):
+            return None
+        try:
+            entry = self.session_model(records[0])
+        except ServeError:
+            return None
+        card = entry.card
+        if card is None or card.token_inputs:
+            return None
+        x = self._stack_uniform(card, list(map(_INPUTS_OF, chosen)))
+        if x is None:
+            return None
+        steps = x.shape[1]
+        values = len(indices) * steps * card.output_size
+        if budget.refused or values > budget.left or not budget.counted.isdisjoint(indices):
+            return None
+        budget.left -= values
+        budget.counted.update(indices)
+        size = self.settings.batch_max_size
+        return [
+            _Block(entry, steps, indices[a : a + size], records[a : a + size], x[a : a + size])
+            for a in range(0, len(indices), size)
+        ]
+
+    def _stack_uniform(self, card: ModelCard, inputs: list) -> np.ndarray | None:
+        """Inputs of one shape (float32 arrays from binary frames, or lists of lists of
+        numbers from JSON) as one float32 [items, steps, input_size] array, when every one
+        is valid; None when any is not, or when they differ in shape."""
+        width, limit = card.input_size, max_steps(card, self.settings)
+        kinds = set(map(type, inputs))
+        if kinds == {np.ndarray}:
+            if set(map(_DTYPE_OF, inputs)) != {_F32}:
+                return None
+            shapes = set(map(_SHAPE_OF, inputs))
+            if len(shapes) != 1:
+                return None
+            shape = shapes.pop()
+            if len(shape) != 2 or shape[1] != width or not 0 < shape[0] <= limit:
+                return None
+            x = _stack(inputs)
+        elif kinds == {list}:
+            try:
+                if set(map(type, chain.from_iterable(inputs))) != {list}:
+                    return None
+                if not set(map(type, chain.from_iterable(chain.from_iterable(inputs)))) <= _NUMBER_TYPES:
+                    return None
+                with np.errstate(over="ignore"):
+                    x = np.array(inputs, np.float32)
+            except (TypeError, ValueError, OverflowError):
+                return None
+            if x.ndim != 3 or x.shape[2] != width or not 0 < x.shape[1] <= limit:
+                return None
+        else:
+            return None
+        return x if np.isfinite(x).all() else None
 
     async def _run_leased(
         self,
         bulk,
-        job: tuple,
+        block: _Block,
         items: list[StepItem],
         results: list,
         slow: list,
@@ -759,32 +870,45 @@ class Engine:
         """The memory store's path for one block: its states gathered with one indexing
         operation, run, and written back with one as soon as its call returns (while the
         next block's call runs)."""
-        entry, steps, block = job
+        entry, steps, indices, leased = block.entry, block.steps, block.indices, block.records
         try:
-            x = _stack([x for _, _, x in block])
-            states = bulk.gather([record for _, record, _ in block])
-            ys, states = await self.batcher(entry).submit_block(x, states)
+            states = bulk.gather(leased)
+            ys, states = await self.batcher(entry).submit_block(block.x, states)
         except Exception:  # noqa: BLE001 - isolate the failing item, if any
-            slow.extend(i for i, _, _ in block)
+            slow.extend(indices)
             return
-        leased = [record for _, record, _ in block]
-        errors = bulk.advance(leased, states, steps, ys, [items[i].seq for i, _, _ in block])
-        done = 0
-        final: list[int] = []
-        for (i, record, _), y, error in zip(block, list(ys), errors):
-            if error is None:
-                results[i] = StepResult(y, record, entry.card)
-                done += 1
-            elif isinstance(error, SessionConflict):
-                slow.append(i)
-                continue
-            else:
-                results[i] = _as_error(error)
-            final.append(i)
+        seqs = list(map(_SEQ_OF, map(items.__getitem__, indices)))
+        errors = bulk.advance(leased, states, steps, ys, seqs)
+        card = entry.card
+        if errors.count(None) == len(errors):  # the common case: every lease held
+            for i, y, record in zip(indices, ys, leased):
+                results[i] = StepResult(y, record, card)
+            done, final = len(indices), indices
+        else:
+            done, final = self._settle_leased(block, ys, errors, results, slow)
         if done:
             self._steps_counter(entry).inc(done * steps)
         if on_ready is not None and final:
             on_ready(final, results)
+
+    @staticmethod
+    def _settle_leased(
+        block: _Block, ys: np.ndarray, errors: list, results: list, slow: list
+    ) -> tuple[int, list[int]]:
+        """A block's results when some leases did not hold: (items done, items final)."""
+        done = 0
+        final: list[int] = []
+        for i, record, y, error in zip(block.indices, block.records, ys, errors):
+            if error is None:
+                results[i] = StepResult(y, record, block.entry.card)
+                done += 1
+            elif isinstance(error, SessionConflict):
+                slow.append(i)  # changed since its lease: re-read and redo
+                continue
+            else:
+                results[i] = _as_error(error)
+            final.append(i)
+        return done, final
 
     async def _commit_round(
         self,
@@ -798,17 +922,16 @@ class Engine:
         """Any store: the round's records committed with one ``commit_many``."""
         committed: list[SessionRecord] = []
         placed: list[tuple[int, np.ndarray, ModelVersion]] = []
-        for (entry, steps, block), outcome in zip(jobs, outcomes):
+        for block, outcome in zip(jobs, outcomes):
             if isinstance(outcome, BaseException):
-                slow.extend(i for i, _, _ in block)  # isolate the failing item, if any
+                slow.extend(block.indices)  # isolate the failing item, if any
                 continue
             ys, states = outcome
-            for row, (i, record, _) in enumerate(block):
-                y = ys[row]
-                record.state = states[row]
-                _remember(record, steps, y, items[i].seq)
+            for i, record, y, state in zip(block.indices, block.records, ys, states):
+                record.state = state
+                _remember(record, block.steps, y, items[i].seq)
                 committed.append(record)
-                placed.append((i, y, entry))
+                placed.append((i, y, block.entry))
         if committed:
             errors = await self.store.commit_many(committed)
             counted: dict[int, list] = {}
@@ -829,10 +952,9 @@ class Engine:
             if on_ready is not None and final:
                 on_ready(final, results)
 
-    async def _run_block(self, entry: ModelVersion, block: list) -> tuple[np.ndarray, np.ndarray]:
-        x = _stack([x for _, _, x in block])
-        states = _stack([record.state for _, record, _ in block])
-        return await self.batcher(entry).submit_block(x, states)
+    async def _run_block(self, block: _Block) -> tuple[np.ndarray, np.ndarray]:
+        states = _stack([record.state for record in block.records])
+        return await self.batcher(block.entry).submit_block(block.x, states)
 
     def _parse_many(
         self, entry: ModelVersion, inputs: list, results: list, members: list
@@ -1178,43 +1300,77 @@ class _EndSymbol:
 class _Turns:
     """Per-session FIFO turns: requests to one session run one at a time, in arrival order.
 
-    A session's entry exists only while someone holds or waits for its turn: [users,
-    waiters]. Taking a free turn needs no await, so a batch of many sessions takes all its
-    turns in one synchronous pass; that pass is atomic on the event loop, so two batches
-    always queue in the same order on every session they share and cannot deadlock.
+    ``_users[key]`` counts who holds or waits for ``key``'s turn (no entry: nobody);
+    ``_waiters[key]`` holds the waiters' futures in arrival order (no entry: none). Taking
+    a free turn needs no await, so a batch of many sessions takes all its turns in one
+    synchronous pass; that pass is atomic on the event loop, so two batches always queue
+    in the same order on every session they share and cannot deadlock. ``enter_many`` and
+    ``leave_many`` do a multiplexed message's sessions in bulk, without Python per session
+    when none of them is contended (the common case).
     """
 
-    __slots__ = ("_table",)
+    __slots__ = ("_users", "_waiters")
 
     def __init__(self) -> None:
-        self._table: dict[str, list] = {}
+        self._users: dict[str, int] = {}
+        self._waiters: dict[str, deque] = {}
 
     def enter(self, key: str) -> asyncio.Future | None:
         """Take ``key``'s turn: None when it is ours now, else a future that resolves when it is."""
-        slot = self._table.get(key)
-        if slot is None:
-            self._table[key] = [1, None]
+        users = self._users
+        n = users.get(key, 0)
+        users[key] = n + 1
+        if n == 0:
             return None
-        slot[0] += 1
-        if slot[1] is None:
-            slot[1] = deque()
         future = asyncio.get_running_loop().create_future()
-        slot[1].append(future)
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            waiters = self._waiters[key] = deque()
+        waiters.append(future)
         return future
+
+    def enter_many(self, keys: list[str]) -> list[tuple[str, asyncio.Future]]:
+        """``enter`` for distinct keys: the (key, future) of those whose turn we wait for."""
+        users = self._users
+        if users.keys().isdisjoint(keys):
+            users.update(dict.fromkeys(keys, 1))
+            return []
+        waiting = []
+        for key in keys:
+            future = self.enter(key)
+            if future is not None:
+                waiting.append((key, future))
+        return waiting
 
     def leave(self, key: str) -> None:
         """Give up the turn we hold: the next live waiter gets it."""
-        slot = self._table[key]
-        slot[0] -= 1
-        if slot[0] == 0:
-            del self._table[key]
+        users = self._users
+        n = users[key] - 1
+        if n == 0:
+            del users[key]
             return
-        waiters = slot[1]
+        users[key] = n
+        self._pass_on(key)
+
+    def leave_many(self, keys: list[str]) -> None:
+        """``leave`` for distinct keys whose turns we hold."""
+        counts = list(map(self._users.pop, keys))
+        if counts.count(1) == len(counts):
+            return  # nobody waits for any of them
+        for key, n in zip(keys, counts):
+            if n > 1:
+                self._users[key] = n - 1
+                self._pass_on(key)
+
+    def _pass_on(self, key: str) -> None:
+        waiters = self._waiters[key]
         while waiters:
             future = waiters.popleft()
             if not future.done():
                 future.set_result(None)
-                return
+                break
+        if not waiters:
+            del self._waiters[key]
 
     def abandon(self, key: str, future: asyncio.Future | None) -> None:
         """Undo ``enter`` for a caller that stops (cancelled) before or after its turn came."""
@@ -1222,8 +1378,7 @@ class _Turns:
             self.leave(key)  # the turn was ours: pass it on
             return
         future.cancel()
-        slot = self._table[key]
-        slot[0] -= 1  # the holder is still a user, so the entry stays
+        self._users[key] -= 1  # the holder is still a user, so the entry stays
 
     async def wait(self, key: str, future: asyncio.Future | None) -> None:
         if future is None:

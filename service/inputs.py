@@ -266,7 +266,9 @@ def state_to_payload(card: ModelCard, flat: np.ndarray) -> dict[str, list]:
 
 def top_symbols(card: ModelCard, y: np.ndarray) -> list[str] | None:
     """The most probable symbol per step, for softmax models with a vocabulary or labels."""
+    if card.output_activation != "softmax":  # first: most models stop here, per item
+        return None
     names = card.output_names
-    if names is None or card.output_activation != "softmax":
+    if names is None:
         return None
     return [names[i] for i in np.argmax(y, axis=-1).tolist()]

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from service.client import AsyncClient, Client, RnnServeError
-from service.errors import PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, SequenceMismatch, SessionNotFound
 from service.frames import decode_many, decode_many_response, encode_many, encode_many_response
 from tests.conftest import REDIS_URL_BASE, ServerProcess, require_redis, start_server
 
@@ -283,14 +283,15 @@ def plans(draw):
     cuts = draw(st.lists(st.integers(1, 6), min_size=1, max_size=8))
     transports = draw(st.lists(st.sampled_from(["rest", "ws-json", "ws-binary"]), min_size=8, max_size=8))
     retries = draw(st.lists(st.booleans(), min_size=8, max_size=8))
+    plain = draw(st.lists(st.booleans(), min_size=8, max_size=8))  # good items without seq
     seed = draw(st.integers(0, 2**16))
-    return sessions, order, bad, cuts, transports, retries, seed
+    return sessions, order, bad, cuts, transports, retries, plain, seed
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plans())
 def test_property_each_session_gets_what_it_would_alone(live, reference, plan):
-    sessions, order, bad, cuts, transports, retries, seed = plan
+    sessions, order, bad, cuts, transports, retries, plain, seed = plan
     rng = np.random.default_rng(seed)
     ids, xs, bounds = [], [], []
     for model, chunks in sessions:
@@ -307,19 +308,19 @@ def test_property_each_session_gets_what_it_would_alone(live, reference, plan):
     expected = [reference(model).run(x)[0] for (model, _), x in zip(sessions, xs)]
     applied = [0] * len(sessions)
 
-    def wire(item: tuple) -> tuple[str, np.ndarray, int | None]:
+    def wire(item: tuple, seq: bool) -> tuple[str, np.ndarray, int | None]:
         kind, k, chunk = item
-        if kind == "good":
+        if kind == "good":  # without seq, a message's items may all be alike (planned in bulk)
             a, b = bounds[k][chunk], bounds[k][chunk + 1]
-            return ids[k], xs[k][a:b], b
+            return ids[k], xs[k][a:b], b if seq else None
         if kind == "width":
             return ids[k], np.ones((1, MODELS[sessions[k][0]] + 1), np.float32), None
         if kind == "unknown":
             return "no-such-session", np.ones((1, 3), np.float32), None
         return ids[k], xs[k][:1], 10_000  # seq far ahead: seq_mismatch
 
-    def send(batch: list[tuple], transport: str) -> list:
-        wired = [wire(item) for item in batch]
+    def send(batch: list[tuple], transport: str, seq: bool) -> list:
+        wired = [wire(item, seq) for item in batch]
         if transport == "rest":
             rows = [{"session_id": s, "inputs": x.tolist(), **({"seq": q} if q else {})} for s, x, q in wired]
             return [r.get("error", {}).get("code") or (np.asarray(r["outputs"]), r["step_count"], r.get("replayed", False)) for r in _post(live, rows)]
@@ -338,7 +339,8 @@ def test_property_each_session_gets_what_it_would_alone(live, reference, plan):
         start += len(batch)
         last_of = {item[1]: n for n, item in enumerate(batch) if item[0] == "good"}
         for attempt in range(2 if retries[m % 8] else 1):
-            answers = send(batch, transports[(m + attempt) % 8])
+            # A message is retried only with seq (without, a retry would apply it twice).
+            answers = send(batch, transports[(m + attempt) % 8], retries[m % 8] or not plain[m % 8])
             for n, (item, answer) in enumerate(zip(batch, answers)):
                 kind, k, chunk = item
                 if kind == "width":
@@ -367,7 +369,6 @@ async def test_sliced_rounds_match_single_steps(model_repo, reference):
     session twice, a seq replay, a seq mismatch, an unknown id and a bad shape."""
     from service.config import Settings
     from service.engine import Engine, StepItem, StepResult
-    from service.errors import InvalidInput, SequenceMismatch, SessionNotFound
 
     engine = Engine(Settings(model_repo=model_repo, mux_slice_items=2, grpc_port=0))
     await engine.start()
@@ -414,6 +415,96 @@ async def test_sliced_rounds_match_single_steps(model_repo, reference):
         assert isinstance(results[7], SequenceMismatch)
         assert isinstance(results[8], SessionNotFound)
         assert isinstance(results[9], InvalidInput)
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_uniform_messages_and_their_near_misses(model_repo, reference, store, monkeypatch):
+    """A message whose items are all alike (every session the caller's, one model, no
+    seq, inputs of one shape: JSON lists or float32 arrays) is planned in bulk; a message
+    with one item that is not so is planned item by item, and says why for that item
+    alone. Either way, every session ends exactly where onnxruntime run directly puts it."""
+    from service.config import Settings
+    from service.engine import Engine, StepItem, StepResult
+
+    settings = {"model_repo": model_repo, "grpc_port": 0, "batch_max_size": 4}
+    if store == "redis":
+        require_redis()
+        settings["session_store"] = f"{REDIS_URL_BASE}/{MUX_REDIS_DB}"
+    engine = Engine(Settings(**settings))
+    await engine.start()
+    bulk: list[bool] = []
+    plan_uniform = engine._plan_uniform
+
+    def watched(*args):
+        jobs = plan_uniform(*args)
+        bulk.append(jobs is not None)
+        return jobs
+
+    monkeypatch.setattr(engine, "_plan_uniform", watched)
+    try:
+        lstm = engine.model("tiny-lstm")
+        ids = [(await engine.create_session(lstm, None)).session_id for _ in range(6)]
+        other = (await engine.create_session(engine.model("tiny-gru"), None)).session_id
+        rng = np.random.default_rng(5)
+        xs = rng.normal(size=(6, 20, MODELS["tiny-lstm"])).astype(np.float32)
+        done = [0] * 6  # steps applied per session
+
+        async def send(items: list[StepItem], expect_bulk: bool) -> list:
+            bulk.clear()
+            results = await engine.step_many(None, items)
+            assert bulk and all(bulk) == expect_bulk
+            return results
+
+        def item(k: int, steps: int = 1, as_list: bool = False, **extra) -> StepItem:
+            x = xs[k, done[k] : done[k] + steps]
+            return StepItem(ids[k], x.tolist() if as_list else x, **extra)
+
+        def applied(k: int, result, steps: int = 1) -> None:
+            assert isinstance(result, StepResult), result
+            y, _ = reference("tiny-lstm").run(xs[k, : done[k] + steps])
+            np.testing.assert_allclose(result.outputs, y[done[k] :], atol=TOL)
+            done[k] += steps
+            assert result.step_count == done[k]
+
+        for as_list in (False, True):  # 6 items in blocks of 4 and 2, arrays then JSON lists
+            results = await send([item(k, as_list=as_list) for k in range(6)], True)
+            for k, result in enumerate(results):
+                applied(k, result)
+        results = await send([item(k, steps=2) for k in range(6)], True)
+        for k, result in enumerate(results):
+            applied(k, result, steps=2)
+
+        bad_x = np.full((1, MODELS["tiny-lstm"]), np.nan, np.float32)
+        near_misses = [  # (item 0 replaced by, what it answers)
+            (StepItem(ids[0], bad_x), InvalidInput),
+            (StepItem(ids[0], bad_x.tolist()), InvalidInput),
+            (StepItem("no-such-session", xs[0, :1]), SessionNotFound),
+            (StepItem(other, xs[0, :1]), InvalidInput),  # the GRU takes other widths
+            (StepItem(ids[0], xs[0, :1], 10_000), SequenceMismatch),
+            (StepItem(ids[0], [[1.0, "2", 3.0]]), InvalidInput),
+            (None, None),  # float64 inputs: planned item by item, and applied
+            (StepItem(ids[0], xs[0, :1].tolist() + [[1.0]]), InvalidInput),
+        ]
+        for replacement, error in near_misses:
+            items = [item(k) for k in range(6)]
+            if replacement is None:
+                replacement = StepItem(ids[0], xs[0, done[0] : done[0] + 1].astype(np.float64))
+            items[0] = replacement
+            results = await send(items, False)
+            if error is None:
+                applied(0, results[0])
+            else:
+                assert isinstance(results[0], error), results[0]
+            for k in range(1, 6):
+                applied(k, results[k])
+        items = [item(k) for k in range(6)]
+        items[2] = item(2, steps=3)  # another step count: a block of its own
+        items[4] = item(4, seq=done[4] + 1)
+        results = await send(items, False)
+        for k, result in enumerate(results):
+            applied(k, result, steps=3 if k == 2 else 1)
     finally:
         await engine.stop()
 
