@@ -1348,6 +1348,8 @@ class _Turns:
         n = users[key] - 1
         if n == 0:
             del users[key]
+            if self._waiters:  # only waiters that gave up can be left: forget them
+                self._waiters.pop(key, None)
             return
         users[key] = n
         self._pass_on(key)
@@ -1355,12 +1357,14 @@ class _Turns:
     def leave_many(self, keys: list[str]) -> None:
         """``leave`` for distinct keys whose turns we hold."""
         counts = list(map(self._users.pop, keys))
-        if counts.count(1) == len(counts):
+        if counts.count(1) == len(counts) and not self._waiters:
             return  # nobody waits for any of them
         for key, n in zip(keys, counts):
             if n > 1:
                 self._users[key] = n - 1
                 self._pass_on(key)
+            else:  # only waiters that gave up can be left: forget them
+                self._waiters.pop(key, None)
 
     def _pass_on(self, key: str) -> None:
         waiters = self._waiters[key]

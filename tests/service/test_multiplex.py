@@ -509,6 +509,27 @@ async def test_uniform_messages_and_their_near_misses(model_repo, reference, sto
         await engine.stop()
 
 
+async def test_turns_in_bulk_keep_arrival_order_and_forget_who_gave_up():
+    """A message takes its sessions' turns in bulk; a session another message holds is
+    waited for, behind whoever came before, and one who gave up waiting leaves nothing
+    behind once the session is free."""
+    from service.engine import _Turns
+
+    turns = _Turns()
+    assert turns.enter_many(["a", "b"]) == []  # free: ours at once, no future
+    waiting = turns.enter_many(["b", "c"])  # b is the first message's: wait for it
+    assert [key for key, _ in waiting] == ["b"]
+    late = turns.enter("b")  # a single step queues behind the second message
+    turns.leave_many(["a", "b"])
+    assert waiting[0][1].done() and not late.done()  # b passes on in arrival order
+    gave_up = turns.enter("c")
+    turns.abandon("c", gave_up)  # a caller cancelled while waiting
+    turns.leave_many(["b", "c"])
+    assert late.done()
+    turns.leave("b")
+    assert turns._users == {} and turns._waiters == {}
+
+
 def test_cli_sets_the_gc_threshold(monkeypatch):
     import gc
 
