@@ -1367,12 +1367,20 @@ class _Turns:
                 self._waiters.pop(key, None)
 
     def _pass_on(self, key: str) -> None:
+        """The turn goes to the first waiter still waiting. One whose future is already
+        cancelled (its task was, and has not run ``abandon`` yet) is counted out here: else
+        a turn nobody holds would stay counted, and every later request would wait behind it."""
         waiters = self._waiters[key]
         while waiters:
             future = waiters.popleft()
             if not future.done():
                 future.set_result(None)
                 break
+            n = self._users[key] - 1
+            if n == 0:
+                del self._users[key]
+                break
+            self._users[key] = n
         if not waiters:
             del self._waiters[key]
 
@@ -1382,7 +1390,13 @@ class _Turns:
             self.leave(key)  # the turn was ours: pass it on
             return
         future.cancel()
-        self._users[key] -= 1  # the holder is still a user, so the entry stays
+        waiters = self._waiters.get(key)
+        if waiters is not None and future in waiters:  # still queued: counted out here
+            waiters.remove(future)
+            if not waiters:
+                del self._waiters[key]
+            self._users[key] -= 1  # the holder is still a user, so the entry stays
+        # else ``_pass_on`` met it cancelled and counted it out already
 
     async def wait(self, key: str, future: asyncio.Future | None) -> None:
         if future is None:

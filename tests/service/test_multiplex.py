@@ -5,6 +5,7 @@ itself."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from collections.abc import Iterator
@@ -528,6 +529,48 @@ async def test_turns_in_bulk_keep_arrival_order_and_forget_who_gave_up():
     assert late.done()
     turns.leave("b")
     assert turns._users == {} and turns._waiters == {}
+
+
+async def test_a_waiter_cancelled_as_the_holder_leaves_does_not_block_the_session(
+    model_repo, reference
+):
+    """A request waiting for a session's turn is cancelled (its client went) in the loop
+    iteration in which the holder leaves: the turn must still go to the next request, not
+    stay counted for the one that gave up (every later request then waited for ever)."""
+    from service.config import Settings
+    from service.engine import Engine, StepItem, StepResult, _Turns
+
+    turns = _Turns()
+    assert turns.enter("k") is None  # A holds
+    gave_up = turns.enter("k")  # B waits ...
+    gave_up.cancel()  # ... and its task is cancelled: its future at once, its abandon later
+    turns.leave("k")  # A leaves first
+    assert turns.enter("k") is None  # C gets the free turn at once
+    turns.abandon("k", gave_up)  # B counts itself out, late: nothing to undo
+    turns.leave("k")
+    assert turns._users == {} and turns._waiters == {}
+
+    engine = Engine(Settings(model_repo=model_repo, grpc_port=0))
+    await engine.start()
+    try:
+        sid = (await engine.create_session(engine.model("tiny-lstm"), None)).session_id
+        x = np.random.default_rng(3).normal(size=(2, MODELS["tiny-lstm"])).astype(np.float32)
+        lock = engine._session_lock(sid)  # a request holding the turn (a reset, say)
+        await lock.__aenter__()
+        waiting = asyncio.create_task(engine.step(sid, None, x[:1]))
+        await asyncio.sleep(0)
+        after = asyncio.create_task(engine.step_many(None, [StepItem(sid, x[:1])]))
+        waiting.cancel()
+        await lock.__aexit__(None, None, None)
+        await asyncio.gather(waiting, return_exceptions=True)
+        (first,) = await asyncio.wait_for(after, 5)
+        second = await asyncio.wait_for(engine.step(sid, None, x[1:]), 5)
+        y, _ = reference("tiny-lstm").run(x)
+        assert isinstance(first, StepResult) and first.step_count == 1
+        np.testing.assert_allclose(first.outputs, y[:1], atol=TOL)
+        np.testing.assert_allclose(second.outputs, y[1:], atol=TOL)
+    finally:
+        await engine.stop()
 
 
 def test_cli_sets_the_gc_threshold(monkeypatch):
