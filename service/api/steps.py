@@ -162,31 +162,32 @@ async def run(
 
 
 class JsonAnswer:
-    """A message's JSON answer, rendered item by item as the engine finishes each block
-    (while later blocks still run on onnxruntime's threads) and joined at the end; the
-    same bytes as rendering it whole."""
+    """A message's JSON answer: each item's dict built as the engine finishes its block
+    (while later blocks still run), then the whole answer serialised by one ``dumps``
+    call. One call for all items, not one per item: orjson's cost per call (with numpy
+    arrays) made 256 small calls cost 5x one call for the same bytes."""
 
     __slots__ = ("engine", "parsed", "parts")
 
     def __init__(self, engine: Engine, parsed: Parsed) -> None:
         self.engine = engine
         self.parsed = parsed
-        self.parts: list[bytes | None] = [None] * len(parsed.ids)
+        self.parts: list[dict[str, Any] | None] = [None] * len(parsed.ids)
 
     def ready(self, indices: list[int], answers: list) -> None:
         """The engine's ``on_ready``: ``indices`` index ``parsed.items`` and ``answers``."""
-        positions, parts = self.parsed.positions, self.parts
+        positions, parts, item = self.parsed.positions, self.parts, self._item
         for i in indices:
             position = positions[i]
-            parts[position] = dumps(self._item(position, answers[i]))
+            parts[position] = item(position, answers[i])
 
     def render(self, results: list) -> bytes:
         """The whole answer, given every position's result (``run``'s)."""
         parts = self.parts
         for position, result in enumerate(results):
             if parts[position] is None:
-                parts[position] = dumps(self._item(position, result))
-        return b'{"results":[' + b",".join(parts) + b"]}"  # type: ignore[arg-type]
+                parts[position] = self._item(position, result)
+        return dumps({"results": parts})
 
     def _item(self, position: int, result: StepResult | ServeError) -> dict[str, Any]:
         session_id = self.parsed.ids[position]
@@ -209,7 +210,7 @@ class JsonAnswer:
 
 
 async def answer_json(engine: Engine, who: str | None, parsed: Parsed) -> bytes:
-    """Run a parsed JSON message and render its answer (piece by piece as blocks finish)."""
+    """Run a parsed JSON message and render its answer (each item built as its block finishes)."""
     answer = JsonAnswer(engine, parsed)
     return answer.render(await run(engine, who, parsed, answer))
 
