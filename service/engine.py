@@ -593,6 +593,8 @@ class Engine:
         piece by piece; items it does not hear of are final when this returns.
         """
         s = self.settings
+        if not items:
+            return []
         if len(items) > s.max_multiplex_items:
             raise PayloadTooLarge(
                 f"{len(items)} items exceed the limit of {s.max_multiplex_items} per message",

@@ -445,6 +445,8 @@ async def test_uniform_messages_and_their_near_misses(model_repo, reference, sto
 
     monkeypatch.setattr(engine, "_plan_uniform", watched)
     try:
+        assert await engine.step_many(None, []) == []  # nothing to do: nothing planned
+        assert not bulk
         lstm = engine.model("tiny-lstm")
         ids = [(await engine.create_session(lstm, None)).session_id for _ in range(6)]
         other = (await engine.create_session(engine.model("tiny-gru"), None)).session_id
