@@ -404,7 +404,7 @@ class StepBatcher:
           when this model's recent calls say it takes at most ``inline_block_s``. The loop
           would otherwise sit idle until both calls are done, and the hand-off to a second
           pool thread, and back, cost more than that thread's compute saves (measured on
-          two cores: a 256-session message in two 128-row slices ran 20 % faster so). While
+          two cores: a 256-session message in two 128-row slices ran 12-20 % faster so). While
           the call runs, the loop serves nothing else: hence the bound.
         """
         if not self._inflight:
