@@ -881,13 +881,7 @@ class Engine:
             return
         seqs = list(map(_SEQ_OF, map(items.__getitem__, indices)))
         errors = bulk.advance(leased, states, steps, ys, seqs)
-        card = entry.card
-        if errors.count(None) == len(errors):  # the common case: every lease held
-            for i, y, record in zip(indices, ys, leased):
-                results[i] = StepResult(y, record, card)
-            done, final = len(indices), indices
-        else:
-            done, final = self._settle_leased(block, ys, errors, results, slow)
+        done, final = self._settle_leased(block, ys, errors, results, slow)
         if done:
             self._steps_counter(entry).inc(done * steps)
         if on_ready is not None and final:
@@ -897,12 +891,17 @@ class Engine:
     def _settle_leased(
         block: _Block, ys: np.ndarray, errors: list, results: list, slow: list
     ) -> tuple[int, list[int]]:
-        """A block's results when some leases did not hold: (items done, items final)."""
+        """A block's results after its write-back: (items done, items final)."""
+        card = block.entry.card
+        if errors.count(None) == len(errors):  # the common case: every lease held
+            for i, y, record in zip(block.indices, ys, block.records):
+                results[i] = StepResult(y, record, card)
+            return len(block.indices), block.indices
         done = 0
         final: list[int] = []
         for i, record, y, error in zip(block.indices, block.records, ys, errors):
             if error is None:
-                results[i] = StepResult(y, record, block.entry.card)
+                results[i] = StepResult(y, record, card)
                 done += 1
             elif isinstance(error, SessionConflict):
                 slow.append(i)  # changed since its lease: re-read and redo
@@ -1350,8 +1349,6 @@ class _Turns:
         n = users[key] - 1
         if n == 0:
             del users[key]
-            if self._waiters:  # only waiters that gave up can be left: forget them
-                self._waiters.pop(key, None)
             return
         users[key] = n
         self._pass_on(key)
@@ -1359,14 +1356,12 @@ class _Turns:
     def leave_many(self, keys: list[str]) -> None:
         """``leave`` for distinct keys whose turns we hold."""
         counts = list(map(self._users.pop, keys))
-        if counts.count(1) == len(counts) and not self._waiters:
+        if counts.count(1) == len(counts):
             return  # nobody waits for any of them
         for key, n in zip(keys, counts):
             if n > 1:
                 self._users[key] = n - 1
                 self._pass_on(key)
-            else:  # only waiters that gave up can be left: forget them
-                self._waiters.pop(key, None)
 
     def _pass_on(self, key: str) -> None:
         """The turn goes to the first waiter still waiting. One whose future is already
