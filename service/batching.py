@@ -37,6 +37,8 @@ class StepJob:
     """(y [steps, output_size], new flat state), or ([rows, steps, out], [rows, state]) for a block."""
     error: BaseException | None = None
     block: bool = False
+    more: bool = False
+    """A block after which more of its message's blocks follow (``submit_block``)."""
     commit: object = None
     """What the batcher's ``commit`` hook needs to make this job's result durable (from
     ``submit(..., commit=...)``); its waiter resumes only once that is done."""
@@ -316,11 +318,15 @@ class StepBatcher:
         return [job.future.result() for job in jobs]
 
     async def submit_block(
-        self, x: np.ndarray, states: np.ndarray
+        self, x: np.ndarray, states: np.ndarray, *, more: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Run ``x`` [rows, steps, ...] (sequences of one length) from ``states``
-        [rows, state_size] as one job; returns (y [rows, steps, out], new states [rows, S])."""
-        return await self._wait(self._enqueue([(x, states)], block=True)[0])
+        [rows, state_size] as one job; returns (y [rows, steps, out], new states [rows, S]).
+        ``more``: the sender has more blocks of the same message to plan and submit after
+        this one, so this one never runs on the event loop's thread (``_runs_here``)."""
+        job = self._enqueue([(x, states)], block=True)[0]
+        job.more = more
+        return await self._wait(job)
 
     def _enqueue(
         self, items: list[tuple[np.ndarray, np.ndarray]], block: bool = False, commit: object = None
@@ -400,16 +406,21 @@ class StepBatcher:
 
         - a small call while nothing else runs (a lone stream), up to ``inline_steps``: it
           saves the pool's two thread hand-offs, most of a lone step's latency;
-        - a multiplexed block while another call runs on the pool and nothing else waits,
-          when this model's recent calls say it takes at most ``inline_block_s``. The loop
-          would otherwise sit idle until both calls are done, and the hand-off to a second
-          pool thread, and back, cost more than that thread's compute saves (measured on
-          two cores: a 256-session message in two 128-row slices ran 12-20 % faster so). While
-          the call runs, the loop serves nothing else: hence the bound.
+        - a multiplexed message's last block while another call runs on the pool and
+          nothing else waits, when this model's recent calls say it takes at most
+          ``inline_block_s``. The loop would otherwise sit idle until both calls are done,
+          and the hand-off to a second pool thread, and back, cost more than that thread's
+          compute saves (measured on two cores: a 256-session message in two 128-row
+          slices ran 12-20 % faster so). While the call runs, the loop serves nothing
+          else: hence the bound. A block with ``more`` to follow goes to the pool: the
+          loop has their planning to do meanwhile (4,096 sessions in 16 slices, each run
+          here as it found the pool busy, left a core idle: 50.0k against 55.7k steps/s).
         """
         if not self._inflight:
             return sum(j.rows * j.steps for j in jobs) <= self.inline_steps
-        if self._queue or len(jobs) != 1 or not jobs[0].block or self._row_step_s is None:
+        if self._queue or len(jobs) != 1 or not jobs[0].block or jobs[0].more:
+            return False
+        if self._row_step_s is None:
             return False
         return jobs[0].rows * jobs[0].steps * self._row_step_s <= self.inline_block_s
 

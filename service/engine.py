@@ -96,6 +96,8 @@ class _Block:
     """Their sessions' records (on the memory store, the leased records themselves)."""
     x: np.ndarray
     """Their inputs, stacked: [items, steps, ...]."""
+    more: bool = False
+    """More slices of its message follow (``StepBatcher.submit_block``)."""
 
 
 @dataclass(slots=True)
@@ -693,7 +695,9 @@ class Engine:
             for a in range(0, len(indices), size):
                 part = indices[a : a + size]
                 leased = bulk.lease([items[i].session_id for i in part])
+                more = a + size < len(indices)
                 for job in self._plan(owner, items, part, leased, results, slow, budget):
+                    job.more = more
                     running.append(
                         asyncio.ensure_future(
                             self._run_leased(bulk, job, items, results, slow, on_ready)
@@ -875,7 +879,7 @@ class Engine:
         entry, steps, indices, leased = block.entry, block.steps, block.indices, block.records
         try:
             states = bulk.gather(leased)
-            ys, states = await self.batcher(entry).submit_block(block.x, states)
+            ys, states = await self.batcher(entry).submit_block(block.x, states, more=block.more)
         except Exception:  # noqa: BLE001 - isolate the failing item, if any
             slow.extend(indices)
             return

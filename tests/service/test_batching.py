@@ -428,14 +428,15 @@ async def test_calls_that_cannot_grow_start_while_another_runs(runners, referenc
         pool.shutdown(wait=True)
 
 
-@pytest.mark.parametrize("limit_s", [1.0, 1e-9, 0.0])
+@pytest.mark.parametrize(("limit_s", "more"), [(1.0, False), (1.0, True), (1e-9, False), (0.0, False)])
 async def test_a_block_beside_a_running_call_runs_on_the_loop_when_quick(
-    runners, reference, limit_s
+    runners, reference, limit_s, more
 ):
-    """While one call runs on the pool and nothing else waits, a multiplexed block runs on
-    the event loop's thread if this model's recent calls say it takes at most
-    ``inline_block_s``; past that (or with 0) it goes to the pool's second thread. Either
-    way its results are the reference's."""
+    """While one call runs on the pool and nothing else waits, a multiplexed message's
+    last block runs on the event loop's thread if this model's recent calls say it takes
+    at most ``inline_block_s``; past that (or with 0), or with ``more`` blocks of its
+    message to follow, it goes to the pool's second thread. Either way its results are
+    the reference's."""
     ref = reference("tiny-lstm")
     gated = _GatedRunner(runners["tiny-lstm"])
     loop_thread = threading.get_ident()
@@ -468,8 +469,10 @@ async def test_a_block_beside_a_running_call_runs_on_the_loop_when_quick(
             if threads:
                 break
             await asyncio.sleep(0.001)
-        block = asyncio.ensure_future(batcher.submit_block(xs[1:], np.stack([zero] * 3)))
-        if limit_s >= 1.0:
+        block = asyncio.ensure_future(
+            batcher.submit_block(xs[1:], np.stack([zero] * 3), more=more)
+        )
+        if limit_s >= 1.0 and not more:
             ys, states = await block  # while the pool's call is still held
             assert not first.done() and threads == [(1, False), (3, True)]
         else:

@@ -604,3 +604,34 @@ def test_response_frames_round_trip_with_errors():
     only = decode_many_response(encode_many_response([error], json.dumps([{"index": 0, **error}]).encode()))
     assert only == [error]
     assert decode_many_response(encode_many_response([])) == []
+
+
+async def test_only_a_messages_last_slice_may_run_on_the_loop(model_repo, reference, monkeypatch):
+    """The memory store's pipeline submits each slice but the last with ``more``: those go
+    to the pool (the event loop has the next slices to plan), and only the last may run
+    on the loop's thread beside a pool call. The answers are the reference's."""
+    from service.batching import StepBatcher
+    from service.config import Settings
+    from service.engine import Engine, StepItem, StepResult
+
+    flags: list[tuple[int, bool]] = []
+    submit_block = StepBatcher.submit_block
+
+    async def spied(self, x, states, *, more=False):
+        flags.append((x.shape[0], more))
+        return await submit_block(self, x, states, more=more)
+
+    monkeypatch.setattr(StepBatcher, "submit_block", spied)
+    engine = Engine(Settings(model_repo=model_repo, mux_slice_items=2, grpc_port=0))
+    await engine.start()
+    try:
+        rng = np.random.default_rng(5)
+        ids = [(await engine.create_session(engine.model("tiny-lstm"), None)).session_id for _ in range(5)]
+        xs = rng.normal(size=(5, 1, MODELS["tiny-lstm"])).astype(np.float32)
+        results = await engine.step_many(None, [StepItem(sid, x) for sid, x in zip(ids, xs)])
+        assert flags == [(2, True), (2, True), (1, False)]
+        for x, result in zip(xs, results):
+            assert isinstance(result, StepResult)
+            np.testing.assert_allclose(result.outputs, reference("tiny-lstm").run(x)[0], atol=TOL)
+    finally:
+        await engine.stop()
