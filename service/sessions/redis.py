@@ -26,7 +26,8 @@ SET of the new record under a staging name and one compare-and-set script that r
 over the record (which refreshes the TTL) or, with ``release=True``, deletes the session
 instead. Concurrent commits are coalesced: whatever commits wait while a pipeline is in
 flight go out together as the next pipeline, with one script call for all of them (one per
-hash tag on a cluster). Replies are parsed here, not by redis-py's per-reply parser.
+hash tag on a cluster); a step's commit made while none is in flight goes out at once,
+from its caller. Replies are parsed here, not by redis-py's per-reply parser.
 The cache's states are read-only and replaced, never written in place: a read shares its
 record's state rather than copying it, and an applied commit keeps a view of the bytes it
 sent; one future per ``commit_many`` call, not per commit.
@@ -961,18 +962,43 @@ class RedisSessionStore(SessionStore):
         """Queue the commits for the next pipeline and wait for all of their outcomes. A
         writer task sends the pipelines, one at a time, while commits wait; it starts on
         the next turn of the event loop, so every commit made in this turn (say, by the
-        steps one batch of onnxruntime work just released) goes out together."""
+        steps one batch of onnxruntime work just released) goes out together.
+
+        When no pipeline is in flight and none of the commits is a release, the caller
+        sends its own pipeline at once instead (``_write_now``): a lone stream's step then
+        spares the writer task's turn and the hop back to the caller."""
         if not records:
             return []
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), len(records))
-        self._pending += [
+        commits = [
             _Commit(r, bool(release and release[k]), waiter, k) for k, r in enumerate(records)
         ]
+        if not self._writing and len(commits) <= self._max_pipeline and not any(release or ()):
+            await self._write_now(commits)
+            return await waiter.future  # decided by now: no suspension
+        self._pending += commits
         if not self._writing:
             self._writing = True
             self._writer = loop.create_task(self._write())
         return await waiter.future
+
+    async def _write_now(self, batch: list[_Commit]) -> None:
+        """``batch`` as the next pipeline, sent by its caller; commits made meanwhile wait
+        for it, then go out through a writer task. A caller cancelled meanwhile leaves its
+        commits in doubt, as a failed pipeline does (their cache entries dropped: the next
+        read asks Redis, and the compare-and-set keeps any later commit exact), and
+        strands no one else's."""
+        self._writing = True
+        try:
+            await self._write_batch(batch)
+        except Exception:  # a bug: every commit of the batch was decided
+            log.exception("the Redis commit writer failed")
+        finally:
+            self._writing = False
+            if self._pending:
+                self._writing = True
+                self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
         """Send the waiting commits as pipelines, one at a time, until none wait. A writer

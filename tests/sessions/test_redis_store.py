@@ -820,7 +820,9 @@ async def test_commit_many_of_nothing_returns_at_once(redis_store) -> None:
 
 async def test_a_cancelled_writer_leaves_no_commit_waiting(redis_store) -> None:
     """Commits queued behind a pipeline in flight are cancelled with the writer (the server
-    stopping), not left waiting for ever."""
+    stopping), not left waiting for ever. (The first is a release, which always goes
+    through the writer task; a step's commit with nothing in flight is sent by its caller,
+    see the next test.)"""
     store = redis_store()
     first, second = record("first"), record("second")
     await store.create(first)
@@ -834,15 +836,65 @@ async def test_a_cancelled_writer_leaves_no_commit_waiting(redis_store) -> None:
         return await real(*args, **kwargs)
 
     store._pipeline = held
-    one = asyncio.ensure_future(store.commit(a))
+    one = asyncio.ensure_future(store.commit(a, release=True))
     for _ in range(3):
         await asyncio.sleep(0)  # the writer takes the first commit and waits on the gate
     two = asyncio.ensure_future(store.commit(b))
     await asyncio.sleep(0)
+    assert store._writer is not None
     store._writer.cancel()
     done, _ = await asyncio.wait({one, two}, timeout=2)
     assert done == {one, two}
     assert one.cancelled() and two.cancelled()
+
+
+async def test_a_lone_commit_is_sent_by_its_caller_and_strands_no_other_if_cancelled(
+    counting_store,
+) -> None:
+    """With no pipeline in flight, a step's commit goes out from its caller at once (no
+    writer task, no hop back); commits made meanwhile wait, then go out together through
+    a writer. A caller cancelled mid-pipeline leaves its own commit in doubt (its cached
+    copy dropped: the next read asks Redis) and every commit queued behind it still goes
+    out and applies."""
+    store = counting_store()
+    try:
+        for name in ("a", "b", "c"):
+            await store.create(record(name))
+        a, b, c = [await store.get(name) for name in ("a", "b", "c")]
+        gate = asyncio.Event()
+        real = store._pipeline
+
+        async def held(*args, **kwargs):
+            await gate.wait()  # the pipeline is slow to leave
+            return await real(*args, **kwargs)
+
+        store._pipeline = held
+        for rec in (a, b, c):
+            rec.step_count = 1
+        one = asyncio.ensure_future(store.commit(a))
+        await asyncio.sleep(0)
+        assert store._writing and store._writer is None  # sent by its caller
+        two, three = asyncio.ensure_future(store.commit(b)), asyncio.ensure_future(store.commit(c))
+        await asyncio.sleep(0)
+        assert len(store._pending) == 2  # waiting for the pipeline in flight
+        one.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await one
+        assert "a" not in store._cache and store._writer is not None
+        trips = store.round_trips
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(two, three), 3) == [None, None]
+        assert store.round_trips - trips == 1  # the two queued commits together
+        assert (await store.get("b", fresh=True)).step_count == 1
+        assert (await store.get("c", fresh=True)).step_count == 1
+        again = await store.get("a")  # from Redis: the cancelled commit never left
+        assert (again.step_count, again.revision) == (0, 0)
+        again.step_count = 1
+        await store.commit(again)
+        assert (await store.get("a", fresh=True)).revision == 1
+        assert not store._writing and not store._pending
+    finally:
+        await store.close()
 
 
 async def test_a_failing_writer_still_sends_the_commits_queued_behind(redis_store, caplog) -> None:
