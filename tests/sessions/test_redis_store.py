@@ -818,6 +818,19 @@ async def test_commit_many_of_nothing_returns_at_once(redis_store) -> None:
     assert await asyncio.wait_for(store.commit_many([]), 1) == []
 
 
+def _hold_pipelines(store: RedisSessionStore) -> asyncio.Event:
+    """Make the store's pipelines wait for the returned event before they leave."""
+    gate = asyncio.Event()
+    real = store._pipeline
+
+    async def held(*args, **kwargs):
+        await gate.wait()
+        return await real(*args, **kwargs)
+
+    store._pipeline = held  # type: ignore[method-assign]
+    return gate
+
+
 async def test_a_cancelled_writer_leaves_no_commit_waiting(redis_store) -> None:
     """Commits queued behind a pipeline in flight are cancelled with the writer (the server
     stopping), not left waiting for ever. (The first is a release, which always goes
@@ -828,14 +841,7 @@ async def test_a_cancelled_writer_leaves_no_commit_waiting(redis_store) -> None:
     await store.create(first)
     await store.create(second)
     a, b = await store.get("first"), await store.get("second")
-    gate = asyncio.Event()
-    real = store._pipeline
-
-    async def held(*args, **kwargs):
-        await gate.wait()  # a pipeline that takes its time
-        return await real(*args, **kwargs)
-
-    store._pipeline = held
+    _hold_pipelines(store)
     one = asyncio.ensure_future(store.commit(a, release=True))
     for _ in range(3):
         await asyncio.sleep(0)  # the writer takes the first commit and waits on the gate
@@ -861,14 +867,7 @@ async def test_a_lone_commit_is_sent_by_its_caller_and_strands_no_other_if_cance
         for name in ("a", "b", "c"):
             await store.create(record(name))
         a, b, c = [await store.get(name) for name in ("a", "b", "c")]
-        gate = asyncio.Event()
-        real = store._pipeline
-
-        async def held(*args, **kwargs):
-            await gate.wait()  # the pipeline is slow to leave
-            return await real(*args, **kwargs)
-
-        store._pipeline = held
+        gate = _hold_pipelines(store)
         for rec in (a, b, c):
             rec.step_count = 1
         one = asyncio.ensure_future(store.commit(a))
