@@ -60,11 +60,12 @@ def redis_vs_memory(
         stats0, steps0 = commandstats(), _steps_so_far(servers["redis"].url)
         figures: dict[str, dict[str, Any]] = {"memory": {}, "redis": {}}
         for conns in (streams, 1):
-            measured = interleaved(
+            measured = interleaved(  # five windows each: see multiplex._compare_single
                 ["memory", "redis"],
                 lambda store, conns=conns: _load(
                     servers[store], card, model, conns, duration / 2, warmup / 2, log_dir
                 ),
+                rounds=5,
             )
             for store, r in measured.items():
                 figures[store][f"ws_{conns}"] = r
