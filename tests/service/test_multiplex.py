@@ -606,10 +606,23 @@ def test_response_frames_round_trip_with_errors():
     assert decode_many_response(encode_many_response([])) == []
 
 
-async def test_only_a_messages_last_slice_may_run_on_the_loop(model_repo, reference, monkeypatch):
-    """The memory store's pipeline submits each slice but the last with ``more``: those go
-    to the pool (the event loop has the next slices to plan), and only the last may run
-    on the loop's thread beside a pool call. The answers are the reference's."""
+@pytest.mark.parametrize(
+    ("slice_items", "n", "slices"),
+    [
+        (2, 5, [(2, True), (2, True), (1, False)]),
+        (256, 64, [(64, False)]),  # not split below 64 items a slice
+        (256, 130, [(65, True), (65, False)]),  # one slice per pool thread
+        (256, 600, [(256, True), (256, True), (88, False)]),
+    ],
+)
+async def test_only_a_messages_last_slice_may_run_on_the_loop(
+    model_repo, reference, monkeypatch, slice_items, n, slices
+):
+    """The memory store's pipeline cuts a round into slices of at most ``mux_slice_items``,
+    one per pool thread at least, but none smaller than 64 items for that. It submits
+    each slice but the last with ``more``: those go to the pool (the event loop has the
+    next slices to plan), and only the last may run on the loop's thread beside a pool
+    call. The answers are the reference's."""
     from service.batching import StepBatcher
     from service.config import Settings
     from service.engine import Engine, StepItem, StepResult
@@ -622,16 +635,18 @@ async def test_only_a_messages_last_slice_may_run_on_the_loop(model_repo, refere
         return await submit_block(self, x, states, more=more)
 
     monkeypatch.setattr(StepBatcher, "submit_block", spied)
-    engine = Engine(Settings(model_repo=model_repo, mux_slice_items=2, grpc_port=0))
+    engine = Engine(Settings(model_repo=model_repo, mux_slice_items=slice_items, grpc_port=0))
     await engine.start()
     try:
         rng = np.random.default_rng(5)
-        ids = [(await engine.create_session(engine.model("tiny-lstm"), None)).session_id for _ in range(5)]
-        xs = rng.normal(size=(5, 1, MODELS["tiny-lstm"])).astype(np.float32)
+        entry = engine.model("tiny-lstm")
+        ids = [(await engine.create_session(entry, None)).session_id for _ in range(n)]
+        xs = rng.normal(size=(n, 1, MODELS["tiny-lstm"])).astype(np.float32)
         results = await engine.step_many(None, [StepItem(sid, x) for sid, x in zip(ids, xs)])
-        assert flags == [(2, True), (2, True), (1, False)]
+        assert flags == slices
+        ref = reference("tiny-lstm")
         for x, result in zip(xs, results):
             assert isinstance(result, StepResult)
-            np.testing.assert_allclose(result.outputs, reference("tiny-lstm").run(x)[0], atol=TOL)
+            np.testing.assert_allclose(result.outputs, ref.run(x)[0], atol=TOL)
     finally:
         await engine.stop()
