@@ -323,7 +323,8 @@ class StepBatcher:
         """Run ``x`` [rows, steps, ...] (sequences of one length) from ``states``
         [rows, state_size] as one job; returns (y [rows, steps, out], new states [rows, S]).
         ``more``: the sender has more blocks of the same message to plan and submit after
-        this one, so this one never runs on the event loop's thread (``_runs_here``)."""
+        this one, so this one does not run on the event loop's thread beside a pool call
+        (``_runs_here``)."""
         job = self._enqueue([(x, states)], block=True)[0]
         job.more = more
         return await self._wait(job)

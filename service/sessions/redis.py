@@ -992,8 +992,9 @@ class RedisSessionStore(SessionStore):
         self._writing = True
         try:
             await self._write_batch(batch)
-        except Exception:  # a bug: every commit of the batch was decided
+        except Exception as exc:  # a bug
             log.exception("the Redis commit writer failed")
+            self._fail_undecided(batch, exc)
         finally:
             self._writing = False
             if self._pending:
@@ -1005,13 +1006,15 @@ class RedisSessionStore(SessionStore):
         stopped by anything else than its pipelines' outcomes leaves no commit waiting for
         ever: the ones not sent yet are cancelled with it (a cancelled writer: the server
         stops), or go out through a new writer."""
+        batch: list[_Commit] = []
         try:
             while self._pending:
                 batch = self._pending[: self._max_pipeline]
                 del self._pending[: len(batch)]
                 await self._write_batch(batch)
-        except Exception:  # a bug: the batch's commits were decided, the others wait
+        except Exception as exc:  # a bug: the others wait for the next writer
             log.exception("the Redis commit writer failed")
+            self._fail_undecided(batch, exc)
             if self._pending:
                 self._writer = asyncio.get_running_loop().create_task(self._write())
                 return  # the new writer owns ``_writing``
@@ -1022,6 +1025,15 @@ class RedisSessionStore(SessionStore):
             self._writing = False
             raise
         self._writing = False
+
+    def _fail_undecided(self, batch: list[_Commit], exc: BaseException) -> None:
+        """After a bug in a pipeline's handling: the callers of its commits that still
+        wait hear of it rather than wait for ever, and their sessions' cache entries go
+        (the commits' fate is unknown: the next read asks Redis)."""
+        for item in batch:
+            self._cache.pop(item.record.session_id, None)
+            if not item.waiter.future.done():
+                item.waiter.future.set_exception(_own_copy(exc))
 
     def _script_group(self, entry: _Cached) -> bytes:
         """Commits of one group go to Redis as one script call: here all of a pipeline's

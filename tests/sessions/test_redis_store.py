@@ -896,6 +896,27 @@ async def test_a_lone_commit_is_sent_by_its_caller_and_strands_no_other_if_cance
         await store.close()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_pipeline_that_fails_before_deciding_fails_its_commits(
+    redis_store, direct: bool, caplog
+) -> None:
+    """Should a pipeline's handling fail before its commits are decided (a bug), their
+    callers hear of it rather than wait for ever, whether the caller sent the pipeline or
+    the writer task did, and their cached copies go."""
+    store = redis_store()
+    await store.create(record("a"))
+    a = await store.get("a")
+
+    async def broken(batch):
+        raise RuntimeError("a bug before the outcomes")
+
+    store._write_batch = broken
+    with pytest.raises(RuntimeError, match="a bug before the outcomes"):
+        await asyncio.wait_for(store.commit(a, release=not direct), 3)
+    assert "a" not in store._cache and not store._writing
+    assert "the Redis commit writer failed" in caplog.text
+
+
 async def test_a_failing_writer_still_sends_the_commits_queued_behind(redis_store, caplog) -> None:
     """Should the writer fail after deciding a pipeline (a bug), it is logged and the commits
     that queued meanwhile still go out, through a new writer."""
