@@ -663,6 +663,7 @@ class RedisSessionStore(SessionStore):
         self._writer: asyncio.Task | None = None
         self._idle: list[Any] = []
         """Connections not in use (at most ``max_connections``, the gate's size)."""
+        self._closed = False
         self._limits = _Limits(self)
         self._shas = {
             name: hashlib.sha1((_LUA_COMMON + body).encode()).hexdigest()
@@ -794,7 +795,10 @@ class RedisSessionStore(SessionStore):
             await connection.disconnect()
             raise
         finally:
-            self._idle.append(connection)
+            if self._closed:  # closed meanwhile: close() has already closed the idle ones
+                await connection.disconnect()
+            else:
+                self._idle.append(connection)
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple:
         return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
@@ -1258,6 +1262,7 @@ class RedisSessionStore(SessionStore):
             await client.ping()
 
     async def close(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.disconnect()

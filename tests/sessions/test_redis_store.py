@@ -917,6 +917,22 @@ async def test_a_pipeline_that_fails_before_deciding_fails_its_commits(
     assert "the Redis commit writer failed" in caplog.text
 
 
+async def test_close_during_a_pipeline_leaves_no_connection_open(redis_store) -> None:
+    """A pipeline still in flight when the store closes finishes, and its connection is
+    closed after it rather than kept for a store that will not use it again."""
+    store = redis_store()
+    await store.create(record("a"))
+    a = await store.get("a")
+    a.step_count = 1
+    gate = _hold_pipelines(store)
+    one = asyncio.ensure_future(store.commit(a))
+    await asyncio.sleep(0.01)
+    await store.close()
+    gate.set()
+    assert await asyncio.wait_for(one, 3) is None
+    assert store._idle == [] or not any(c.is_connected for c in store._idle)
+
+
 async def test_a_failing_writer_still_sends_the_commits_queued_behind(redis_store, caplog) -> None:
     """Should the writer fail after deciding a pipeline (a bug), it is logged and the commits
     that queued meanwhile still go out, through a new writer."""
