@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     """Session steps in one multiplexed message (``POST /v1/steps``, ``/v1/stream``)."""
     mux_slice_items: int = Field(default=256, ge=1)
     """A multiplexed message's items go to onnxruntime in slices of at most this many
-    (memory store), and in at least one slice per pool thread, so the server prepares the
-    next slice while calls run and the slices of one message run at once."""
+    (memory store), and in at least one slice per pool thread when that leaves 64 items
+    or more a slice, so the server prepares the next slice while calls run and the slices
+    of one message run at once."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_generate_steps: int = Field(default=10_000, ge=1)
 
