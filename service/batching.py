@@ -353,15 +353,18 @@ class StepBatcher:
 
     def _may_dispatch(self) -> bool:
         """Whether a call may start now: while fewer than ``max_inflight`` run, or, up to
-        ``max_overlap``, when waiting could not make it any bigger: the queue already holds
-        a full call (``max_size`` rows) or starts with a block (a multiplexed message's
-        slice, batched by its sender). A lone stream's calls still gather while one runs."""
+        ``max_overlap``, when waiting could not make it any bigger (the queue already holds
+        a full call, ``max_size`` rows). A lone stream's calls still gather while one runs.
+
+        A block (a multiplexed message's slice, batched by its sender) goes to the pool at
+        once, however many calls run: the pool's own queue holds it until a thread is
+        free, and a thread that ends a call starts the next one there and then, without
+        waiting for the event loop to notice (which, busy writing back the slices already
+        done, took 1.5-3 ms per call at 4,096 sessions: 56.5k -> 64.7k steps/s)."""
         running = len(self._inflight)
-        if running < self._slots:
+        if running < self._slots or self._queue[0].block:
             return True
-        return running < self._overlap and (
-            self._queue[0].block or self._queued_rows >= self.max_size
-        )
+        return running < self._overlap and self._queued_rows >= self.max_size
 
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
@@ -407,7 +410,7 @@ class StepBatcher:
 
         - a small call while nothing else runs (a lone stream), up to ``inline_steps``: it
           saves the pool's two thread hand-offs, most of a lone step's latency;
-        - a multiplexed message's last block while another call runs on the pool and
+        - a multiplexed message's last block while one other call runs on the pool and
           nothing else waits, when this model's recent calls say it takes at most
           ``inline_block_s``. The loop would otherwise sit idle until both calls are done,
           and the hand-off to a second pool thread, and back, cost more than that thread's
@@ -421,7 +424,7 @@ class StepBatcher:
             return sum(j.rows * j.steps for j in jobs) <= self.inline_steps
         if self._queue or len(jobs) != 1 or not jobs[0].block or jobs[0].more:
             return False
-        if self._row_step_s is None:
+        if len(self._inflight) > 1 or self._row_step_s is None:  # both cores busy already
             return False
         return jobs[0].rows * jobs[0].steps * self._row_step_s <= self.inline_block_s
 

@@ -701,7 +701,7 @@ class Engine:
         )
         running: list[asyncio.Future] = []
         try:
-            for a in range(0, len(indices), size):
+            for k, a in enumerate(range(0, len(indices), size)):
                 part = indices[a : a + size]
                 leased = bulk.lease([items[i].session_id for i in part])
                 more = a + size < len(indices)
@@ -712,8 +712,12 @@ class Engine:
                             self._run_leased(bulk, job, items, results, slow, on_ready)
                         )
                     )
-                if a + size < len(indices):
-                    await asyncio.sleep(0)  # the dispatcher takes the slice's blocks
+                if a + size < len(indices) and k < self._workers:
+                    # The dispatcher takes the slice's blocks: each pool thread starts its
+                    # first call at once. The later slices are planned back to back and
+                    # queue for the pool (yielding after each let the write-backs of
+                    # finished slices run first, and the pool went short of work).
+                    await asyncio.sleep(0)
             await asyncio.gather(*running)
         except BaseException:
             for task in running:

@@ -363,7 +363,8 @@ class _GatedRunner:
 
 async def test_calls_that_cannot_grow_start_while_another_runs(runners, reference):
     """With one call in flight, a lone job waits to gather company; a multiplexed block or
-    a full batch starts at once on the pool's second thread (and no more than that)."""
+    a full batch starts at once on the pool's second thread. A further block goes to the
+    pool's queue at once as well, and starts as soon as a thread is free."""
     ref = reference("tiny-lstm")
     gated = _GatedRunner(runners["tiny-lstm"])
     started: list[int] = []
@@ -404,9 +405,11 @@ async def test_calls_that_cannot_grow_start_while_another_runs(runners, referenc
         await until(lambda: started == [1, 3])  # at once, beside the running call
         third = asyncio.ensure_future(batcher.submit_block(block_x, np.stack([zero] * 3)))
         await asyncio.sleep(0.02)
-        assert started == [1, 3] and batcher.queued == 1  # no more than the pool's threads
+        # handed to the pool, whose two threads are both busy: it waits in the pool's queue
+        assert started == [1, 3] and batcher.queued == 0
         gated.gate.set()
         await asyncio.gather(first, third)
+        assert started == [1, 3, 3]
         ys, states = await block
         for row, x in enumerate(xs[:3]):
             y_ref, finals = ref.run(x)
@@ -490,6 +493,54 @@ async def test_a_block_beside_a_running_call_runs_on_the_loop_when_quick(
             y_ref, finals = ref.run(x)
             np.testing.assert_allclose(ys[row], y_ref, atol=TOL)
             np.testing.assert_allclose(states[row], _flat(ref, finals), atol=TOL)
+    finally:
+        gated.gate.set()
+        await batcher.close()
+        pool.shutdown(wait=True)
+
+
+async def test_a_last_block_beside_two_running_calls_goes_to_the_pool(runners, reference):
+    """With two calls already running (both cores busy), even a message's last block,
+    quick as it is, goes to the pool rather than run on the event loop's thread."""
+    ref = reference("tiny-lstm")
+    gated = _GatedRunner(runners["tiny-lstm"])
+    loop_thread = threading.get_ident()
+    threads: list[tuple[int, bool]] = []
+    run = gated.run
+
+    def watched(x, states, lengths):
+        threads.append((x.shape[0], threading.get_ident() == loop_thread))
+        return run(x, states, lengths)
+
+    gated.run = watched  # type: ignore[method-assign]
+    pool = ThreadPoolExecutor(max_workers=2)
+    batcher = StepBatcher(
+        gated, pool, max_size=8, max_overlap=2, inline_block_s=1.0  # type: ignore[arg-type]
+    )
+    zero = gated.zero_state()
+    xs = np.random.default_rng(13).normal(size=(6, 2, 3)).astype(np.float32)
+    try:
+        gated.gate.set()
+        await batcher.submit_block(xs[:2], np.stack([zero] * 2))  # teaches the batcher its cost
+        gated.gate.clear()
+        threads.clear()
+        held = []
+        for k in (0, 2):  # two calls, each started before the next is submitted
+            block = batcher.submit_block(xs[k : k + 2], np.stack([zero] * 2), more=True)
+            held.append(asyncio.ensure_future(block))
+            for _ in range(2000):
+                if len(threads) == len(held):
+                    break
+                await asyncio.sleep(0.001)
+        last = asyncio.ensure_future(batcher.submit_block(xs[4:], np.stack([zero] * 2)))
+        await asyncio.sleep(0.02)
+        assert not last.done() and threads == [(2, False), (2, False)]
+        gated.gate.set()
+        ys, _ = await last
+        await asyncio.gather(*held)
+        assert threads == [(2, False), (2, False), (2, False)]
+        for row, x in enumerate(xs[4:]):
+            np.testing.assert_allclose(ys[row], ref.run(x)[0], atol=TOL)
     finally:
         gated.gate.set()
         await batcher.close()
