@@ -334,7 +334,11 @@ class StepBatcher:
     ) -> list[StepJob]:
         if self._closed:
             raise ModelNotReady("this model version was unloaded; retry to use the current one")
-        if len(self._queue) + len(items) > self.max_queue and self._queue:
+        # Blocks go to the pool's queue at once (``_may_dispatch``): the calls handed to
+        # the pool beyond those that may run count as waiting too, so a flood of
+        # multiplexed work is still refused.
+        waiting = len(self._queue) + max(0, len(self._inflight) - self._overlap)
+        if waiting + len(items) > self.max_queue and waiting:
             raise Overloaded(f"{len(self._queue)} sequences are already queued for this model")
         loop = asyncio.get_running_loop()
         if self._task is None:

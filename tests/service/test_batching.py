@@ -547,6 +547,35 @@ async def test_a_last_block_beside_two_running_calls_goes_to_the_pool(runners, r
         pool.shutdown(wait=True)
 
 
+async def test_blocks_handed_to_the_pool_count_against_the_queue(runners, reference):
+    """Blocks go to the pool's queue at once, and the calls beyond the one that may run
+    count as waiting: past ``max_queue`` a further block is refused (429 ``overloaded``),
+    and the accepted ones are exact."""
+    ref = reference("tiny-lstm")
+    gated = _GatedRunner(runners["tiny-lstm"])
+    pool = ThreadPoolExecutor(max_workers=1)
+    batcher = StepBatcher(gated, pool, max_size=8, max_queue=3)  # type: ignore[arg-type]
+    xs = np.random.default_rng(6).normal(size=(5, 2, 2, 3)).astype(np.float32)
+    zero = gated.zero_state()
+    try:
+        accepted = []
+        for x in xs[:4]:  # one runs (held), three wait in the pool's queue
+            accepted.append(asyncio.ensure_future(batcher.submit_block(x, np.stack([zero] * 2))))
+            await asyncio.sleep(0.01)
+        assert batcher.queued == 0 and len(batcher._inflight) == 4
+        with pytest.raises(Overloaded) as info:
+            await batcher.submit_block(xs[4], np.stack([zero] * 2))
+        assert info.value.code == "overloaded"
+        gated.gate.set()
+        for x, (ys, _) in zip(xs[:4], await asyncio.gather(*accepted)):
+            for row in range(2):
+                np.testing.assert_allclose(ys[row], ref.run(x[row])[0], atol=TOL)
+    finally:
+        gated.gate.set()
+        await batcher.close()
+        pool.shutdown(wait=True)
+
+
 async def test_overloaded_when_the_queue_is_full(runners, reference):
     ref = reference("tiny-lstm")
     gated = _GatedRunner(runners["tiny-lstm"])
