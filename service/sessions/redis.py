@@ -983,9 +983,13 @@ class RedisSessionStore(SessionStore):
             return await waiter.future  # decided by now: no suspension
         self._pending += commits
         if not self._writing:
-            self._writing = True
-            self._writer = loop.create_task(self._write())
+            self._start_writer()
         return await waiter.future
+
+    def _start_writer(self) -> None:
+        """A writer task for the waiting commits (it owns ``_writing`` until none wait)."""
+        self._writing = True
+        self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write_now(self, batch: list[_Commit]) -> None:
         """``batch`` as the next pipeline, sent by its caller; commits made meanwhile wait
@@ -1002,8 +1006,7 @@ class RedisSessionStore(SessionStore):
         finally:
             self._writing = False
             if self._pending:
-                self._writing = True
-                self._writer = asyncio.get_running_loop().create_task(self._write())
+                self._start_writer()
 
     async def _write(self) -> None:
         """Send the waiting commits as pipelines, one at a time, until none wait. A writer
@@ -1020,7 +1023,7 @@ class RedisSessionStore(SessionStore):
             log.exception("the Redis commit writer failed")
             self._fail_undecided(batch, exc)
             if self._pending:
-                self._writer = asyncio.get_running_loop().create_task(self._write())
+                self._start_writer()
                 return  # the new writer owns ``_writing``
         except BaseException:  # cancelled (the server stops): so are the waiting commits
             stranded, self._pending = self._pending, []
