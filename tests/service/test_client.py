@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
+import time
+from functools import partial
 
 import httpx
 import numpy as np
@@ -345,18 +346,32 @@ async def test_async_client(server, reference):
 # -- WebSocket streams --------------------------------------------------------------------------
 
 
-def drop_after_send(stream) -> None:
-    """Break the stream's current connection right after its next message is sent: the
-    server applies the message but its answer never arrives."""
+def _step_count_is(client: Client, session_id: str, count: int) -> bool:
+    return client.session(session_id).step_count == count
+
+
+def drop_on_send(stream, applied=None) -> None:
+    """Break the stream's current connection at its next message.
+
+    With ``applied`` (a callable true once the server has applied the message), the
+    message is sent, and once the server applied it the connection is cut and the send
+    fails as a dropped connection would: the answer is lost, so the client's retry must be
+    answered as a replay. Without it, the connection is cut before the message leaves: the
+    server never saw it, so the retry is applied afresh. Both are deterministic, where
+    cutting the socket right after the send raced the server's read of the message against
+    its sight of the closed connection, and the client's reader against the answer."""
     connection = stream.connection
     original = connection.send
 
     def send(message):
-        original(message)
-        # Cut the TCP connection at once (no closing handshake, during which a fast
-        # server's answer could still be read): the answer surely never arrives.
-        connection.socket.shutdown(socket.SHUT_RDWR)
+        if applied is not None:
+            original(message)
+            deadline = time.monotonic() + 10
+            while not applied():
+                assert time.monotonic() < deadline, "the server never applied the message"
+                time.sleep(0.005)
         connection.close()
+        raise ConnectionResetError("cut by the test")
 
     connection.send = send
 
@@ -406,8 +421,8 @@ def test_stream_json_and_binary_equal_rest(server, reference):
 
 def test_stream_reconnects_exactly_once(server, reference):
     ref = reference("tiny-lstm")
-    x = RNG.normal(size=(8, 3)).astype(np.float32)
-    chunks = [x[:2], x[2:3], x[3:4], x[4:6], x[6:7], x[7:]]
+    x = RNG.normal(size=(9, 3)).astype(np.float32)
+    chunks = [x[:2], x[2:3], x[3:4], x[4:6], x[6:7], x[7:8], x[8:]]
     with Client(server.url) as client:
         for binary in (False, True):
             stream = client.stream("tiny-lstm", binary=binary, backoff=0.01)
@@ -416,14 +431,17 @@ def test_stream_reconnects_exactly_once(server, reference):
                 for k, chunk in enumerate(chunks):
                     if k == 2:
                         stream.connection.close()  # dropped between two messages
-                    if k == 4:
-                        drop_after_send(stream)  # dropped with a message unanswered
+                    if k == 4:  # dropped once the server applied the message, unanswered
+                        applied = partial(_step_count_is, client, stream.session_id, 7)
+                        drop_on_send(stream, applied)
+                    if k == 5:
+                        drop_on_send(stream)  # dropped before the message left
                     results.append(stream.step(chunk))
-            assert stream.reconnects == 2
-            assert [r.step_count for r in results] == [2, 3, 4, 6, 7, 8]
-            assert [r.replayed for r in results] == [False, False, False, False, True, False]
+            assert stream.reconnects == 3
+            assert [r.step_count for r in results] == [2, 3, 4, 6, 7, 8, 9]
+            assert [r.replayed for r in results] == [False] * 4 + [True, False, False]
             close(np.concatenate([r.outputs for r in results]), ref.run(x)[0])
-            assert client.session(stream.session_id).step_count == 8  # none applied twice
+            assert client.session(stream.session_id).step_count == 9  # none applied twice
 
 
 async def test_async_stream(server, reference):
@@ -450,9 +468,13 @@ async def test_async_stream(server, reference):
 
             async def send(message):
                 await original(message)
-                # at once, no closing handshake (see drop_after_send)
-                connection.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+                # lost once the server applied it (see drop_on_send)
+                deadline = time.monotonic() + 10
+                while (await client.session(stream.session_id)).step_count != 6:
+                    assert time.monotonic() < deadline, "the server never applied the message"
+                    await asyncio.sleep(0.005)
                 await connection.close()
+                raise ConnectionResetError("cut by the test")
 
             connection.send = send
             second = await stream.step(x[3:])
