@@ -39,6 +39,9 @@ class StepJob:
     block: bool = False
     more: bool = False
     """A block after which more of its message's blocks follow (``submit_block``)."""
+    crowd: bool = False
+    """A block of single steps of many callers, gathered by the engine in one loop turn
+    (``submit_crowd``): queued, merged and dispatched as that many single jobs would be."""
     commit: object = None
     """What the batcher's ``commit`` hook needs to make this job's result durable (from
     ``submit(..., commit=...)``); its waiter resumes only once that is done."""
@@ -329,8 +332,21 @@ class StepBatcher:
         job.more = more
         return await self._wait(job)
 
+    def submit_crowd(self, x: np.ndarray, states: np.ndarray) -> StepJob:
+        """Queue the steps of many callers, ``x`` [rows, steps, ...] from ``states``
+        [rows, state_size], as one block job; its future gets (y [rows, steps, out], new
+        states [rows, S]). Unlike ``submit_block``'s, it is batched exactly as ``rows``
+        single jobs would be: it waits for a free slot (and merges with what else waits),
+        and it never runs on the event loop's thread beside a pool call. Cancelling the
+        future skips the job if it has not started."""
+        return self._enqueue([(x, states)], block=True, crowd=True)[0]
+
     def _enqueue(
-        self, items: list[tuple[np.ndarray, np.ndarray]], block: bool = False, commit: object = None
+        self,
+        items: list[tuple[np.ndarray, np.ndarray]],
+        block: bool = False,
+        commit: object = None,
+        crowd: bool = False,
     ) -> list[StepJob]:
         if self._closed:
             raise ModelNotReady("this model version was unloaded; retry to use the current one")
@@ -338,7 +354,8 @@ class StepBatcher:
         # the pool beyond those that may run count as waiting too, so a flood of
         # multiplexed work is still refused.
         waiting = len(self._queue) + max(0, len(self._inflight) - self._overlap)
-        if waiting + len(items) > self.max_queue and waiting:
+        adding = items[0][0].shape[0] if crowd else len(items)  # a crowd: as its single jobs
+        if waiting + adding > self.max_queue and waiting:
             raise Overloaded(f"{len(self._queue)} sequences are already queued for this model")
         loop = asyncio.get_running_loop()
         if self._task is None:
@@ -346,7 +363,7 @@ class StepBatcher:
             self._task = loop.create_task(self._dispatch_loop())
         now = time.perf_counter()
         jobs = [
-            StepJob(x, state, loop.create_future(), now, block=block, commit=commit)
+            StepJob(x, state, loop.create_future(), now, block=block, commit=commit, crowd=crowd)
             for x, state in items
         ]
         self._queue.extend(jobs)
@@ -366,7 +383,8 @@ class StepBatcher:
         waiting for the event loop to notice (which, busy writing back the slices already
         done, took 1.5-3 ms per call at 4,096 sessions: 56.5k -> 64.7k steps/s)."""
         running = len(self._inflight)
-        if running < self._slots or self._queue[0].block:
+        head = self._queue[0]
+        if running < self._slots or (head.block and not head.crowd):
             return True
         return running < self._overlap and self._queued_rows >= self.max_size
 
@@ -426,7 +444,7 @@ class StepBatcher:
         """
         if not self._inflight:
             return sum(j.rows * j.steps for j in jobs) <= self.inline_steps
-        if self._queue or len(jobs) != 1 or not jobs[0].block or jobs[0].more:
+        if self._queue or len(jobs) != 1 or not jobs[0].block or jobs[0].more or jobs[0].crowd:
             return False
         if len(self._inflight) > 1 or self._row_step_s is None:  # both cores busy already
             return False
@@ -527,7 +545,8 @@ class StepBatcher:
 
     def _settle(self, jobs: list[StepJob], started: float) -> None:
         """Hand each waiter its result or error, and report the batch."""
-        self._lone = len(jobs) == 1 and not jobs[0].block
+        # a crowd of one step is a lone stream's step that found the runtime busy
+        self._lone = len(jobs) == 1 and (not jobs[0].block or (jobs[0].crowd and jobs[0].rows == 1))
         for job in jobs:
             if job.future.done():
                 continue
@@ -540,9 +559,12 @@ class StepBatcher:
             else:
                 job.future.set_result(job.result)
         if self._observe is not None:
-            self._observe(
-                BatchStats(sum(job.rows for job in jobs), [started - job.enqueued for job in jobs])
-            )
+            waits = [started - job.enqueued for job in jobs]
+            if any(job.crowd for job in jobs):  # a crowd's steps waited as its single jobs
+                waits = [
+                    w for job, w in zip(jobs, waits) for _ in range(job.rows if job.crowd else 1)
+                ]
+            self._observe(BatchStats(sum(job.rows for job in jobs), waits))
 
     async def close(self) -> None:
         """Refuse new work, finish everything already admitted (queued or in flight), stop.

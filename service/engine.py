@@ -105,6 +105,80 @@ class _Block:
     """More slices of its message follow (``StepBatcher.submit_block``)."""
 
 
+_CONFLICT = object()
+"""A crowd's verdict for a step whose session changed since its lease: redo it fresh."""
+_ALONE = object()
+"""A crowd's verdict when its call failed: run the step alone."""
+
+
+@dataclass(slots=True)
+class _Crowd:
+    """Single steps of one model version and length on the memory store, gathered in one
+    loop turn (``Engine._join_crowd``): the leased records, inputs, ``seq``s and the
+    futures their callers wait on."""
+
+    bulk: MemorySessionStore
+    entry: ModelVersion
+    batcher: StepBatcher
+    steps: int
+    records: list = field(default_factory=list)
+    xs: list = field(default_factory=list)
+    seqs: list = field(default_factory=list)
+    futures: list = field(default_factory=list)
+    counter: object = None
+
+    def part(self, a: int, b: int) -> _Crowd:
+        return _Crowd(
+            self.bulk, self.entry, self.batcher, self.steps, self.records[a:b],
+            self.xs[a:b], self.seqs[a:b], self.futures[a:b], self.counter,
+        )  # fmt: skip
+
+    def keep_waited(self) -> list[int] | None:
+        """Leave out the steps whose callers gave up (their turns are gone): the positions
+        kept, or None when every caller still waits."""
+        if not any(map(asyncio.Future.done, self.futures)):
+            return None
+        keep = [k for k, future in enumerate(self.futures) if not future.done()]
+        self.records = [self.records[k] for k in keep]
+        self.xs = [self.xs[k] for k in keep]
+        self.seqs = [self.seqs[k] for k in keep]
+        self.futures = [self.futures[k] for k in keep]
+        return keep
+
+    def settle(self, outcomes: list) -> None:
+        for future, outcome in zip(self.futures, outcomes):
+            if not future.done():
+                future.set_result(outcome)
+
+    def done(self, call: asyncio.Future) -> None:
+        """The call is over: the steps still waited for are written back to the slab in
+        one indexing operation and hear their outputs (or ``_CONFLICT``, ``_ALONE``, their
+        error)."""
+        if call.cancelled() or call.exception() is not None:
+            self.settle([_ALONE] * len(self.futures))
+            return
+        ys, states = call.result()
+        keep = self.keep_waited()
+        if keep is not None:  # callers that gave up meanwhile
+            ys, states = ys[keep], states[keep]
+        if not self.futures:
+            return
+        errors = self.bulk.advance(self.records, states, self.steps, ys, self.seqs)
+        if errors.count(None) == len(errors):
+            self.settle(list(ys))
+            self.counter.inc(len(errors) * self.steps)  # type: ignore[attr-defined]
+            return
+        self.settle(
+            [
+                y if error is None else _CONFLICT if isinstance(error, SessionConflict) else error
+                for y, error in zip(ys, errors)
+            ]
+        )
+        done = errors.count(None)
+        if done:
+            self.counter.inc(done * self.steps)  # type: ignore[attr-defined]
+
+
 @dataclass(slots=True)
 class GenerateResult:
     generated: list
@@ -139,6 +213,9 @@ class Engine:
         self._turns = _Turns()
         self._bulk = self.store if isinstance(self.store, MemorySessionStore) else None
         """The memory store's slab path for multiplexed steps (other stores: get/commit_many)."""
+        self._crowds: dict[tuple[int, int, int], _Crowd] = {}
+        """The single steps gathering in this loop turn, by (batcher, steps, slab)."""
+        self._crowds_on = self._bulk is not None and settings.batch_crowds
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
@@ -486,6 +563,15 @@ class Engine:
         if batcher.can_run_inline(steps):
             y, state = batcher.run_inline(x, bulk.state_row(record))
         else:
+            if self._crowds_on and batcher.max_size > 1:
+                outcome = await self._join_crowd(bulk, batcher, entry, record, x, seq)
+                if type(outcome) is np.ndarray:
+                    return StepResult(outcome, record, entry.card)
+                if outcome is _CONFLICT:
+                    return await self._advance(session_id, owner, inputs, seq, parse, release=False)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                # _ALONE: the crowd's call failed; alone, a bad step fails by itself
             y, state = await batcher.submit(x, copy_state(bulk.state_row(record)))
         try:
             bulk.advance_one(record, state, steps, y, seq)
@@ -493,6 +579,61 @@ class Engine:
             return await self._advance(session_id, owner, inputs, seq, parse, release=False)
         self._steps_counter(entry).inc(steps)
         return StepResult(y, record, entry.card)
+
+    def _join_crowd(
+        self,
+        bulk: MemorySessionStore,
+        batcher: StepBatcher,
+        entry: ModelVersion,
+        record,
+        x: np.ndarray,
+        seq: int | None,
+    ) -> asyncio.Future:
+        """A leased step's place in this loop turn's crowd of its model and length
+        (``RNNSERVE_BATCH_CROWDS``). The single steps of many sessions (one per connection,
+        say) that arrive together run as one block: their states gathered from the slab
+        and written back with one indexing operation each, their records accounted in
+        bulk, where each would otherwise be a job of its own through the batcher and the
+        store (256 WebSocket streams of LSTM 2x256, in turns: 9,700 -> 13,100 steps/s
+        with binary frames, 8,600 -> 12,000 with JSON). The caller holds the session's
+        turn and has checked its ``seq``. The future's outcome: the step's outputs once
+        applied, ``_CONFLICT`` (the session changed since its lease), ``_ALONE`` (the
+        crowd's call failed: run it alone) or the error to raise."""
+        key = (id(batcher), x.shape[0], id(record.slab))
+        crowd = self._crowds.get(key)
+        loop = asyncio.get_running_loop()
+        if crowd is None:
+            crowd = self._crowds[key] = _Crowd(bulk, entry, batcher, x.shape[0])
+            loop.call_soon(self._flush_crowd, key)
+        future = loop.create_future()
+        crowd.records.append(record)
+        crowd.xs.append(x)
+        crowd.seqs.append(seq)
+        crowd.futures.append(future)
+        return future
+
+    def _flush_crowd(self, key: tuple[int, int, int]) -> None:
+        """The crowd's blocks to the batcher, at the end of the loop turn it gathered in."""
+        crowd = self._crowds.pop(key)
+        crowd.keep_waited()
+        crowd.counter = self._steps_counter(crowd.entry)
+        batcher, n = crowd.batcher, len(crowd.futures)
+        size = batcher.max_size
+        if batcher.max_values is not None:  # a crowd's call stays within what one may produce
+            width = crowd.entry.card.output_size if crowd.entry.card is not None else 1
+            size = max(1, min(size, batcher.max_values // (crowd.steps * width)))
+        for a in range(0, n, size):
+            part = crowd if a == 0 and n <= size else crowd.part(a, a + size)
+            try:
+                job = batcher.submit_crowd(_stack(part.xs), part.bulk.gather(part.records))
+            except ServeError as exc:  # refused (overloaded, unloaded): each step hears it
+                part.settle([exc] * len(part.futures))
+                continue
+            except Exception:
+                log.exception("a crowd of steps could not be queued")  # a bug: nobody hangs
+                part.settle([_ALONE] * len(part.futures))
+                continue
+            job.future.add_done_callback(part.done)  # type: ignore[union-attr]
 
     async def _advance(
         self,

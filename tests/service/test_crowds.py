@@ -1,0 +1,296 @@
+"""Crowds: on the memory store, the single steps of many sessions that arrive in one
+event-loop turn (one WebSocket stream or REST request each) run as one block, gathered from
+and written back to the state slab in bulk (``Engine._join_crowd``). Every session must
+still get exactly what it would get alone, checked against onnxruntime run on each whole
+sequence, retries with ``seq`` included; a step whose caller gives up is never applied; a
+crowd whose call fails runs each step alone, so a bad step fails by itself; a step whose
+session changed meanwhile is redone on the fresh state; batching off (one row per call) and
+``batch_crowds`` off form no crowd."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.batching import StepBatcher
+from service.config import Settings
+from service.engine import Engine, StepResult
+from service.errors import InferenceFailed, SessionExpired, SessionNotFound
+
+TOL = 1e-5
+WIDTH = 3  # tiny-lstm's input size
+
+
+class _Calls:
+    """The rows of every onnxruntime call of one model, and of every crowd queued. While
+    ``gate`` is clear, a call of more than one row waits for it (on its pool thread), and
+    ``started`` tells when one does."""
+
+    def __init__(self, monkeypatch, engine: Engine, name: str) -> None:
+        self.rows: list[int] = []
+        self.crowds: list[int] = []
+        self.gate, self.started = threading.Event(), threading.Event()
+        self.gate.set()
+        runner = engine.model(name).runner
+        run = runner.run
+
+        def spied_run(x, *args, **kwargs):
+            self.rows.append(x.shape[0])
+            if x.shape[0] > 1 and not self.gate.is_set():
+                self.started.set()
+                assert self.gate.wait(10)
+            return run(x, *args, **kwargs)
+
+        monkeypatch.setattr(runner, "run", spied_run)
+        submit_crowd = StepBatcher.submit_crowd
+
+        def spied_crowd(batcher, x, states):
+            self.crowds.append(x.shape[0])
+            return submit_crowd(batcher, x, states)
+
+        monkeypatch.setattr(StepBatcher, "submit_crowd", spied_crowd)
+
+    async def hold(self) -> None:
+        """Hold the next call of several rows until ``release``; return once it runs."""
+        self.gate.clear()
+        self.started.clear()
+        for _ in range(1000):
+            if self.started.is_set():
+                return
+            await asyncio.sleep(0.005)
+        pytest.fail("no call of several rows started")
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+async def _engine(model_repo, **overrides) -> Engine:
+    engine = Engine(Settings(model_repo=model_repo, grpc_port=0, **overrides))
+    await engine.start()
+    return engine
+
+
+async def _sessions(engine: Engine, n: int, name: str = "tiny-lstm") -> list[str]:
+    entry = engine.model(name)
+    return [(await engine.create_session(entry, None)).session_id for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"batch_max_size": 1}, {"batch_max_size": 3}, {}, {"batch_crowds": False}],
+    ids=["batching-off", "3-rows", "default", "crowds-off"],
+)
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chunks=st.lists(  # per session, its chunk lengths (1 or 2 steps: two crowds a turn)
+        st.lists(st.integers(1, 2), min_size=1, max_size=4), min_size=2, max_size=24
+    ),
+    seq=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_crowded_steps_equal_each_session_alone(
+    model_repo, reference, monkeypatch, overrides, chunks, seq, seed
+):
+    """Sessions stepping at once, in chunks of mixed lengths, over several turns: each
+    session's outputs, step count and state (read through its later outputs) are those of
+    its whole sequence run alone. With ``seq``, some chunks are sent twice (a client's
+    retry) and the second answer is the first's, replayed, never applied again. No call
+    exceeds ``batch_max_size`` rows, and with batching or crowds off no crowd forms (that
+    several sessions share one: below)."""
+    max_size = overrides.get("batch_max_size", 256)
+    rng = np.random.default_rng(seed)
+    retried = rng.random(sum(map(len, chunks))) < 0.3 if seq else np.zeros(0, bool)
+    xs = [rng.normal(size=(sum(c), WIDTH)).astype(np.float32) for c in chunks]
+
+    async def main() -> None:
+        engine = await _engine(model_repo, **overrides)
+        with monkeypatch.context() as patch:
+            calls = _Calls(patch, engine, "tiny-lstm")
+            try:
+                ids = await _sessions(engine, len(chunks))
+
+                turns = iter(range(len(retried)))
+
+                async def stream(sid: str, x: np.ndarray, lengths: list[int]) -> list:
+                    out, at = [], 0
+                    for n in lengths:
+                        chunk, count = x[at : at + n], at + n
+                        first = await engine.step(sid, None, chunk, count if seq else None)
+                        if seq and retried[next(turns)]:
+                            await asyncio.sleep(0)  # the retry comes in a later turn
+                            again = await engine.step(sid, None, chunk, count)
+                            assert again.replayed and again.step_count == count
+                            np.testing.assert_array_equal(again.outputs, first.outputs)
+                        out.append(first)
+                        at = count
+                    return out
+
+                results = await asyncio.gather(*map(stream, ids, xs, chunks))
+                for x, lengths, got in zip(xs, chunks, results):
+                    assert [r.step_count for r in got] == list(np.cumsum(lengths))
+                    y = np.concatenate([r.outputs for r in got])
+                    np.testing.assert_allclose(y, reference("tiny-lstm").run(x)[0], atol=TOL)
+            finally:
+                await engine.stop()
+        assert max(calls.rows) <= max_size
+        if max_size == 1 or not overrides.get("batch_crowds", True):
+            assert calls.crowds == []
+        else:  # the first step ran alone (the runtime was idle), the next found it busy
+            assert calls.crowds
+
+    asyncio.run(main())
+
+
+async def test_a_step_whose_caller_gives_up_is_never_applied(
+    model_repo, reference, monkeypatch
+):
+    """Cancelled before its crowd is queued, or while the crowd's call runs: that step is
+    left out of the write-back (its session stays as it was, and steps on from there),
+    while the others of its crowd are applied."""
+    engine = await _engine(model_repo)
+    ref = reference("tiny-lstm")
+    x = np.random.default_rng(1).normal(size=(12, 2, WIDTH)).astype(np.float32)
+    try:
+        calls = _Calls(monkeypatch, engine, "tiny-lstm")
+        for when in ("before", "during"):
+            ids = await _sessions(engine, 12)
+            tasks = [asyncio.ensure_future(engine.step(s, None, x[k, :1])) for k, s in enumerate(ids)]
+            if when == "before":
+                await asyncio.sleep(0)  # every step has joined the crowd; it is not queued yet
+            else:
+                await calls.hold()
+            tasks[3].cancel()
+            calls.release()
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(done[3], asyncio.CancelledError)
+            assert all(isinstance(r, StepResult) for k, r in enumerate(done) if k != 3)
+            # the first step ran alone (the runtime was idle), the other 11 joined a crowd:
+            # step 3 gave up before it was queued, or while it ran
+            assert calls.crowds[-1] == (10 if when == "before" else 11)
+            for k, sid in enumerate(ids):
+                last = await engine.step(sid, None, x[k, 1:])
+                whole = x[k, 1:] if k == 3 else x[k]  # session 3 steps on from step 0
+                assert last.step_count == len(whole)
+                np.testing.assert_allclose(last.outputs, ref.run(whole)[0][-1:], atol=TOL)
+    finally:
+        calls.release()
+        await engine.stop()
+
+
+async def test_a_crowd_whose_call_fails_runs_each_step_alone(
+    model_repo, reference, monkeypatch
+):
+    """onnxruntime fails on one session's inputs: its step fails alone (inference_failed,
+    its session unchanged) and every other step of the crowd is applied exactly."""
+    engine = await _engine(model_repo)
+    ref = reference("tiny-lstm")
+    x = np.random.default_rng(2).normal(size=(8, 1, WIDTH)).astype(np.float32)
+    x[5, 0, 0] = 999.0  # the runner below refuses any call that carries this row
+    try:
+        runner = engine.model("tiny-lstm").runner
+        run = runner.run
+
+        def fussy(xb, *args, **kwargs):
+            if np.any(xb[..., 0] == 999.0):
+                raise RuntimeError("refused")
+            return run(xb, *args, **kwargs)
+
+        monkeypatch.setattr(runner, "run", fussy)
+        ids = await _sessions(engine, 8)
+        results = await asyncio.gather(
+            *(engine.step(s, None, x[k]) for k, s in enumerate(ids)), return_exceptions=True
+        )
+        assert isinstance(results[5], InferenceFailed)
+        for k, result in enumerate(results):
+            if k != 5:
+                assert isinstance(result, StepResult) and result.step_count == 1
+                np.testing.assert_allclose(result.outputs, ref.run(x[k])[0], atol=TOL)
+        assert (await engine.store.get(ids[5])).step_count == 0
+    finally:
+        await engine.stop()
+
+
+async def test_a_session_gone_during_its_crowds_call_is_answered_as_gone(
+    model_repo, reference, monkeypatch
+):
+    """A session deleted (by another replica's sweep, say: straight from the store) while
+    its crowd's call runs: its step answers session_not_found and writes nothing; the
+    other steps of the crowd are applied."""
+    engine = await _engine(model_repo)
+    ref = reference("tiny-lstm")
+    x = np.random.default_rng(3).normal(size=(8, 1, WIDTH)).astype(np.float32)
+    try:
+        calls = _Calls(monkeypatch, engine, "tiny-lstm")
+        ids = await _sessions(engine, 8)
+        tasks = [asyncio.ensure_future(engine.step(s, None, x[k])) for k, s in enumerate(ids)]
+        await calls.hold()
+        await engine.store.delete(ids[2])
+        calls.release()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[2], (SessionNotFound, SessionExpired))
+        for k, result in enumerate(results):
+            if k != 2:
+                assert isinstance(result, StepResult) and result.step_count == 1
+                np.testing.assert_allclose(result.outputs, ref.run(x[k])[0], atol=TOL)
+    finally:
+        await engine.stop()
+
+
+async def test_a_crowd_stays_within_the_output_values_of_one_call(model_repo, monkeypatch):
+    """``max_output_values`` bounds one call's outputs: a crowd that would exceed it is
+    queued in parts that do not."""
+    engine = await _engine(model_repo, max_output_values=40)  # tiny-lstm: 2 outputs a step
+    try:
+        calls = _Calls(monkeypatch, engine, "tiny-lstm")
+        ids = await _sessions(engine, 12)
+        x = np.ones((5, WIDTH), np.float32)  # 10 values a step: 4 rows a call at most
+        results = await asyncio.gather(*(engine.step(s, None, x) for s in ids))
+        assert [r.step_count for r in results] == [5] * 12
+        assert calls.crowds and max(calls.crowds) <= 4 and max(calls.rows) <= 4
+    finally:
+        await engine.stop()
+
+
+async def test_a_step_whose_session_changed_meanwhile_is_redone_fresh(
+    model_repo, reference, monkeypatch
+):
+    """While a crowd's call runs, one of its sessions is committed anew (by a request that
+    did not wait for its turn: here, straight through the store). That step's lease is
+    broken: it is redone on the session's new state, and the rest of the crowd is applied
+    as it was."""
+    engine = await _engine(model_repo)
+    ref = reference("tiny-lstm")
+    x = np.random.default_rng(4).normal(size=(8, 1, WIDTH)).astype(np.float32)
+    elsewhere = np.random.default_rng(5).normal(size=(1, WIDTH)).astype(np.float32)
+    try:
+        calls = _Calls(monkeypatch, engine, "tiny-lstm")
+        ids = await _sessions(engine, 8)
+        donor = (await _sessions(engine, 1))[0]  # its state after `elsewhere`, for session 6
+        await engine.step(donor, None, elsewhere)
+        moved = await engine.store.get(ids[6])
+        moved.state = (await engine.store.get(donor)).state
+        moved.step_count = 1
+        tasks = [asyncio.ensure_future(engine.step(s, None, x[k])) for k, s in enumerate(ids)]
+        await calls.hold()
+        await engine.store.commit(moved)
+        calls.release()
+        results = await asyncio.gather(*tasks)
+        assert results[6].step_count == 2
+        np.testing.assert_allclose(
+            results[6].outputs, ref.run(np.concatenate([elsewhere, x[6]]))[0][1:], atol=TOL
+        )
+        for k, result in enumerate(results):
+            if k != 6:
+                assert result.step_count == 1
+                np.testing.assert_allclose(result.outputs, ref.run(x[k])[0], atol=TOL)
+        assert [(await engine.store.get(s)).step_count for s in ids] == [1] * 6 + [2, 1]
+    finally:
+        calls.release()
+        await engine.stop()
