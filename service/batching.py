@@ -353,10 +353,10 @@ class StepBatcher:
         # Blocks go to the pool's queue at once (``_may_dispatch``): the calls handed to
         # the pool beyond those that may run count as waiting too, so a flood of
         # multiplexed work is still refused.
-        waiting = len(self._queue) + max(0, len(self._inflight) - self._overlap)
+        waiting = self._queued_rows + max(0, len(self._inflight) - self._overlap)
         adding = items[0][0].shape[0] if crowd else len(items)  # a crowd: as its single jobs
         if waiting + adding > self.max_queue and waiting:
-            raise Overloaded(f"{len(self._queue)} sequences are already queued for this model")
+            raise Overloaded(f"{self._queued_rows} sequences are already queued for this model")
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._wakeup = asyncio.Event()
@@ -397,7 +397,7 @@ class StepBatcher:
                 wakeup.clear()  # set again by a new job and by every finished call
                 await wakeup.wait()
                 continue
-            if self.max_delay_s > 0 and len(self._queue) < self.max_size:
+            if self.max_delay_s > 0 and self._queued_rows < self.max_size:
                 await self._fill_window()
             jobs = self._take()
             if not jobs:
@@ -471,7 +471,7 @@ class StepBatcher:
 
     async def _fill_window(self) -> None:
         deadline = self._queue[0].enqueued + self.max_delay_s
-        while len(self._queue) < self.max_size:
+        while self._queued_rows < self.max_size:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return

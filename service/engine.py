@@ -8,6 +8,7 @@ A step crosses: the API layer -> Engine (ordering, exactly-once, commit) -> Step
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
 import secrets
@@ -105,6 +106,12 @@ class _Block:
     """More slices of its message follow (``StepBatcher.submit_block``)."""
 
 
+def _each(exc: BaseException) -> BaseException:
+    """An error for one of the many steps that share it: an instance each, so that
+    raising it in every caller does not grow one traceback by a frame per caller."""
+    return copy.copy(exc)
+
+
 _CONFLICT = object()
 """A crowd's verdict for a step whose session changed since its lease: redo it fresh."""
 _ALONE = object()
@@ -153,7 +160,15 @@ class _Crowd:
     def done(self, call: asyncio.Future) -> None:
         """The call is over: the steps still waited for are written back to the slab in
         one indexing operation and hear their outputs (or ``_CONFLICT``, ``_ALONE``, their
-        error)."""
+        error). It runs as a loop callback: an error of its own (a bug) goes to every step
+        still waiting, which would otherwise wait for ever holding its session's turn."""
+        try:
+            self._done(call)
+        except Exception as exc:
+            log.exception("a crowd's write-back failed")
+            self.settle([_each(exc) for _ in self.futures])
+
+    def _done(self, call: asyncio.Future) -> None:
         if call.cancelled() or call.exception() is not None:
             self.settle([_ALONE] * len(self.futures))
             return
@@ -256,6 +271,10 @@ class Engine:
     async def _release(self, entry: ModelVersion) -> None:
         batcher = entry.extras.pop("batcher", None)
         if batcher is not None:
+            # steps that joined a crowd in this turn were accepted: queued before the close,
+            # which finishes whatever was queued
+            for key in [key for key in self._crowds if key[0] == id(batcher)]:
+                self._flush_crowd(key)
             await batcher.close()
 
     async def _sweep_forever(self) -> None:
@@ -613,8 +632,18 @@ class Engine:
         return future
 
     def _flush_crowd(self, key: tuple[int, int, int]) -> None:
-        """The crowd's blocks to the batcher, at the end of the loop turn it gathered in."""
-        crowd = self._crowds.pop(key)
+        """The crowd's blocks to the batcher, at the end of the loop turn it gathered in
+        (or before its batcher closes: then the turn's call finds it gone)."""
+        crowd = self._crowds.pop(key, None)
+        if crowd is None:
+            return
+        try:
+            self._queue_crowd(crowd)
+        except Exception:  # a bug: nothing was written yet, so each step may run alone
+            log.exception("a crowd of steps could not be queued")
+            crowd.settle([_ALONE] * len(crowd.futures))
+
+    def _queue_crowd(self, crowd: _Crowd) -> None:
         crowd.keep_waited()
         crowd.counter = self._steps_counter(crowd.entry)
         batcher, n = crowd.batcher, len(crowd.futures)
@@ -627,11 +656,7 @@ class Engine:
             try:
                 job = batcher.submit_crowd(_stack(part.xs), part.bulk.gather(part.records))
             except ServeError as exc:  # refused (overloaded, unloaded): each step hears it
-                part.settle([exc] * len(part.futures))
-                continue
-            except Exception:
-                log.exception("a crowd of steps could not be queued")  # a bug: nobody hangs
-                part.settle([_ALONE] * len(part.futures))
+                part.settle([_each(exc) for _ in part.futures])
                 continue
             job.future.add_done_callback(part.done)  # type: ignore[union-attr]
 

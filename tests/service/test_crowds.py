@@ -28,8 +28,9 @@ WIDTH = 3  # tiny-lstm's input size
 
 class _Calls:
     """The rows of every onnxruntime call of one model, and of every crowd queued. While
-    ``gate`` is clear, a call of more than one row waits for it (on its pool thread), and
-    ``started`` tells when one does."""
+    ``gate`` is clear, a pool thread's call of more than one row waits for it, and
+    ``started`` tells when one does (a call on the event loop's thread, as small ones
+    made while nothing else runs are, is never held: it would hold the loop)."""
 
     def __init__(self, monkeypatch, engine: Engine, name: str) -> None:
         self.rows: list[int] = []
@@ -41,7 +42,8 @@ class _Calls:
 
         def spied_run(x, *args, **kwargs):
             self.rows.append(x.shape[0])
-            if x.shape[0] > 1 and not self.gate.is_set():
+            held = threading.current_thread() is not threading.main_thread()
+            if held and x.shape[0] > 1 and not self.gate.is_set():
                 self.started.set()
                 assert self.gate.wait(10)
             return run(x, *args, **kwargs)
@@ -293,4 +295,101 @@ async def test_a_step_whose_session_changed_meanwhile_is_redone_fresh(
         assert [(await engine.store.get(s)).step_count for s in ids] == [1] * 6 + [2, 1]
     finally:
         calls.release()
+        await engine.stop()
+
+
+async def test_a_full_crowd_does_not_wait_for_the_delay_window(model_repo, reference):
+    """``batch_max_delay_ms`` waits for a call to fill: a crowd that fills it by itself
+    (``batch_max_size`` rows) goes at once, as that many single steps would."""
+    engine = await _engine(model_repo, batch_max_size=4, batch_max_delay_ms=20_000)
+    x = np.random.default_rng(6).normal(size=(4, 1, WIDTH)).astype(np.float32)
+    try:
+        ids = await _sessions(engine, 4)
+        results = await asyncio.wait_for(  # no step runs alone with a window: 4 fill a call
+            asyncio.gather(*(engine.step(s, None, x[k]) for k, s in enumerate(ids))), 10
+        )
+        for k, result in enumerate(results):
+            np.testing.assert_allclose(result.outputs, reference("tiny-lstm").run(x[k])[0], atol=TOL)
+    finally:
+        await engine.stop()
+
+
+async def test_queued_crowds_count_their_steps_against_max_queue(model_repo, monkeypatch):
+    """``max_queue`` bounds the queued steps, however they are grouped: with a call held,
+    crowds of 4 queue up to 8 steps and the next crowd is refused (429 overloaded) whole;
+    the accepted ones are applied once the call ends."""
+    engine = await _engine(model_repo, max_queue=8)
+    x = np.ones((1, WIDTH), np.float32)
+    try:
+        calls = _Calls(monkeypatch, engine, "tiny-lstm")
+        busy = await _sessions(engine, 6)
+        held = [asyncio.ensure_future(engine.step(s, None, x)) for s in busy]
+        await calls.hold()  # the first ran alone, the other five hold the runtime
+        outcomes = []
+        for _ in range(3):
+            crowd = await _sessions(engine, 4)
+            outcomes.append(
+                [asyncio.ensure_future(engine.step(s, None, x)) for s in crowd]
+            )
+            await asyncio.sleep(0.01)  # joined and queued, behind the held call
+        calls.release()
+        await asyncio.gather(*held)
+        results = [await asyncio.gather(*tasks, return_exceptions=True) for tasks in outcomes]
+        assert [type(r).__name__ for r in results[2]] == ["Overloaded"] * 4
+        assert len({id(r) for r in results[2]}) == 4  # an error each
+        assert all(r.step_count == 1 for r in results[0] + results[1])
+    finally:
+        calls.release()
+        await engine.stop()
+
+
+async def test_a_step_in_a_crowd_survives_its_model_being_unloaded(model_repo, reference):
+    """A version unloaded in the turn a step joined its crowd (before the crowd was
+    queued): the step was accepted, so it is queued before the batcher closes, which
+    finishes it, as it finishes every step queued."""
+    engine = await _engine(model_repo, batch_inline_steps=0)
+    x = np.random.default_rng(7).normal(size=(1, WIDTH)).astype(np.float32)
+    try:
+        (sid,) = await _sessions(engine, 1)
+        entry = engine.model("tiny-lstm")
+        engine.batcher(entry)
+        step = asyncio.ensure_future(engine.step(sid, None, x))
+        unload = asyncio.ensure_future(engine._release(entry))  # what a reload does to it
+        result, _ = await asyncio.gather(step, unload)
+        assert result.step_count == 1
+        np.testing.assert_allclose(result.outputs, reference("tiny-lstm").run(x)[0], atol=TOL)
+    finally:
+        await engine.stop()
+
+
+async def test_a_failing_write_back_answers_every_step_and_frees_its_session(
+    model_repo, reference, monkeypatch
+):
+    """An error in a crowd's own write-back (a bug: it runs as a loop callback) reaches
+    every step still waiting, rather than leaving them, and their sessions' turns, held
+    for ever; the sessions take their next step."""
+    engine = await _engine(model_repo)
+    x = np.random.default_rng(8).normal(size=(4, 1, WIDTH)).astype(np.float32)
+    try:
+        ids = await _sessions(engine, 4)
+        advance = engine.store.advance
+        failures = iter([True])
+
+        def broken(*args, **kwargs):
+            if next(failures, False):
+                raise RuntimeError("a bug")
+            return advance(*args, **kwargs)
+
+        monkeypatch.setattr(engine.store, "advance", broken)
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(engine.step(s, None, x[k]) for k, s in enumerate(ids)), return_exceptions=True
+            ),
+            10,
+        )
+        assert isinstance(results[0], StepResult)  # ran alone, before the crowd
+        assert all(isinstance(r, RuntimeError) for r in results[1:])
+        again = await asyncio.wait_for(engine.step(ids[1], None, x[1]), 10)
+        assert again.step_count == 1  # nothing was written: its first step, again
+    finally:
         await engine.stop()
