@@ -256,6 +256,31 @@ class SessionMachine(RuleBasedStateMachine):
             assert answers[i].json()["step_count"] == expected.step_count, "a step applied twice or skipped"
             self.close(answers[i].json()["outputs"], y, "concurrent step outputs")
 
+    @precondition(lambda self: len(self.sessions) >= 2)
+    @rule(k=st.integers(0, 99), xs=st.lists(st.lists(values.map(lambda v: [v]), min_size=1, max_size=2), min_size=2, max_size=6))
+    def crowded_steps(self, k: int, xs) -> None:
+        """Steps of several sessions at once (on the memory store, those that arrive
+        together run as one crowd): each session gets exactly its own next step."""
+        keys = sorted(self.sessions)
+        sids = [keys[(k + i) % len(keys)] for i in range(min(len(xs), len(keys)))]
+        xs = xs[: len(sids)]
+        with ThreadPoolExecutor(len(sids)) as pool:
+            answers = list(
+                pool.map(
+                    lambda sx: self.client.post(f"/v1/sessions/{sx[0]}/steps", json={"inputs": sx[1]}),
+                    zip(sids, xs),
+                )
+            )
+        for sid, x, r in zip(sids, xs, answers):
+            expected = self.sessions[sid]
+            if refused := self.refusal(expected):
+                self.expect_error(r, *refused)
+                continue
+            assert r.status_code == 200, r.text
+            y = self.apply(expected, x, None)
+            assert r.json()["step_count"] == expected.step_count, "a step applied twice or skipped"
+            self.close(r.json()["outputs"], y, "crowded step outputs")
+
     @precondition(lambda self: self.sessions)
     @rule(k=st.integers(0, 99), xs=st.lists(step_lists, min_size=1, max_size=3), binary=st.booleans(),
           with_seq=st.booleans())
