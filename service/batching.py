@@ -341,6 +341,13 @@ class StepBatcher:
         future skips the job if it has not started."""
         return self._enqueue([(x, states)], block=True, crowd=True)[0]
 
+    def rows_per_call(self, steps: int) -> int:
+        """The most sequences of ``steps`` steps one call takes: ``max_size``, and no more
+        than ``max_values`` outputs (one at least)."""
+        if self.max_values is None:
+            return self.max_size
+        return max(1, min(self.max_size, self.max_values // (steps * self._output_size)))
+
     def _enqueue(
         self,
         items: list[tuple[np.ndarray, np.ndarray]],

@@ -8,7 +8,6 @@ A step crosses: the API layer -> Engine (ordering, exactly-once, commit) -> Step
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import logging
 import secrets
@@ -37,6 +36,7 @@ from service.errors import (
     SessionExpired,
     SessionNotFound,
     TooManySessions,
+    own_copy,
 )
 from service.inputs import check_batch, max_steps, sequence_array
 from service.metrics import Metrics, note_served_model
@@ -106,12 +106,6 @@ class _Block:
     """More slices of its message follow (``StepBatcher.submit_block``)."""
 
 
-def _each(exc: BaseException) -> BaseException:
-    """An error for one of the many steps that share it: an instance each, so that
-    raising it in every caller does not grow one traceback by a frame per caller."""
-    return copy.copy(exc)
-
-
 _CONFLICT = object()
 """A crowd's verdict for a step whose session changed since its lease: redo it fresh."""
 _ALONE = object()
@@ -166,7 +160,7 @@ class _Crowd:
             self._done(call)
         except Exception as exc:
             log.exception("a crowd's write-back failed")
-            self.settle([_each(exc) for _ in self.futures])
+            self.settle([own_copy(exc) for _ in self.futures])
 
     def _done(self, call: asyncio.Future) -> None:
         if call.cancelled() or call.exception() is not None:
@@ -179,17 +173,15 @@ class _Crowd:
         if not self.futures:
             return
         errors = self.bulk.advance(self.records, states, self.steps, ys, self.seqs)
-        if errors.count(None) == len(errors):
-            self.settle(list(ys))
-            self.counter.inc(len(errors) * self.steps)  # type: ignore[attr-defined]
-            return
+        done = errors.count(None)
         self.settle(
-            [
+            list(ys)  # the common case: every lease held
+            if done == len(errors)
+            else [
                 y if error is None else _CONFLICT if isinstance(error, SessionConflict) else error
                 for y, error in zip(ys, errors)
             ]
         )
-        done = errors.count(None)
         if done:
             self.counter.inc(done * self.steps)  # type: ignore[attr-defined]
 
@@ -230,7 +222,10 @@ class Engine:
         """The memory store's slab path for multiplexed steps (other stores: get/commit_many)."""
         self._crowds: dict[tuple[int, int, int], _Crowd] = {}
         """The single steps gathering in this loop turn, by (batcher, steps, slab)."""
-        self._crowds_on = self._bulk is not None and settings.batch_crowds
+        self._crowds_on = (
+            self._bulk is not None and settings.batch_crowds and settings.batch_max_size > 1
+        )
+        """Crowds form: the memory store, crowds on, and batching on (one row a call: off)."""
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
@@ -582,7 +577,7 @@ class Engine:
         if batcher.can_run_inline(steps):
             y, state = batcher.run_inline(x, bulk.state_row(record))
         else:
-            if self._crowds_on and batcher.max_size > 1:
+            if self._crowds_on:
                 outcome = await self._join_crowd(bulk, batcher, entry, record, x, seq)
                 if type(outcome) is np.ndarray:
                     return StepResult(outcome, record, entry.card)
@@ -647,16 +642,13 @@ class Engine:
         crowd.keep_waited()
         crowd.counter = self._steps_counter(crowd.entry)
         batcher, n = crowd.batcher, len(crowd.futures)
-        size = batcher.max_size
-        if batcher.max_values is not None:  # a crowd's call stays within what one may produce
-            width = crowd.entry.card.output_size if crowd.entry.card is not None else 1
-            size = max(1, min(size, batcher.max_values // (crowd.steps * width)))
+        size = batcher.rows_per_call(crowd.steps)
         for a in range(0, n, size):
             part = crowd if a == 0 and n <= size else crowd.part(a, a + size)
             try:
                 job = batcher.submit_crowd(_stack(part.xs), part.bulk.gather(part.records))
             except ServeError as exc:  # refused (overloaded, unloaded): each step hears it
-                part.settle([_each(exc) for _ in part.futures])
+                part.settle([own_copy(exc) for _ in part.futures])
                 continue
             job.future.add_done_callback(part.done)  # type: ignore[union-attr]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 HTTP_CODES = {
@@ -128,3 +129,17 @@ class StoreUnavailable(ServeError):
 
 class InferenceFailed(ServeError):
     status, code = 500, "inference_failed"
+
+
+def own_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` for one more of the requests it failed: raising one exception
+    object from many requests would grow its traceback with every raise (and keep their
+    frames). ``exc`` itself when it cannot be copied."""
+    try:
+        twin = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception class that does not copy
+        return exc
+    twin.__cause__, twin.__context__ = exc.__cause__, exc.__context__
+    twin.__suppress_context__ = exc.__suppress_context__
+    twin.__traceback__ = exc.__traceback__
+    return twin

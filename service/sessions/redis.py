@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import itertools
 import logging
@@ -80,6 +79,7 @@ from service.errors import (
     SessionNotFound,
     StoreUnavailable,
     TooManySessions,
+    own_copy,
 )
 from service.sessions.base import SessionRecord, SessionStore, frozen_state
 
@@ -129,20 +129,6 @@ def _refused(exc: object) -> bool:
 def _is_unavailable(exc: object) -> bool:
     """Whether ``exc`` (raised, or a reply in place) is a failure to reach the store."""
     return isinstance(exc, _UNAVAILABLE) or _refused(exc)
-
-
-def _own_copy(exc: BaseException) -> BaseException:
-    """A copy of ``exc`` for one more of the commits it failed: raising one exception object
-    from many requests would grow its traceback with every raise (and keep their frames).
-    ``exc`` itself when it cannot be copied."""
-    try:
-        twin = copy.copy(exc)
-    except Exception:  # noqa: BLE001 - an exception class that does not copy
-        return exc
-    twin.__cause__, twin.__context__ = exc.__cause__, exc.__context__
-    twin.__suppress_context__ = exc.__suppress_context__
-    twin.__traceback__ = exc.__traceback__
-    return twin
 
 
 def _cause(exc: BaseException) -> str:
@@ -1040,7 +1026,7 @@ class RedisSessionStore(SessionStore):
         for item in batch:
             self._cache.pop(item.record.session_id, None)
             if not item.waiter.future.done():
-                item.waiter.future.set_exception(_own_copy(exc))
+                item.waiter.future.set_exception(own_copy(exc))
 
     def _script_group(self, entry: _Cached) -> bytes:
         """Commits of one group go to Redis as one script call: here all of a pipeline's
@@ -1128,7 +1114,7 @@ class RedisSessionStore(SessionStore):
         for item, error in zip(batch, errors):
             if error is not None:
                 if id(error) in given:  # one failure of many commits: each its own
-                    error = _own_copy(error)
+                    error = own_copy(error)
                 given.add(id(error))
             item.waiter.decided(item.index, error)
         released = [
