@@ -332,14 +332,15 @@ class StepBatcher:
         job.more = more
         return await self._wait(job)
 
-    def submit_crowd(self, x: np.ndarray, states: np.ndarray) -> StepJob:
+    def submit_crowd(self, x: np.ndarray, states: np.ndarray, commit: object = None) -> StepJob:
         """Queue the steps of many callers, ``x`` [rows, steps, ...] from ``states``
         [rows, state_size], as one block job; its future gets (y [rows, steps, out], new
         states [rows, S]). Unlike ``submit_block``'s, it is batched exactly as ``rows``
         single jobs would be: it waits for a free slot (and merges with what else waits),
         and it never runs on the event loop's thread beside a pool call. Cancelling the
-        future skips the job if it has not started."""
-        return self._enqueue([(x, states)], block=True, crowd=True)[0]
+        future skips the job if it has not started. ``commit``: what the ``commit`` hook
+        needs to make its rows durable (see ``submit``)."""
+        return self._enqueue([(x, states)], block=True, crowd=True, commit=commit)[0]
 
     def rows_per_call(self, steps: int) -> int:
         """The most sequences of ``steps`` steps one call takes: ``max_size``, and no more

@@ -82,9 +82,10 @@ class Settings(BaseSettings):
     otherwise wait idle for both, and the pool's thread hand-offs cost more than they
     save. The loop serves nothing else meanwhile, hence the bound. 0 never."""
     batch_crowds: bool = True
-    """On the memory store, the single steps of many sessions that arrive in one event-loop
-    turn (one per WebSocket stream or REST request) run as one block, gathered from and
-    written back to the state slab in bulk, rather than each as a job of its own (see
+    """The single steps of many sessions that arrive in one event-loop
+    turn (one per WebSocket stream or REST request) run as one block, rather than each as
+    a job of its own: on the memory store gathered from and written back to the state
+    slab in bulk, on Redis committed in one pipeline with the rest of their call (see
     ``Engine._join_crowd``). Off: each step is its own job (the batcher still shares calls)."""
     batch_max_inflight: int = Field(default=1, ge=1)
     """onnxruntime calls that may run at once per model version while more requests could

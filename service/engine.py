@@ -35,6 +35,7 @@ from service.errors import (
     SessionConflict,
     SessionExpired,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
     own_copy,
 )
@@ -114,11 +115,14 @@ _ALONE = object()
 
 @dataclass(slots=True)
 class _Crowd:
-    """Single steps of one model version and length on the memory store, gathered in one
-    loop turn (``Engine._join_crowd``): the leased records, inputs, ``seq``s and the
-    futures their callers wait on."""
+    """Single steps of one model version and length, gathered in one loop turn
+    (``Engine._join_crowd``): their records, inputs, ``seq``s and the futures their
+    callers wait on. On the memory store (``bulk``) the records are the leased ones, and
+    the crowd writes their new states back to the slab itself; on another store they are
+    the callers' copies, committed by the batcher's commit hook with the other steps of
+    the same call (``Engine._commit_jobs``: one ``commit_many``, on Redis one pipeline)."""
 
-    bulk: MemorySessionStore
+    bulk: MemorySessionStore | None
     entry: ModelVersion
     batcher: StepBatcher
     steps: int
@@ -127,6 +131,11 @@ class _Crowd:
     seqs: list = field(default_factory=list)
     futures: list = field(default_factory=list)
     counter: object = None
+    ys: np.ndarray | None = None
+    """Another store's: the outputs of the steps sent to the commit hook (set as it starts:
+    from then on the records hold their new states, and the crowd can no longer run
+    alone), and ``errors`` their commits' verdicts."""
+    errors: list | None = None
 
     def part(self, a: int, b: int) -> _Crowd:
         return _Crowd(
@@ -163,6 +172,9 @@ class _Crowd:
             self.settle([own_copy(exc) for _ in self.futures])
 
     def _done(self, call: asyncio.Future) -> None:
+        if self.bulk is None:
+            self._committed(call)
+            return
         if call.cancelled() or call.exception() is not None:
             self.settle([_ALONE] * len(self.futures))
             return
@@ -180,6 +192,34 @@ class _Crowd:
             else [
                 y if error is None else _CONFLICT if isinstance(error, SessionConflict) else error
                 for y, error in zip(ys, errors)
+            ]
+        )
+        if done:
+            self.counter.inc(done * self.steps)  # type: ignore[attr-defined]
+
+    def _committed(self, call: asyncio.Future) -> None:
+        """Another store's crowd, once the commit hook has run: each step hears its
+        outputs, or ``_CONFLICT`` (another request or replica moved its session first:
+        redo it fresh) or its commit's error. A call that failed before the hook runs each
+        step alone; after it started, the commits' fate is unknown, so each hears that."""
+        if self.ys is None:  # nothing was written
+            self.settle([_ALONE] * len(self.futures))
+            return
+        if self.errors is None:  # the hook failed, or was cancelled, as a whole
+            error = (
+                StoreUnavailable("the step's commit was interrupted; retry it with its seq")
+                if call.cancelled()
+                else call.exception()
+            )
+            self.settle([own_copy(error) for _ in self.futures])  # type: ignore[arg-type]
+            return
+        done = self.errors.count(None)
+        self.settle(
+            list(self.ys)
+            if done == len(self.errors)
+            else [
+                y if error is None else _CONFLICT if isinstance(error, SessionConflict) else error
+                for y, error in zip(self.ys, self.errors)
             ]
         )
         if done:
@@ -222,10 +262,8 @@ class Engine:
         """The memory store's slab path for multiplexed steps (other stores: get/commit_many)."""
         self._crowds: dict[tuple[int, int, int], _Crowd] = {}
         """The single steps gathering in this loop turn, by (batcher, steps, slab)."""
-        self._crowds_on = (
-            self._bulk is not None and settings.batch_crowds and settings.batch_max_size > 1
-        )
-        """Crowds form: the memory store, crowds on, and batching on (one row a call: off)."""
+        self._crowds_on = settings.batch_crowds and settings.batch_max_size > 1
+        """Crowds form: crowds on, and batching on (one row a call: off)."""
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
@@ -596,7 +634,7 @@ class Engine:
 
     def _join_crowd(
         self,
-        bulk: MemorySessionStore,
+        bulk: MemorySessionStore | None,
         batcher: StepBatcher,
         entry: ModelVersion,
         record,
@@ -613,7 +651,7 @@ class Engine:
         turn and has checked its ``seq``. The future's outcome: the step's outputs once
         applied, ``_CONFLICT`` (the session changed since its lease), ``_ALONE`` (the
         crowd's call failed: run it alone) or the error to raise."""
-        key = (id(batcher), x.shape[0], id(record.slab))
+        key = (id(batcher), x.shape[0], id(record.slab) if bulk is not None else 0)
         crowd = self._crowds.get(key)
         loop = asyncio.get_running_loop()
         if crowd is None:
@@ -646,7 +684,11 @@ class Engine:
         for a in range(0, n, size):
             part = crowd if a == 0 and n <= size else crowd.part(a, a + size)
             try:
-                job = batcher.submit_crowd(_stack(part.xs), part.bulk.gather(part.records))
+                if part.bulk is not None:
+                    job = batcher.submit_crowd(_stack(part.xs), part.bulk.gather(part.records))
+                else:  # committed by the commit hook, with the rest of its call
+                    states = _stack([record.state for record in part.records])
+                    job = batcher.submit_crowd(_stack(part.xs), states, commit=part)
             except ServeError as exc:  # refused (overloaded, unloaded): each step hears it
                 part.settle([own_copy(exc) for _ in part.futures])
                 continue
@@ -692,10 +734,24 @@ class Engine:
                 if release:  # END retried after its steps were applied: end it now
                     await self.store.commit(record, release=True)
                 return StepResult(replay, record, entry.card, replayed=True)
+            batcher = self.batcher(entry)
             try:
-                y, _ = await self.batcher(entry).submit(
-                    x, record.state, commit=(record, seq, release)
-                )
+                if (
+                    self._crowds_on
+                    and self._bulk is None
+                    and not release
+                    and not batcher.can_run_inline(x.shape[0])
+                ):
+                    outcome = await self._join_crowd(None, batcher, entry, record, x, seq)
+                    if type(outcome) is np.ndarray:
+                        return StepResult(outcome, record, entry.card)
+                    if outcome is _CONFLICT:
+                        fresh = True
+                        continue
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    # _ALONE: the crowd's call failed; alone, a bad step fails by itself
+                y, _ = await batcher.submit(x, record.state, commit=(record, seq, release))
             except SessionConflict:
                 fresh = True  # another replica moved first: re-read and re-check seq
                 continue
@@ -730,17 +786,40 @@ class Engine:
     async def _commit_jobs(self, jobs: list[StepJob]) -> None:
         """The batcher's commit hook: the records of one onnxruntime call's steps, each
         advanced by its result, committed with one ``commit_many`` (on Redis, one
-        pipeline: one round trip per call, not per session)."""
+        pipeline: one round trip per call, not per session). A crowd's steps are among
+        them, each with its own verdict (``_Crowd.errors``), less those whose callers
+        gave up meanwhile: nothing is written for them."""
         records: list[SessionRecord] = []
         release: list[bool] = []
         for job in jobs:
+            if job.crowd:
+                crowd: _Crowd = job.commit  # type: ignore[assignment]
+                ys, states = job.result  # type: ignore[misc]
+                keep = crowd.keep_waited()
+                if keep is not None:
+                    ys, states = ys[keep], states[keep]
+                crowd.ys = ys
+                for record, y, state, seq in zip(crowd.records, ys, states, crowd.seqs):
+                    record.state = state
+                    _remember(record, crowd.steps, y, seq)
+                    records.append(record)
+                    release.append(False)
+                continue
             record, seq, end = job.commit  # type: ignore[misc]
             y, record.state = job.result  # type: ignore[misc]
             _remember(record, y.shape[0], y, seq)
             records.append(record)
             release.append(end)
-        for job, error in zip(jobs, await self.store.commit_many(records, release)):
-            job.commit_error = error
+        errors = await self.store.commit_many(records, release)
+        at = 0
+        for job in jobs:
+            if not job.crowd:
+                job.commit_error = errors[at]
+                at += 1
+                continue
+            crowd = job.commit  # type: ignore[assignment]
+            crowd.errors = errors[at : at + len(crowd.records)]
+            at += len(crowd.records)
 
     # -- multiplexed steps --------------------------------------------------------------
 

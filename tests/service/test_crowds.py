@@ -1,6 +1,7 @@
-"""Crowds: on the memory store, the single steps of many sessions that arrive in one
-event-loop turn (one WebSocket stream or REST request each) run as one block, gathered from
-and written back to the state slab in bulk (``Engine._join_crowd``). Every session must
+"""Crowds: the single steps of many sessions that arrive in one event-loop turn (one
+WebSocket stream or REST request each) run as one block (``Engine._join_crowd``): on the
+memory store gathered from and written back to the state slab in bulk, on Redis committed
+in one pipeline with the rest of their call (``Engine._commit_jobs``). Every session must
 still get exactly what it would get alone, checked against onnxruntime run on each whole
 sequence, retries with ``seq`` included; a step whose caller gives up is never applied; a
 crowd whose call fails runs each step alone, so a bad step fails by itself; a step whose
@@ -51,9 +52,9 @@ class _Calls:
         monkeypatch.setattr(runner, "run", spied_run)
         submit_crowd = StepBatcher.submit_crowd
 
-        def spied_crowd(batcher, x, states):
+        def spied_crowd(batcher, x, states, commit=None):
             self.crowds.append(x.shape[0])
-            return submit_crowd(batcher, x, states)
+            return submit_crowd(batcher, x, states, commit)
 
         monkeypatch.setattr(StepBatcher, "submit_crowd", spied_crowd)
 
@@ -71,8 +72,19 @@ class _Calls:
         self.gate.set()
 
 
-async def _engine(model_repo, **overrides) -> Engine:
-    engine = Engine(Settings(model_repo=model_repo, grpc_port=0, **overrides))
+CROWDS_REDIS_DB = 4
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request) -> str:
+    """The session store a test runs on: the memory store, or a real Redis."""
+    if request.param == "memory":
+        return "memory"
+    return request.getfixturevalue("redis_db")(CROWDS_REDIS_DB)
+
+
+async def _engine(model_repo, store: str = "memory", **overrides) -> Engine:
+    engine = Engine(Settings(model_repo=model_repo, grpc_port=0, session_store=store, **overrides))
     await engine.start()
     return engine
 
@@ -98,7 +110,7 @@ async def _sessions(engine: Engine, n: int, name: str = "tiny-lstm") -> list[str
     seed=st.integers(0, 2**16),
 )
 def test_property_crowded_steps_equal_each_session_alone(
-    model_repo, reference, monkeypatch, overrides, chunks, seq, seed
+    model_repo, reference, monkeypatch, store, overrides, chunks, seq, seed
 ):
     """Sessions stepping at once, in chunks of mixed lengths, over several turns: each
     session's outputs, step count and state (read through its later outputs) are those of
@@ -112,7 +124,7 @@ def test_property_crowded_steps_equal_each_session_alone(
     xs = [rng.normal(size=(sum(c), WIDTH)).astype(np.float32) for c in chunks]
 
     async def main() -> None:
-        engine = await _engine(model_repo, **overrides)
+        engine = await _engine(model_repo, store, **overrides)
         with monkeypatch.context() as patch:
             calls = _Calls(patch, engine, "tiny-lstm")
             try:
@@ -151,12 +163,12 @@ def test_property_crowded_steps_equal_each_session_alone(
 
 
 async def test_a_step_whose_caller_gives_up_is_never_applied(
-    model_repo, reference, monkeypatch
+    model_repo, reference, monkeypatch, store
 ):
     """Cancelled before its crowd is queued, or while the crowd's call runs: that step is
     left out of the write-back (its session stays as it was, and steps on from there),
     while the others of its crowd are applied."""
-    engine = await _engine(model_repo)
+    engine = await _engine(model_repo, store)
     ref = reference("tiny-lstm")
     x = np.random.default_rng(1).normal(size=(12, 2, WIDTH)).astype(np.float32)
     try:
@@ -187,11 +199,11 @@ async def test_a_step_whose_caller_gives_up_is_never_applied(
 
 
 async def test_a_crowd_whose_call_fails_runs_each_step_alone(
-    model_repo, reference, monkeypatch
+    model_repo, reference, monkeypatch, store
 ):
     """onnxruntime fails on one session's inputs: its step fails alone (inference_failed,
     its session unchanged) and every other step of the crowd is applied exactly."""
-    engine = await _engine(model_repo)
+    engine = await _engine(model_repo, store)
     ref = reference("tiny-lstm")
     x = np.random.default_rng(2).normal(size=(8, 1, WIDTH)).astype(np.float32)
     x[5, 0, 0] = 999.0  # the runner below refuses any call that carries this row
@@ -220,12 +232,12 @@ async def test_a_crowd_whose_call_fails_runs_each_step_alone(
 
 
 async def test_a_session_gone_during_its_crowds_call_is_answered_as_gone(
-    model_repo, reference, monkeypatch
+    model_repo, reference, monkeypatch, store
 ):
     """A session deleted (by another replica's sweep, say: straight from the store) while
     its crowd's call runs: its step answers session_not_found and writes nothing; the
     other steps of the crowd are applied."""
-    engine = await _engine(model_repo)
+    engine = await _engine(model_repo, store)
     ref = reference("tiny-lstm")
     x = np.random.default_rng(3).normal(size=(8, 1, WIDTH)).astype(np.float32)
     try:
@@ -261,13 +273,13 @@ async def test_a_crowd_stays_within_the_output_values_of_one_call(model_repo, mo
 
 
 async def test_a_step_whose_session_changed_meanwhile_is_redone_fresh(
-    model_repo, reference, monkeypatch
+    model_repo, reference, monkeypatch, store
 ):
     """While a crowd's call runs, one of its sessions is committed anew (by a request that
     did not wait for its turn: here, straight through the store). That step's lease is
     broken: it is redone on the session's new state, and the rest of the crowd is applied
     as it was."""
-    engine = await _engine(model_repo)
+    engine = await _engine(model_repo, store)
     ref = reference("tiny-lstm")
     x = np.random.default_rng(4).normal(size=(8, 1, WIDTH)).astype(np.float32)
     elsewhere = np.random.default_rng(5).normal(size=(1, WIDTH)).astype(np.float32)
@@ -391,5 +403,81 @@ async def test_a_failing_write_back_answers_every_step_and_frees_its_session(
         assert all(isinstance(r, RuntimeError) for r in results[1:])
         again = await asyncio.wait_for(engine.step(ids[1], None, x[1]), 10)
         assert again.step_count == 1  # nothing was written: its first step, again
+    finally:
+        await engine.stop()
+
+
+async def test_on_redis_a_crowds_steps_are_committed_in_one_pipeline(
+    model_repo, reference, monkeypatch, redis_db
+):
+    """On Redis, a crowd's steps are committed together: one ``commit_many`` (one
+    pipeline) for the whole call, not one per step, and each session reads back, fresh
+    from Redis, exactly its own new state."""
+    engine = await _engine(model_repo, redis_db(CROWDS_REDIS_DB))
+    ref = reference("tiny-lstm")
+    x = np.random.default_rng(9).normal(size=(12, 2, WIDTH)).astype(np.float32)
+    try:
+        calls = _Calls(monkeypatch, engine, "tiny-lstm")
+        commits: list[int] = []
+        commit_many = engine.store.commit_many
+
+        async def spied(records, release=None):
+            commits.append(len(records))
+            return await commit_many(records, release)
+
+        monkeypatch.setattr(engine.store, "commit_many", spied)
+        ids = await _sessions(engine, 12)
+        for t in range(2):
+            results = await asyncio.gather(
+                *(engine.step(s, None, x[k, t : t + 1]) for k, s in enumerate(ids))
+            )
+            assert [r.step_count for r in results] == [t + 1] * 12
+        # the first turn's first step ran alone (the runtime was idle) and the other 11
+        # joined a crowd; the second turn's 12 all did (the last call was a crowd's): each
+        # crowd committed at once
+        assert calls.crowds == [11, 12] and commits == [1, 11, 12]
+        for k, sid in enumerate(ids):
+            record = await engine.store.get(sid, fresh=True)
+            assert record.step_count == 2
+            last = await engine.step(sid, None, np.zeros((1, WIDTH), np.float32))
+            whole = np.concatenate([x[k], np.zeros((1, WIDTH), np.float32)])
+            np.testing.assert_allclose(last.outputs, ref.run(whole)[0][-1:], atol=TOL)
+    finally:
+        await engine.stop()
+
+
+async def test_on_redis_a_crowd_whose_commit_fails_answers_each_step_and_changes_nothing(
+    model_repo, monkeypatch, redis_db
+):
+    """The commit of a crowd's steps fails as a whole (a bug, or the store gone mid-way):
+    every step of the crowd hears an error of its own, none of them is run again alone
+    (its fate is unknown to the server; a client retries with ``seq``), and the sessions,
+    read fresh, are as before; their next steps apply."""
+    engine = await _engine(model_repo, redis_db(CROWDS_REDIS_DB))
+    x = np.ones((1, WIDTH), np.float32)
+    try:
+        ids = await _sessions(engine, 6)
+        commit_many = engine.store.commit_many
+        failures = iter([False, True])  # the lone first step's commit, then the crowd's
+
+        async def failing(records, release=None):
+            if next(failures, False):
+                raise RuntimeError("the commit broke")
+            return await commit_many(records, release)
+
+        monkeypatch.setattr(engine.store, "commit_many", failing)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(engine.step(s, None, x) for s in ids), return_exceptions=True), 10
+        )
+        assert isinstance(results[0], StepResult)
+        errors = results[1:]
+        assert all(isinstance(r, RuntimeError) for r in errors)
+        assert len({id(r) for r in errors}) == len(errors)
+        for sid in ids[1:]:
+            assert (await engine.store.get(sid, fresh=True)).step_count == 0
+        again = await asyncio.wait_for(
+            asyncio.gather(*(engine.step(s, None, x) for s in ids[1:])), 10
+        )
+        assert [r.step_count for r in again] == [1] * 5
     finally:
         await engine.stop()
