@@ -242,6 +242,38 @@ async def test_hung_redis_times_out(silent_server: int) -> None:
     await _get_fails_within(silent_server, 2)
 
 
+async def test_a_caller_cancelled_while_redis_is_silent_is_cancelled_not_timed_out(
+    silent_server: int,
+) -> None:
+    """The exchange's own timer (``_Expiry``) tells its expiry from a cancellation from
+    outside: a caller cancelled mid-exchange gets CancelledError, at once, and the task
+    carries no cancellation request afterwards; one that is not, a timeout (503)."""
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{silent_server}/0", ttl_s=60, max_sessions=10,
+        max_sessions_per_owner=10, timeout_s=0.5,
+    )  # fmt: skip
+    try:
+        reading = asyncio.ensure_future(store.get("s"))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        assert time.monotonic() - started < 0.3
+
+        async def timed_out() -> int:
+            with pytest.raises(StoreUnavailable):
+                await store.get("s")
+            task = asyncio.current_task()
+            assert task is not None
+            await asyncio.sleep(0)  # no cancellation left pending on the task
+            return task.cancelling()
+
+        assert await timed_out() == 0
+    finally:
+        await store.close()
+
+
 async def test_only_refusals_are_store_unavailable(redis_store, db_url) -> None:
     """Redis refusing writes for now (NOREPLICAS, BUSY, MISCONF) is 503 store_unavailable;
     any other error reply, such as WRONGTYPE on a key that is not ours, is raised as it
@@ -781,14 +813,19 @@ async def test_replies_are_parsed_across_reads(chunk: int) -> None:
 
 
 class _FakeConnection:
-    """What _exchange uses of a redis-py connection: a stream reader and a writer."""
+    """What _exchange uses of a redis-py connection: a stream reader and a writer (whose
+    transport has nothing left to send)."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         self._reader = reader
         self._writer = self
+        self.transport = self
 
     def write(self, data: bytes) -> None:
         pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     async def drain(self) -> None:
         pass
