@@ -494,6 +494,20 @@ async def _exchange(connection: Any, payload: list[Any], count: int) -> list[Any
     return replies
 
 
+def _write_over(cached: SessionRecord, record: SessionRecord, state: np.ndarray) -> None:
+    """What a commit can change, from ``record`` onto the cache's own copy (the rest is
+    fixed for a cache entry: ``_same_identity``). The state is replaced, never written in
+    place: ``_cached`` hands out records that share it (read-only, so that no caller can
+    write it either)."""
+    cached.state = state
+    cached.last_used = record.last_used
+    cached.step_count = record.step_count
+    cached.revision = record.revision
+    cached.last_seq = record.last_seq
+    cached.last_outputs = record.last_outputs
+    cached.last_outputs_shape = record.last_outputs_shape
+
+
 def bucket_of(session_id: str) -> int:
     return zlib.crc32(session_id.encode()) % BUCKETS
 
@@ -872,16 +886,7 @@ class RedisSessionStore(SessionStore):
         cached = entry.record
         state = record.state if frozen else frozen_state(record.state)
         if entry.private:
-            # What a commit can change (the rest is fixed for an entry: ``_same_identity``).
-            # The state is replaced, never written in place: ``_cached`` hands out records
-            # that share it (read-only, so that no caller can write it either).
-            cached.state = state
-            cached.last_used = record.last_used
-            cached.step_count = record.step_count
-            cached.revision = record.revision
-            cached.last_seq = record.last_seq
-            cached.last_outputs = record.last_outputs
-            cached.last_outputs_shape = record.last_outputs_shape
+            _write_over(cached, record, state)
         else:
             entry.record = cached = record.shallow()
             cached.state = state
@@ -1215,14 +1220,7 @@ class RedisSessionStore(SessionStore):
         cache = self._cache
         if entry.private and cache.get(record.session_id) is entry:
             # _remember's common case, inline: a step of a session this process serves
-            cached = entry.record
-            cached.state = state
-            cached.last_used = now
-            cached.step_count = record.step_count
-            cached.revision = record.revision
-            cached.last_seq = record.last_seq
-            cached.last_outputs = record.last_outputs
-            cached.last_outputs_shape = record.last_outputs_shape
+            _write_over(entry.record, record, state)
             cache.move_to_end(record.session_id)
         else:
             self._remember(entry, record, frozen=True)
