@@ -256,7 +256,8 @@ def encode(
     record: SessionRecord, *, revision: int | None = None, last_used: float | None = None
 ) -> bytes:
     """The stored form of ``record`` (optionally with another revision / last_used)."""
-    return b"".join(_encode_parts(record, revision, last_used))
+    head, blob = _encode_parts(record, revision, last_used)
+    return head + blob
 
 
 def _identity(record: SessionRecord) -> tuple[bytes, int, int, int]:
@@ -293,40 +294,46 @@ def _encode_parts(
     revision: int | None,
     last_used: float | None,
     identity: tuple[bytes, int, int, int] | None = None,
-) -> tuple[bytes, np.ndarray]:
-    """The stored form as two pieces: everything before the state, and the state itself
-    (the array, whose buffer is its bytes; not a copy). ``identity`` is ``_identity(record)``
-    when the caller keeps it."""
+) -> tuple[bytes, bytes]:
+    """The stored form as two pieces: everything before the state, and the state's bytes
+    (little-endian float32, flat). ``identity`` is ``_identity(record)`` when the caller
+    keeps it. (Every step's commit runs this: it is written for few Python operations.)"""
     ids, n_owner, n_model, n_fingerprint = identity or _identity(record)
-    outputs = record.last_outputs or b""
-    shape = record.last_outputs_shape
     state = record.state
-    if state.dtype != _F4 or state.ndim != 1 or not state.flags.c_contiguous:
-        state = np.ascontiguousarray(state, dtype=_F4).reshape(-1)
-    flags = (
-        (_HAS_OWNER if record.owner is not None else 0)
-        | (_HAS_SEQ if record.last_seq is not None else 0)
-        | (_HAS_OUTPUTS if record.last_outputs is not None else 0)
-    )
+    blob = (state if state.dtype == _F4 else state.astype(_F4)).tobytes()  # C order, flat
+    outputs, shape, last_seq = record.last_outputs, record.last_outputs_shape, record.last_seq
+    dims = _DIMS_OF.get(shape)
+    if dims is None:
+        dims = _dims(shape)
     header = _HEADER.pack(
         record.revision if revision is None else revision,
         record.step_count,
         record.last_used if last_used is None else last_used,
         record.created_at,
         record.version,
-        record.last_seq if record.last_seq is not None else 0,
-        state.size,
-        len(outputs),
+        0 if last_seq is None else last_seq,
+        len(blob) >> 2,
+        0 if outputs is None else len(outputs),
         n_owner,
         n_model,
         n_fingerprint,
         len(shape),
-        flags,
+        (0 if record.owner is None else _HAS_OWNER)
+        | (0 if last_seq is None else _HAS_SEQ)
+        | (0 if outputs is None else _HAS_OUTPUTS),
     )
-    dims = (_DIMS[len(shape)] if len(shape) < 8 else struct.Struct(f"<{len(shape)}q")).pack(
-        *shape
-    )
-    return b"".join((header, ids, dims, outputs)), state
+    return b"%b%b%b%b" % (header, ids, dims, outputs or b""), blob
+
+
+_DIMS_OF: dict[tuple[int, ...], bytes] = {}
+"""The packed output shapes seen so far (a few per model: steps x outputs)."""
+
+
+def _dims(shape: tuple[int, ...]) -> bytes:
+    dims = (_DIMS[len(shape)] if len(shape) < 8 else struct.Struct(f"<{len(shape)}q")).pack(*shape)
+    if len(_DIMS_OF) < 4096:
+        _DIMS_OF[shape] = dims
+    return dims
 
 
 def decode(session_id: str, blob: bytes) -> SessionRecord:
@@ -533,7 +540,7 @@ class _Commit:
     blob: bytes = b""
     """The new state's bytes, as sent: once applied, the cache keeps a view of them."""
     head: bytes = b""
-    """The rest of the new record, before the state."""
+    """The new record's RESP before the state: its length, the rest of the record."""
     script_reply: int = 0
     """Where its reply is: the index of its script's, and its place in that script."""
     position: int = 0
@@ -1070,9 +1077,8 @@ class RedisSessionStore(SessionStore):
             if item.release:
                 flags = 1
             else:
-                head, state = _encode_parts(record, revision, now, entry.identity)
-                item.blob = blob = state.tobytes()
-                item.head = head
+                head, item.blob = _encode_parts(record, revision, now, entry.identity)
+                item.head = b"$%d\r\n%b" % (len(head) + len(item.blob), head)
                 flags = (2 if entry.marker_at < marker_due else 0) | (
                     4 if entry.live_at < live_due else 0
                 )
@@ -1105,8 +1111,7 @@ class RedisSessionStore(SessionStore):
                 if item.release:
                     command += (item.expected, b"$0\r\n\r\n")
                 else:
-                    head, blob = item.head, item.blob
-                    command += (item.expected, b"$%d\r\n" % (len(head) + len(blob)), head, blob, b"\r\n")
+                    command += (item.expected, item.head, item.blob, b"\r\n")
                 item.script_reply, item.position = script_reply, position
             commands.append(command)
         return commands
