@@ -473,17 +473,20 @@ async def _exchange(connection: Any, payload: list[Any], count: int) -> list[Any
     replies: list[Any] = []
     buf, pos = b"", 0
     while len(replies) < count:
-        try:
-            reply, end = _parse(buf, pos)
-        except _Incomplete:
-            chunk = await reader.read(1 << 18)
-            if not chunk:
-                raise rx.ConnectionError("connection closed by the server") from None
-            buf, pos = buf[pos:] + chunk, 0
-            continue
-        if buf[pos] != 62:  # a RESP3 push is out of band: not a reply
-            replies.append(reply)
-        pos = end
+        if pos < len(buf):  # (not before the first read: an _Incomplete raised for nothing)
+            try:
+                reply, end = _parse(buf, pos)
+            except _Incomplete:
+                pass
+            else:
+                if buf[pos] != 62:  # a RESP3 push is out of band: not a reply
+                    replies.append(reply)
+                pos = end
+                continue
+        chunk = await reader.read(1 << 18)
+        if not chunk:
+            raise rx.ConnectionError("connection closed by the server") from None
+        buf, pos = buf[pos:] + chunk, 0
     if pos != len(buf):
         raise rx.InvalidResponse("more data than replies")
     return replies
