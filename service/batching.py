@@ -545,9 +545,10 @@ class StepBatcher:
                 except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
                     for job in durable:
                         job.commit_error = job.commit_error or exc
-                except BaseException:
+                except BaseException:  # cancelled: so are the commits' waiters ...
                     for job in durable:
                         job.future.cancel()
+                    self._settle(jobs, started)  # ... and the call's other jobs hear theirs
                     raise
         self._settle(jobs, started)
 

@@ -492,6 +492,27 @@ async def _exchange(connection: Any, payload: list[Any], count: int) -> list[Any
     return replies
 
 
+_SCRIPT_BYTES = 4 << 20
+"""The most new-record bytes one commit script call carries (more go in another call of
+the same pipeline): Redis holds a command's arguments, and copies them into Lua, whole."""
+
+
+def _within_bytes(items: list[_Commit], limit: int) -> list[list[_Commit]]:
+    """``items`` in consecutive runs of at most ``limit`` bytes of new records (one item
+    at least each)."""
+    if sum(len(item.blob) for item in items) <= limit:  # the common case
+        return [items]
+    runs: list[list[_Commit]] = [[]]
+    size = 0
+    for item in items:
+        if runs[-1] and size + len(item.blob) > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += len(item.blob)
+    return runs
+
+
 def _write_over(cached: SessionRecord, record: SessionRecord, state: np.ndarray) -> None:
     """What a commit can change, from ``record`` onto the cache's own copy (the rest is
     fixed for a cache entry: ``_same_identity``). The state is replaced, never written in
@@ -809,15 +830,17 @@ class RedisSessionStore(SessionStore):
             # after a timeout the connection is dropped, and a stalled Redis must not hold
             # the next operation for a connect timeout on top.
             connecting = not connection.is_connected
-            expiry = _Expiry(self._timeout_s * (2 if connecting else 1))
+            seconds = self._timeout_s * (2 if connecting else 1)
+            expiry = _Expiry(seconds)
             try:
                 if connecting:
                     await connection.connect()
                 return await _exchange(connection, _pack(commands), len(commands))
             except asyncio.CancelledError:
                 if expiry.expired():
+                    what = "connection and answer" if connecting else "answer"
                     raise rx.TimeoutError(
-                        f"no answer from Redis within {self._timeout_s:g} s"
+                        f"no {what} from Redis within {seconds:g} s"
                     ) from None
                 raise
             finally:
@@ -1101,23 +1124,28 @@ class RedisSessionStore(SessionStore):
                 groups[group] = [item]
             else:
                 members.append(item)
-        for members in groups.values():
-            n = len(members)
-            command = [
-                b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b"
-                % (7 + 5 * n, self._commit_sha, _bulk(b"%d" % (3 * n)))
-            ]
-            command += [item.entry.keys for item in members]  # type: ignore[union-attr]
-            command.append(self._commit_args)
-            script_reply = len(commands)
-            for position, item in enumerate(members):
-                if item.release:
-                    command += (item.expected, b"$0\r\n\r\n")
-                else:
-                    command += (item.expected, item.head, item.blob, b"\r\n")
-                item.script_reply, item.position = script_reply, position
-            commands.append(command)
+        for group in groups.values():
+            for members in _within_bytes(group, _SCRIPT_BYTES):
+                self._script_call(members, commands)
         return commands
+
+    def _script_call(self, members: list[_Commit], commands: list[Command]) -> None:
+        """One commit script call for ``members`` (of one hash tag), appended to ``commands``."""
+        n = len(members)
+        command = [
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b"
+            % (7 + 5 * n, self._commit_sha, _bulk(b"%d" % (3 * n)))
+        ]
+        command += [item.entry.keys for item in members]  # type: ignore[union-attr]
+        command.append(self._commit_args)
+        script_reply = len(commands)
+        for position, item in enumerate(members):
+            if item.release:
+                command += (item.expected, b"$0\r\n\r\n")
+            else:
+                command += (item.expected, item.head, item.blob, b"\r\n")
+            item.script_reply, item.position = script_reply, position
+        commands.append(command)
 
     async def _write_batch(self, batch: list[_Commit]) -> None:
         """One pipeline of commits; each item's outcome goes to its waiter."""

@@ -744,3 +744,28 @@ async def test_app_overloaded_is_429_and_leaves_sessions_intact(make_client, mod
         else:
             assert info["step_count"] == 300
             np.testing.assert_allclose(np.asarray(r.json()["outputs"]), y_ref[i][0], atol=TOL)
+
+
+async def test_a_cancelled_commit_hook_leaves_no_job_of_its_call_waiting(runners, executor):
+    """The commit hook of a call is cancelled (the server stops while a commit is in
+    flight): the jobs whose commit it was making are cancelled, and the call's other jobs
+    (here one that made no commit) still get their results instead of waiting for ever."""
+    runner = runners["tiny-lstm"]
+    entered, never = asyncio.Event(), asyncio.Event()
+
+    async def hook(jobs: list[StepJob]) -> None:
+        entered.set()
+        await never.wait()
+
+    batcher = StepBatcher(runner, executor, max_size=8, inline_steps=0, commit=hook)
+    x = np.ones((1, 3), np.float32)
+    durable = asyncio.ensure_future(batcher.submit(x, runner.zero_state(), commit="record"))
+    plain = asyncio.ensure_future(batcher.submit(x, runner.zero_state()))
+    await asyncio.wait_for(entered.wait(), 10)
+    for task in list(batcher._tasks):
+        task.cancel()
+    y, _ = await asyncio.wait_for(plain, 10)
+    np.testing.assert_allclose(y, runner.run_one(x, runner.zero_state())[0], atol=TOL)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(durable, 10)
+    await batcher.close()
