@@ -660,6 +660,11 @@ class _Turn:
 
 
 class RedisSessionStore(SessionStore):
+    _script_per_tag = False
+    """Whether a pipeline's commits go in one commit script call per hash tag (a cluster:
+    a script's keys must live in one slot) rather than one for all of them (one Redis
+    holds every key)."""
+
     def __init__(
         self,
         url: str,
@@ -1085,17 +1090,13 @@ class RedisSessionStore(SessionStore):
             if not item.waiter.future.done():
                 item.waiter.future.set_exception(own_copy(exc))
 
-    def _script_group(self, entry: _Cached) -> bytes:
-        """Commits of one group go to Redis as one script call: here all of a pipeline's
-        (one Redis holds every key); a cluster store groups them by hash tag."""
-        return b""
-
     def _commit_commands(self, batch: list[_Commit], now: float, at: float) -> list[Command]:
         """The pipeline for ``batch``: the commit script call(s), each new record an argument;
         each item learns where its reply will be."""
         marker_due, live_due = at - self._marker_slack_ms / 1000, at - self._live_slack_ms / 1000
         commands: list[Command] = []
         groups: dict[bytes, list[_Commit]] = {}
+        by_tag = self._script_per_tag
         for item in batch:
             record = item.record
             item.entry = entry = self._entry(record)
@@ -1118,12 +1119,14 @@ class RedisSessionStore(SessionStore):
                 item.expected = _EXPECTED_BULK.pack(
                     b"$17\r\n", record.revision, record.created_at, 48 + flags, b"\r\n"
                 )
-            group = self._script_group(entry)
-            members = groups.get(group)
-            if members is None:
-                groups[group] = [item]
-            else:
-                members.append(item)
+            if by_tag:
+                members = groups.get(entry.tag)
+                if members is None:
+                    groups[entry.tag] = [item]
+                else:
+                    members.append(item)
+        if not by_tag:
+            groups[b""] = batch
         for group in groups.values():
             for members in _within_bytes(group, _SCRIPT_BYTES):
                 self._script_call(members, commands)

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
-from service.sessions.redis import Command, RedisSessionStore, _Cached, resp_arguments
+from service.sessions.redis import Command, RedisSessionStore, resp_arguments
 
 SCHEME = "redis-cluster://"
 
@@ -36,6 +36,8 @@ def parse_nodes(url: str) -> list[tuple[str, int]]:
 
 
 class RedisClusterSessionStore(RedisSessionStore):
+    _script_per_tag = True  # a script's keys must all live in one slot
+
     def _connect(self, url: str) -> Any:
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in parse_nodes(url)],
@@ -72,9 +74,6 @@ class RedisClusterSessionStore(RedisSessionStore):
                 results[i] = outcome if isinstance(outcome, Exception) else outcome[k]
         return results
 
-    def _script_group(self, entry: _Cached) -> bytes:
-        """One script per hash tag: a script's keys must all live in one slot."""
-        return entry.tag
 
 
 def _arguments(command: bytes | list) -> tuple:
