@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from service.batching import StepBatcher
 from service.config import Settings
-from service.engine import Engine, StepResult
-from service.errors import InferenceFailed, SessionExpired, SessionNotFound
+from service.engine import Engine, StepResult, _Crowd
+from service.errors import InferenceFailed, ServeError, SessionExpired, SessionNotFound
 
 TOL = 1e-5
 WIDTH = 3  # tiny-lstm's input size
@@ -481,3 +481,73 @@ async def test_on_redis_a_crowd_whose_commit_fails_answers_each_step_and_changes
         assert [r.step_count for r in again] == [1] * 5
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+async def test_on_redis_two_replicas_racing_cancelled_and_retried_steps_apply_each_once(
+    model_repo, reference, monkeypatch, redis_db, seed
+):
+    """Two engines (replicas) on one Redis, crowds on. Each client sends its session's
+    steps in chunks of 1-2 with ``seq``; some requests go to both replicas at once, some
+    are cancelled a few loop turns in, and every one that got no answer is retried with
+    the same ``seq`` until one comes. Every answer (first or replayed, on either replica)
+    is the session's own, and each session ends at exactly its whole sequence: no step
+    applied twice, skipped or mixed with another session's, whatever the crowds,
+    conflicts and cancellations in between."""
+    import random
+
+    url = redis_db(CROWDS_REDIS_DB)
+    crowded = []
+    committed = _Crowd._committed
+
+    def spied(crowd, call):
+        crowded.append(len(crowd.futures))
+        return committed(crowd, call)
+
+    monkeypatch.setattr(_Crowd, "_committed", spied)
+    a, b = await _engine(model_repo, url), await _engine(model_repo, url)
+    ref = reference("tiny-lstm")
+    rng = random.Random(seed)
+    n, chunks = 16, 8
+    try:
+        ids = await _sessions(a, n)
+        xs = [
+            np.random.default_rng(seed * 100 + k).normal(size=(2 * chunks, WIDTH)).astype(np.float32)
+            for k in range(n)
+        ]
+        done = [0] * n
+
+        async def client(k: int) -> None:
+            expected = ref.run(xs[k])[0]
+            for _ in range(chunks):
+                start = done[k]
+                count = start + rng.choice([1, 1, 2])
+                chunk = xs[k][start:count]
+                while True:
+                    engines = [a] if rng.random() < 0.6 else [a, b]
+                    tasks = [asyncio.ensure_future(e.step(ids[k], None, chunk, count)) for e in engines]
+                    if rng.random() < 0.3:
+                        for _ in range(rng.randrange(6)):
+                            await asyncio.sleep(0)
+                        tasks[0].cancel()
+                    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                    answers = [r for r in outcomes if isinstance(r, StepResult)]
+                    for r in outcomes:  # refusals (a conflict, a seq still in flight) are 4xx
+                        assert isinstance(r, (StepResult, ServeError, asyncio.CancelledError)), r
+                    for r in answers:
+                        assert r.step_count == count
+                        np.testing.assert_allclose(r.outputs, expected[start:count], atol=TOL)
+                    if answers:
+                        break
+                done[k] = count
+
+        await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(n))), 60)
+        assert crowded  # the steps did meet in crowds
+        for k, sid in enumerate(ids):
+            assert (await a.store.get(sid, fresh=True)).step_count == done[k]
+            last = await b.step(sid, None, np.zeros((1, WIDTH), np.float32))
+            whole = np.concatenate([xs[k][: done[k]], np.zeros((1, WIDTH), np.float32)])
+            np.testing.assert_allclose(last.outputs, ref.run(whole)[0][-1:], atol=TOL)
+    finally:
+        await a.stop()
+        await b.stop()
