@@ -206,12 +206,10 @@ class _Crowd:
             self.settle([_ALONE] * len(self.futures))
             return
         if self.errors is None:  # the hook failed, or was cancelled, as a whole
-            error = (
-                StoreUnavailable("the step's commit was interrupted; retry it with its seq")
-                if call.cancelled()
-                else call.exception()
-            )
-            self.settle([own_copy(error) for _ in self.futures])  # type: ignore[arg-type]
+            error = None if call.cancelled() else call.exception()
+            if error is None:
+                error = StoreUnavailable("the step's commit was interrupted; retry it with its seq")
+            self.settle([own_copy(error) for _ in self.futures])
             return
         done = self.errors.count(None)
         self.settle(

@@ -18,14 +18,15 @@ over its primaries by bucket:
 
 One round trip per step. ``get`` answers from a bounded per-process cache of the record
 this process last read or committed (``fresh=True`` always reads Redis); ``commit`` is a
-compare-and-set script that writes the new record, given as an argument, with its TTL or,
-with ``release=True``, deletes the session instead. (The new record used to go in a SET of
-its own under a staging name, renamed over the record by the script: Redis spent about
-2 us less per commit, 9.5 against 11.8 us in one script call for 32, but the server built
-and parsed a command more per commit.) Concurrent commits are coalesced: whatever commits wait while a pipeline is in
-flight go out together as the next pipeline, with one script call for all of them (one per
-hash tag on a cluster); a step's commit made while none is in flight goes out at once,
-from its caller. Replies are parsed here, not by redis-py's per-reply parser.
+compare-and-set script that writes the new record, given as an argument, with its TTL
+or, with ``release=True``, deletes the session instead. (The new record used to go in a
+SET of its own under a staging name, renamed over the record by the script: Redis spent
+about 2 us less per commit, 9.5 against 11.8 us in one script call for 32, but the
+server built and parsed a command more per commit.) Concurrent commits are coalesced:
+whatever commits wait while a pipeline is in flight go out together as the next
+pipeline, with one script call for all of them (one per hash tag on a cluster); a step's
+commit made while none is in flight goes out at once, from its caller. Replies are
+parsed here, not by redis-py's per-reply parser.
 The cache's states are read-only and replaced, never written in place: a read shares its
 record's state rather than copying it, and an applied commit keeps a view of the bytes it
 sent; one future per ``commit_many`` call, not per commit.
