@@ -184,10 +184,15 @@ class _Crowd:
             ys, states = ys[keep], states[keep]
         if not self.futures:
             return
-        errors = self.bulk.advance(self.records, states, self.steps, ys, self.seqs)
+        self._answer(ys, self.bulk.advance(self.records, states, self.steps, ys, self.seqs))
+
+    def _answer(self, ys: np.ndarray, errors: list) -> None:
+        """Each step's outputs, or ``_CONFLICT`` (its session changed since it was read:
+        redo it fresh) or its error, from the write-back's verdicts; the applied steps
+        are counted."""
         done = errors.count(None)
         self.settle(
-            list(ys)  # the common case: every lease held
+            list(ys)  # the common case: every step applied
             if done == len(errors)
             else [
                 y if error is None else _CONFLICT if isinstance(error, SessionConflict) else error
@@ -211,17 +216,7 @@ class _Crowd:
                 error = StoreUnavailable("the step's commit was interrupted; retry it with its seq")
             self.settle([own_copy(error) for _ in self.futures])
             return
-        done = self.errors.count(None)
-        self.settle(
-            list(self.ys)
-            if done == len(self.errors)
-            else [
-                y if error is None else _CONFLICT if isinstance(error, SessionConflict) else error
-                for y, error in zip(self.ys, self.errors)
-            ]
-        )
-        if done:
-            self.counter.inc(done * self.steps)  # type: ignore[attr-defined]
+        self._answer(self.ys, self.errors)
 
 
 @dataclass(slots=True)

@@ -303,9 +303,7 @@ def _encode_parts(
     state = record.state
     blob = (state if state.dtype == _F4 else state.astype(_F4)).tobytes()  # C order, flat
     outputs, shape, last_seq = record.last_outputs, record.last_outputs_shape, record.last_seq
-    dims = _DIMS_OF.get(shape)
-    if dims is None:
-        dims = _dims(shape)
+    dims = (_DIMS[len(shape)] if len(shape) < 8 else struct.Struct(f"<{len(shape)}q")).pack(*shape)
     header = _HEADER.pack(
         record.revision if revision is None else revision,
         record.step_count,
@@ -324,17 +322,6 @@ def _encode_parts(
         | (0 if outputs is None else _HAS_OUTPUTS),
     )
     return b"%b%b%b%b" % (header, ids, dims, outputs or b""), blob
-
-
-_DIMS_OF: dict[tuple[int, ...], bytes] = {}
-"""The packed output shapes seen so far (a few per model: steps x outputs)."""
-
-
-def _dims(shape: tuple[int, ...]) -> bytes:
-    dims = (_DIMS[len(shape)] if len(shape) < 8 else struct.Struct(f"<{len(shape)}q")).pack(*shape)
-    if len(_DIMS_OF) < 4096:
-        _DIMS_OF[shape] = dims
-    return dims
 
 
 def decode(session_id: str, blob: bytes) -> SessionRecord:

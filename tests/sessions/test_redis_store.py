@@ -471,6 +471,16 @@ async def test_a_step_is_one_round_trip(counting_store) -> None:
         await store.close()
 
 
+async def _created_and_read(
+    store: RedisSessionStore, n: int
+) -> tuple[list[SessionRecord], list[SessionRecord]]:
+    """``n`` new sessions, and the copies ``get`` gives of them (from the store's cache)."""
+    records = [record(f"s{k}") for k in range(n)]
+    for rec in records:
+        await store.create(rec)
+    return records, [await store.get(r.session_id) for r in records]
+
+
 async def test_large_records_are_committed_in_script_calls_of_bounded_size(
     counting_store, monkeypatch
 ) -> None:
@@ -481,10 +491,7 @@ async def test_large_records_are_committed_in_script_calls_of_bounded_size(
 
     store = counting_store()
     try:
-        records = [record(f"s{n}") for n in range(10)]
-        for rec in records:
-            await store.create(rec)
-        got = [await store.get(r.session_id) for r in records]
+        records, got = await _created_and_read(store, 10)
         size = got[0].state.nbytes
         monkeypatch.setattr(module, "_SCRIPT_BYTES", 3 * size)  # three records a call
         for rec in got:
@@ -502,10 +509,7 @@ async def test_large_records_are_committed_in_script_calls_of_bounded_size(
 async def test_concurrent_commits_share_pipelines(counting_store) -> None:
     store = counting_store()
     try:
-        records = [record(f"s{n}") for n in range(64)]
-        for rec in records:
-            await store.create(rec)
-        got = [await store.get(r.session_id) for r in records]
+        records, got = await _created_and_read(store, 64)
         for rec in got:
             rec.step_count = 7
         before = store.round_trips
