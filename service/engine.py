@@ -251,6 +251,7 @@ class Engine:
         """onnxruntime calls that may run at once (all models): the pool's threads."""
         self.executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ort")
         self._turns = _Turns()
+        self.store.busy = self._turns.held
         self._bulk = self.store if isinstance(self.store, MemorySessionStore) else None
         """The memory store's slab path for multiplexed steps (other stores: get/commit_many)."""
         self._crowds: dict[tuple[int, int, int], _Crowd] = {}
@@ -1589,6 +1590,10 @@ class _Turns:
             if future is not None:
                 waiting.append((key, future))
         return waiting
+
+    def held(self) -> int:
+        """How many sessions have a request in progress (or waiting)."""
+        return len(self._users)
 
     def leave(self, key: str) -> None:
         """Give up the turn we hold: the next live waiter gets it."""

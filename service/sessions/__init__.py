@@ -20,6 +20,7 @@ def make_store(settings: Settings) -> SessionStore:
         "pool_timeout_s": settings.redis_pool_timeout_s,
         "timeout_s": settings.redis_timeout_s,
         "cache_sessions": settings.redis_cache_sessions,
+        "poll_s": settings.redis_poll_us / 1e6,
     }
     if settings.session_store == "memory":
         return MemorySessionStore(**limits)

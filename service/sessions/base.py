@@ -96,6 +96,10 @@ class SessionRecord:
         return copy
 
 
+def _not_known() -> int:
+    return 0
+
+
 class SessionStore(abc.ABC):
     """Stores sessions with an idle TTL. Implementations raise the errors of service.errors."""
 
@@ -107,6 +111,11 @@ class SessionStore(abc.ABC):
         """Called with a short cause (``connection``, ``timeout``, ``pool``...) and how many
         requests it fails, whenever the store gives up reaching its backend; the metrics
         count them."""
+        self.busy: Callable[[], int] = _not_known
+        """How many sessions have a request in progress on this replica, the caller's
+        included (the engine sets it; 0: not known). A store may then wait for an answer
+        busily when its caller's is the only one, and hold commits back for more to join
+        them while many are."""
 
     @abc.abstractmethod
     async def create(self, record: SessionRecord) -> None:

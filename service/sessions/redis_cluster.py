@@ -48,11 +48,12 @@ class RedisClusterSessionStore(RedisSessionStore):
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
 
-    async def _send(self, client: Any, commands: Sequence[Command]) -> list[Any]:
+    async def _send(self, client: Any, commands: Sequence[Command], poll: Any = None) -> list[Any]:
         """One pipeline per primary (sent together), replies in order, errors in place:
         a primary that cannot be reached (its reconnect refused) fails only its own
         commands, not the others' (whose commits did apply). Commands already in RESP
-        form are turned back into arguments."""
+        form are turned back into arguments. (``poll`` is not used: redis-py's cluster
+        pipeline reads the answers.)"""
         calls = [
             command if isinstance(command, tuple) else _arguments(command) for command in commands
         ]

@@ -551,3 +551,33 @@ async def test_on_redis_two_replicas_racing_cancelled_and_retried_steps_apply_ea
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_only_a_step_with_no_other_request_in_progress_polls_for_its_commit(
+    model_repo, reference, monkeypatch, redis_db
+):
+    """The engine tells the store how many sessions have requests in progress: a step's
+    commit is polled for (holding the event loop for Redis's answer) only when no other
+    session has one; either way the step's result is the session's own."""
+    from service.sessions.redis import _Poll
+
+    polls: list[int] = []
+    read = _Poll.read
+    monkeypatch.setattr(_Poll, "read", lambda *args: polls.append(1) or read(*args))
+    engine = await _engine(model_repo, redis_db(CROWDS_REDIS_DB))
+    try:
+        a, b = await _sessions(engine, 2)
+        xs = np.random.default_rng(3).standard_normal((3, 1, WIDTH)).astype(np.float32)
+        ys = [(await engine.step(a, None, xs[0])).outputs]
+        assert len(polls) == 1
+        busy = engine._turns.enter(b)  # another session's request, in progress
+        assert busy is None
+        ys.append((await engine.step(a, None, xs[1])).outputs)
+        assert len(polls) == 1
+        engine._turns.leave(b)
+        ys.append((await engine.step(a, None, xs[2])).outputs)
+        assert len(polls) == 2
+        want = reference("tiny-lstm").run(xs[:, 0])[0]
+        np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL)
+    finally:
+        await engine.stop()

@@ -7,10 +7,11 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from service.sessions.redis import (
     BUCKETS,
     RedisSessionStore,
     _exchange,
+    _Poll,
     bucket_of,
     decode,
     encode,
@@ -434,12 +436,12 @@ class CountingStore(RedisSessionStore):
         self.round_trips = 0
         self.commands: list[str] = []
 
-    async def _send(self, client, commands):
+    async def _send(self, client, commands, poll=None):
         self.round_trips += 1
         self.commands += [
             (str(c[0]) if isinstance(c, tuple) else resp_arguments(c)[0].decode()) for c in commands
         ]
-        return await super()._send(client, commands)
+        return await super()._send(client, commands, poll)
 
 
 @pytest.fixture
@@ -1000,7 +1002,7 @@ async def test_a_pipeline_that_fails_before_deciding_fails_its_commits(
     await store.create(record("a"))
     a = await store.get("a")
 
-    async def broken(batch):
+    async def broken(batch, poll=None):
         raise RuntimeError("a bug before the outcomes")
 
     store._write_batch = broken
@@ -1036,10 +1038,10 @@ async def test_a_failing_writer_still_sends_the_commits_queued_behind(redis_stor
     real = store._write_batch
     calls = 0
 
-    async def flaky(batch):
+    async def flaky(batch, poll=None):
         nonlocal calls
         calls += 1
-        await real(batch)
+        await real(batch, poll)
         if calls == 1:
             raise RuntimeError("a bug after the outcomes")
 
@@ -1056,3 +1058,112 @@ async def test_a_failing_writer_still_sends_the_commits_queued_behind(redis_stor
     assert (await store.get("second", fresh=True)).step_count == 1
     assert (await store.get("first", fresh=True)).step_count == 1
     assert "the Redis commit writer failed" in caplog.text
+
+
+class _PollSpy:
+    """Counts ``_Poll.read`` calls and the ones that found the answer."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = self.found = 0
+        read = _Poll.read
+
+        def spied(poll: _Poll, fd: int, since: float) -> bytes | None:
+            self.calls += 1
+            data = read(poll, fd, since)
+            self.found += data is not None
+            return data
+
+        monkeypatch.setattr(_Poll, "read", spied)
+
+
+async def test_a_lone_commit_polls_for_its_answer(redis_store, monkeypatch) -> None:
+    """A commit whose session is the only one with a request in progress (``busy``)
+    polls the socket for Redis's answer (``_Poll``) and applies exactly as an awaited
+    one does; any other commit is not polled for, nor one from a caller that did not say
+    (``busy`` 0)."""
+    spy = _PollSpy(monkeypatch)
+    store = redis_store(poll_s=0.05)
+    busy = [1, 2, 0]
+    rec = record("s")
+    await store.create(rec)
+    expected = rec.state
+    for n in range(20):
+        expected = expected + 1
+        got = await store.get("s")
+        assert got.step_count == n
+        got.step_count += 1
+        got.state = got.state + 1
+        store.busy = busy[n % 3].__int__
+        assert await store.commit_many([got]) == [None]
+    assert spy.calls == 7
+    assert spy.found >= 1  # within 50 ms, however loaded the machine is
+    fresh = await store.get("s", fresh=True)
+    assert fresh.step_count == 20 and fresh.revision == 20
+    np.testing.assert_array_equal(fresh.state, expected)
+    assert 0 < store._poll.rtt_s < 0.1
+
+
+@pytest.fixture
+def slow_server() -> Iterator[tuple[int, dict[str, float]]]:
+    """A TCP server, on a thread of its own (a poll holds the event loop), that answers
+    the connection's handshake with ``+OK``s and every commit script call with ``:1``
+    (all applied) in two pieces: the first after ``delays["first"]`` seconds, the rest
+    ``delays["rest"]`` seconds later."""
+    delays = {"first": 0.0, "rest": 0.0}
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while not stop.is_set() and (data := conn.recv(1 << 16)):
+                if b"EVALSHA" in data:
+                    time.sleep(delays["first"])
+                    conn.sendall(b":")
+                    time.sleep(delays["rest"])
+                    conn.sendall(b"1\r\n")
+                else:
+                    conn.sendall(b"+OK\r\n" * max(1, data.count(b"*")))
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], delays
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+async def test_a_polled_answer_may_come_in_pieces_or_late(slow_server, monkeypatch) -> None:
+    """An answer whose first bytes the poll finds and the rest come later is read to its
+    end the usual way; one that comes after the budget is awaited; once answers come
+    later than the budget on average, commits stop polling."""
+    port, delays = slow_server
+    spy = _PollSpy(monkeypatch)
+    store = RedisSessionStore(
+        f"redis://127.0.0.1:{port}/0", ttl_s=60, max_sessions=10, max_sessions_per_owner=10,
+        timeout_s=2, poll_s=0.02,
+    )  # fmt: skip
+    store.busy = lambda: 1
+    try:
+        delays["rest"] = 0.05  # the first byte at once, the rest after the budget
+        assert await store.commit_many([record("a")]) == [None]
+        assert (spy.calls, spy.found) == (1, 1)
+        delays["first"], delays["rest"] = 0.05, 0.0  # all of it after the budget
+        for n in range(20):
+            assert await store.commit_many([record(f"b{n}")]) == [None]
+            if not store._poll.worth_it():
+                break
+        assert not store._poll.worth_it()
+        assert spy.found == 1 and spy.calls == n + 2
+        assert await store.commit_many([record("c")]) == [None]
+        assert spy.calls == n + 2  # not polled for any more
+    finally:
+        await store.close()
