@@ -498,8 +498,9 @@ async def _exchange(
     parser costs an awaited call and a timeout per reply). The pieces go out joined: one
     buffer costs uvloop less than a thousand (a commit pipeline has four per step);
     measured at 256 streams, 4 % more steps per second. With ``poll``, the answer is
-    first polled for on the socket itself (plain TCP or Unix socket, nothing buffered
-    yet: the reader then sees only what comes after)."""
+    timed and, while ``poll.worth_it()``, first polled for on the socket itself (plain
+    TCP or Unix socket, nothing buffered yet: the reader then sees only what comes
+    after)."""
     reader, writer = connection._reader, connection._writer
     writer.write(b"".join(payload))
     if writer.transport.get_write_buffer_size():  # not all sent at once: wait for it
@@ -509,7 +510,11 @@ async def _exchange(
     if poll is not None:
         since = time.perf_counter()
         transport = writer.transport
-        if not reader._buffer and transport.get_extra_info("sslcontext") is None:
+        if (
+            poll.worth_it()
+            and not reader._buffer
+            and transport.get_extra_info("sslcontext") is None
+        ):
             buf = poll.read(transport.get_extra_info("socket").fileno(), since) or b""
         if not buf:  # timed the slow way: its first chunk, below
             chunk = await reader.read(1 << 18)
@@ -1086,8 +1091,8 @@ class RedisSessionStore(SessionStore):
         ]
         if not self._writing and len(commits) <= self._max_pipeline and not any(release or ()):
             busy = self.busy()
-            if 0 < busy <= len(commits):  # nothing else in progress: polled for
-                await self._write_now(commits, self._poll if self._poll.worth_it() else None)
+            if 0 < busy <= len(commits):  # nothing else in progress: timed, polled for
+                await self._write_now(commits, self._poll if self._poll.budget_s else None)
                 return await waiter.future  # decided by now: no suspension
             await self._write_now(commits)
             return await waiter.future

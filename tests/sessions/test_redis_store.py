@@ -1144,7 +1144,8 @@ def slow_server() -> Iterator[tuple[int, dict[str, float]]]:
 async def test_a_polled_answer_may_come_in_pieces_or_late(slow_server, monkeypatch) -> None:
     """An answer whose first bytes the poll finds and the rest come later is read to its
     end the usual way; one that comes after the budget is awaited; once answers come
-    later than the budget on average, commits stop polling."""
+    later than the budget on average, commits stop polling, and start again once they
+    come in time again."""
     port, delays = slow_server
     spy = _PollSpy(monkeypatch)
     store = RedisSessionStore(
@@ -1164,6 +1165,14 @@ async def test_a_polled_answer_may_come_in_pieces_or_late(slow_server, monkeypat
         assert not store._poll.worth_it()
         assert spy.found == 1 and spy.calls == n + 2
         assert await store.commit_many([record("c")]) == [None]
-        assert spy.calls == n + 2  # not polled for any more
+        assert spy.calls == n + 2  # not polled for any more, but timed
+        delays["first"] = 0.0
+        for m in range(40):
+            assert await store.commit_many([record(f"d{m}")]) == [None]
+            if store._poll.worth_it():
+                break
+        assert store._poll.worth_it()
+        assert await store.commit_many([record("e")]) == [None]
+        assert spy.calls == n + 3 and spy.found == 2
     finally:
         await store.close()
