@@ -35,10 +35,11 @@ class Settings(BaseSettings):
     """Records this replica keeps from its last read or commit (LRU), so a step costs one
     round trip; a stale copy is caught by the commit's compare-and-set."""
     redis_poll_us: float = Field(default=200.0, ge=0, le=10_000)
-    """A step that is the only request in progress waits up to this long for Redis's answer
-    to its commit by polling the socket (burning CPU nobody else needs), rather than
-    sleeping: on a VM a sleeping thread takes 40-60 us more to wake. Only while Redis
-    answers within it on average; 0 turns it off."""
+    """A step whose session is the only one with a request in progress (no stateless
+    prediction either) waits up to this long for Redis's answer to its commit by polling
+    the socket, holding the event loop, rather than sleeping: on a VM a sleeping thread
+    takes 40-60 us more to wake. Only while Redis answers within it on average; 0 turns
+    it off."""
     session_ttl_s: float = Field(default=1800.0, gt=0)
     """Idle time after which a session expires (reset by every use)."""
     max_sessions: int = Field(default=1_000_000, ge=1)

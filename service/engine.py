@@ -251,7 +251,9 @@ class Engine:
         """onnxruntime calls that may run at once (all models): the pool's threads."""
         self.executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ort")
         self._turns = _Turns()
-        self.store.busy = self._turns.held
+        self._predicting = 0
+        """Stateless predictions in progress (they take no session's turn)."""
+        self.store.busy = self._busy
         self._bulk = self.store if isinstance(self.store, MemorySessionStore) else None
         """The memory store's slab path for multiplexed steps (other stores: get/commit_many)."""
         self._crowds: dict[tuple[int, int, int], _Crowd] = {}
@@ -389,9 +391,18 @@ class Engine:
             raise InvalidInput(
                 f"{len(initial_states)} initial states for {len(sequences)} sequences"
             )
-        return await self.batcher(entry).submit_many(list(zip(sequences, initial_states)))
+        self._predicting += 1
+        try:
+            return await self.batcher(entry).submit_many(list(zip(sequences, initial_states)))
+        finally:
+            self._predicting -= 1
 
     # -- sessions ----------------------------------------------------------------
+
+    def _busy(self) -> int:
+        """Sessions with a request in progress or waiting (their turns), plus stateless
+        predictions in progress: what the store is told (``SessionStore.busy``)."""
+        return self._turns.held() + self._predicting
 
     def _session_lock(self, session_id: str) -> _SessionLock:
         """Requests to one session run one at a time, in arrival order (asyncio.Lock is FIFO)."""

@@ -113,9 +113,8 @@ class SessionStore(abc.ABC):
         count them."""
         self.busy: Callable[[], int] = _not_known
         """How many sessions have a request in progress on this replica, the caller's
-        included (the engine sets it; 0: not known). A store may then wait for an answer
-        busily when its caller's is the only one, and hold commits back for more to join
-        them while many are."""
+        included, plus stateless predictions in progress (the engine sets it; 0: not
+        known). A store may wait for an answer busily when its caller's is the only one."""
 
     @abc.abstractmethod
     async def create(self, record: SessionRecord) -> None:

@@ -454,16 +454,19 @@ class _Poll:
     ``budget_s`` rather than sleeping until the answer arrives: a thread that sleeps
     takes 40-60 us more to wake on a VM, about as long as Redis takes to answer on
     loopback (one PING: 58 us with a blocking read, 21 us polling, on the 2-core VM).
-    Only for a step that is the only request in progress (the engine says so), which
-    nothing else is waiting behind, and only while answers come in time: ``rtt_s``, an
-    average of how long the first bytes of an answer took, turns it off against a Redis
-    farther away than the budget (and back on if it comes closer)."""
+    Only for a step whose session is the only one with a request in progress, and no
+    stateless prediction either (``busy``: what arrives meanwhile waits at most the
+    budget), and only while answers come in time: ``rtt_s``, an average of how long the
+    first bytes of an answer took, turns it off against a Redis farther away than the
+    budget (and back on if it comes closer: lone commits are timed while not polled)."""
 
-    __slots__ = ("budget_s", "rtt_s")
+    __slots__ = ("_buffer", "budget_s", "rtt_s")
 
     def __init__(self, budget_s: float) -> None:
         self.budget_s = budget_s
         self.rtt_s = 0.0
+        self._buffer = bytearray(1 << 16)
+        """Read into: ``os.read`` would allocate its size on every empty try."""
 
     def worth_it(self) -> bool:
         return self.budget_s > 0 and self.rtt_s < self.budget_s
@@ -472,17 +475,18 @@ class _Poll:
         """What the socket ``fd`` holds once some arrives within the budget (from ``since``),
         or None. Raises on end of stream, as a read would."""
         deadline = since + self.budget_s
+        buffer = self._buffer
         while True:
             try:
-                data = os.read(fd, 1 << 18)
+                n = os.readv(fd, (buffer,))
             except BlockingIOError:
                 if time.perf_counter() < deadline:
                     continue
                 return None
-            if not data:
+            if not n:
                 raise rx.ConnectionError("connection closed by the server")
             self.took(time.perf_counter() - since)
-            return data
+            return bytes(buffer[:n])
 
     def took(self, seconds: float) -> None:
         """Count one answer's time in (at most twice the budget: one stall must not turn
@@ -513,6 +517,9 @@ async def _exchange(
         if (
             poll.worth_it()
             and not reader._buffer
+            and not reader._eof
+            and reader.exception() is None
+            and not transport.is_closing()
             and transport.get_extra_info("sslcontext") is None
         ):
             buf = poll.read(transport.get_extra_info("socket").fileno(), since) or b""
@@ -575,6 +582,17 @@ def _write_over(cached: SessionRecord, record: SessionRecord, state: np.ndarray)
     cached.last_seq = record.last_seq
     cached.last_outputs = record.last_outputs
     cached.last_outputs_shape = record.last_outputs_shape
+
+
+def _dead(connection: Any) -> bool:
+    """Whether a connected redis-py connection can no longer be used: the server closed
+    it, or the transport failed (a reset while idle; writing would raise)."""
+    reader = connection._reader
+    return (
+        reader.at_eof()
+        or reader.exception() is not None
+        or connection._writer.transport.is_closing()
+    )
 
 
 def bucket_of(session_id: str) -> int:
@@ -890,7 +908,7 @@ class RedisSessionStore(SessionStore):
         is closed, and opened again before its next use, as is one the server closed."""
         connection = self._idle.pop() if self._idle else client.connection_pool.make_connection()
         try:
-            if connection.is_connected and connection._reader.at_eof():
+            if connection.is_connected and _dead(connection):
                 await connection.disconnect()
             # (Re)connecting counts against the operation's time (twice the timeout then):
             # after a timeout the connection is dropped, and a stalled Redis must not hold

@@ -556,9 +556,10 @@ async def test_on_redis_two_replicas_racing_cancelled_and_retried_steps_apply_ea
 async def test_only_a_step_with_no_other_request_in_progress_polls_for_its_commit(
     model_repo, reference, monkeypatch, redis_db
 ):
-    """The engine tells the store how many sessions have requests in progress: a step's
-    commit is polled for (holding the event loop for Redis's answer) only when no other
-    session has one; either way the step's result is the session's own."""
+    """The engine tells the store how many sessions have requests in progress, and
+    stateless predictions: a step's commit is polled for (holding the event loop for
+    Redis's answer) only when nothing else is; either way the step's result is the
+    session's own."""
     from service.sessions.redis import _Poll
 
     polls: list[int] = []
@@ -567,7 +568,7 @@ async def test_only_a_step_with_no_other_request_in_progress_polls_for_its_commi
     engine = await _engine(model_repo, redis_db(CROWDS_REDIS_DB))
     try:
         a, b = await _sessions(engine, 2)
-        xs = np.random.default_rng(3).standard_normal((3, 1, WIDTH)).astype(np.float32)
+        xs = np.random.default_rng(3).standard_normal((4, 1, WIDTH)).astype(np.float32)
         ys = [(await engine.step(a, None, xs[0])).outputs]
         assert len(polls) == 1
         busy = engine._turns.enter(b)  # another session's request, in progress
@@ -577,6 +578,21 @@ async def test_only_a_step_with_no_other_request_in_progress_polls_for_its_commi
         engine._turns.leave(b)
         ys.append((await engine.step(a, None, xs[2])).outputs)
         assert len(polls) == 2
+        entry = engine.model("tiny-lstm")  # a stateless prediction in progress
+        held = asyncio.Event()
+        submit_many = StepBatcher.submit_many
+
+        async def held_back(batcher, items):
+            await held.wait()
+            return await submit_many(batcher, items)
+
+        monkeypatch.setattr(StepBatcher, "submit_many", held_back)
+        predicting = asyncio.ensure_future(engine.predict(entry, [xs[0]]))
+        await asyncio.sleep(0)
+        ys.append((await engine.step(a, None, xs[3])).outputs)
+        assert len(polls) == 2
+        held.set()
+        np.testing.assert_allclose((await predicting)[0][0], ys[0], atol=TOL)
         want = reference("tiny-lstm").run(xs[:, 0])[0]
         np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL)
     finally:

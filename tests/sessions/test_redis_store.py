@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
 import subprocess
-import threading
+import sys
 import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1103,76 +1107,100 @@ async def test_a_lone_commit_polls_for_its_answer(redis_store, monkeypatch) -> N
     assert 0 < store._poll.rtt_s < 0.1
 
 
+class _Scripted:
+    """``scripted_redis.py`` in a process of its own, and its script (see there)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.control = tmp_path / "script.json"
+        self.set()
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("scripted_redis.py")), str(self.control)],
+            stdout=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        self.port = int(self.process.stdout.readline())
+
+    def set(self, **script: float) -> None:
+        self.control.write_text(json.dumps(script))
+
+    def store(self, **kwargs: Any) -> RedisSessionStore:
+        store = RedisSessionStore(
+            f"redis://127.0.0.1:{self.port}/0", ttl_s=60, max_sessions=10,
+            max_sessions_per_owner=10, timeout_s=2, **kwargs,
+        )  # fmt: skip
+        store.busy = lambda: 1  # every commit is the only one in progress
+        return store
+
+
 @pytest.fixture
-def slow_server() -> Iterator[tuple[int, dict[str, float]]]:
-    """A TCP server, on a thread of its own (a poll holds the event loop), that answers
-    the connection's handshake with ``+OK``s and every commit script call with ``:1``
-    (all applied) in two pieces: the first after ``delays["first"]`` seconds, the rest
-    ``delays["rest"]`` seconds later."""
-    delays = {"first": 0.0, "rest": 0.0}
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while not stop.is_set() and (data := conn.recv(1 << 16)):
-                if b"EVALSHA" in data:
-                    time.sleep(delays["first"])
-                    conn.sendall(b":")
-                    time.sleep(delays["rest"])
-                    conn.sendall(b"1\r\n")
-                else:
-                    conn.sendall(b"+OK\r\n" * max(1, data.count(b"*")))
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1], delays
-    stop.set()
-    thread.join(5)
-    listener.close()
+def scripted(tmp_path: Path) -> Iterator[_Scripted]:
+    server = _Scripted(tmp_path)
+    yield server
+    server.process.kill()
+    server.process.wait()
 
 
-async def test_a_polled_answer_may_come_in_pieces_or_late(slow_server, monkeypatch) -> None:
+_LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+"""Polling reads the socket beneath the event loop's transport: both loops the server may
+run on (uvicorn takes uvloop when it is installed)."""
+
+
+@pytest.mark.parametrize("loop", list(_LOOPS))
+def test_a_polled_answer_may_come_in_pieces_or_late(scripted, monkeypatch, loop) -> None:
     """An answer whose first bytes the poll finds and the rest come later is read to its
     end the usual way; one that comes after the budget is awaited; once answers come
     later than the budget on average, commits stop polling, and start again once they
     come in time again."""
-    port, delays = slow_server
     spy = _PollSpy(monkeypatch)
-    store = RedisSessionStore(
-        f"redis://127.0.0.1:{port}/0", ttl_s=60, max_sessions=10, max_sessions_per_owner=10,
-        timeout_s=2, poll_s=0.02,
-    )  # fmt: skip
-    store.busy = lambda: 1
-    try:
-        delays["rest"] = 0.05  # the first byte at once, the rest after the budget
-        assert await store.commit_many([record("a")]) == [None]
-        assert (spy.calls, spy.found) == (1, 1)
-        delays["first"], delays["rest"] = 0.05, 0.0  # all of it after the budget
-        for n in range(20):
-            assert await store.commit_many([record(f"b{n}")]) == [None]
-            if not store._poll.worth_it():
-                break
-        assert not store._poll.worth_it()
-        assert spy.found == 1 and spy.calls == n + 2
-        assert await store.commit_many([record("c")]) == [None]
-        assert spy.calls == n + 2  # not polled for any more, but timed
-        delays["first"] = 0.0
-        for m in range(40):
-            assert await store.commit_many([record(f"d{m}")]) == [None]
-            if store._poll.worth_it():
-                break
-        assert store._poll.worth_it()
-        assert await store.commit_many([record("e")]) == [None]
-        assert spy.calls == n + 3 and spy.found == 2
-    finally:
-        await store.close()
+
+    async def run() -> None:
+        store = scripted.store(poll_s=0.05)
+        try:
+            scripted.set(rest=0.15)  # the first byte at once, the rest after the budget
+            assert await store.commit_many([record("a")]) == [None]
+            assert (spy.calls, spy.found) == (1, 1)
+            scripted.set(first=0.15)  # all of it after the budget
+            for n in range(20):
+                assert await store.commit_many([record(f"b{n}")]) == [None]
+                if not store._poll.worth_it():
+                    break
+            assert not store._poll.worth_it()
+            assert spy.found == 1 and spy.calls == n + 2
+            assert await store.commit_many([record("c")]) == [None]
+            assert spy.calls == n + 2  # not polled for any more, but timed
+            scripted.set()
+            for m in range(40):
+                assert await store.commit_many([record(f"d{m}")]) == [None]
+                if store._poll.worth_it():
+                    break
+            assert store._poll.worth_it()
+            assert await store.commit_many([record("e")]) == [None]
+            assert spy.calls == n + 3 and spy.found == 2
+        finally:
+            await store.close()
+
+    _LOOPS[loop](run())
+
+
+@pytest.mark.parametrize("loop", list(_LOOPS))
+def test_a_connection_that_dies_is_replaced_polled_or_not(scripted, loop) -> None:
+    """A connection that Redis closes while an answer is polled for fails that commit with
+    503 (its fate is unknown), and one reset while idle is replaced before its next use,
+    never written to (it would raise, a 500): the next commit applies, polled for or not."""
+
+    async def run() -> None:
+        for poll_s in (0.05, 0.0):
+            store = scripted.store(poll_s=poll_s)
+            try:
+                scripted.set(close=1)
+                with pytest.raises(StoreUnavailable, match="closed by the server"):
+                    await store.commit(record("a"))
+                scripted.set(reset_after=0.05)
+                await store.commit(record("b"))
+                await asyncio.sleep(0.3)  # reset meanwhile, while idle
+                scripted.set()
+                await store.commit(record("c"))
+            finally:
+                await store.close()
+
+    _LOOPS[loop](run())
