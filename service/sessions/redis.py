@@ -585,11 +585,13 @@ def _write_over(cached: SessionRecord, record: SessionRecord, state: np.ndarray)
 
 
 def _dead(connection: Any) -> bool:
-    """Whether a connected redis-py connection can no longer be used: the server closed
-    it, or the transport failed (a reset while idle; writing would raise)."""
+    """Whether an idle, connected redis-py connection can no longer be used: the server
+    closed it, the transport failed (a reset while idle; writing would raise), or it holds
+    bytes nobody asked for (they would be read as the next command's reply)."""
     reader = connection._reader
     return (
-        reader.at_eof()
+        bool(reader._buffer)
+        or reader._eof
         or reader.exception() is not None
         or connection._writer.transport.is_closing()
     )

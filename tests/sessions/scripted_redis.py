@@ -7,7 +7,8 @@ handshake with ``+OK`` for each command, and each commit script call (EVALSHA) w
 - ``first``, ``rest``: seconds before the first byte, then before the rest;
 - ``close``: close the connection instead of answering;
 - ``reset_after``: reset the connection this many seconds after answering (an idle
-  connection that dies).
+  connection that dies);
+- ``stray_after``: send a reply nobody asked for this many seconds after answering.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def _serve(conn: socket.socket, control: Path) -> None:
             conn.sendall(b":")
             time.sleep(script.get("rest", 0))
             conn.sendall(b"1\r\n")
+            if "stray_after" in script:
+                time.sleep(script["stray_after"])
+                conn.sendall(b":2\r\n")
             if "reset_after" in script:
                 time.sleep(script["reset_after"])
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

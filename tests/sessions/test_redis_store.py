@@ -1185,8 +1185,9 @@ def test_a_polled_answer_may_come_in_pieces_or_late(scripted, monkeypatch, loop)
 @pytest.mark.parametrize("loop", list(_LOOPS))
 def test_a_connection_that_dies_is_replaced_polled_or_not(scripted, loop) -> None:
     """A connection that Redis closes while an answer is polled for fails that commit with
-    503 (its fate is unknown), and one reset while idle is replaced before its next use,
-    never written to (it would raise, a 500): the next commit applies, polled for or not."""
+    503 (its fate is unknown); one reset while idle is replaced before its next use, never
+    written to (it would raise, a 500), and so is one holding bytes nobody asked for (they
+    would be read as the next reply): the next commit applies, polled for or not."""
 
     async def run() -> None:
         for poll_s in (0.05, 0.0):
@@ -1198,8 +1199,11 @@ def test_a_connection_that_dies_is_replaced_polled_or_not(scripted, loop) -> Non
                 scripted.set(reset_after=0.05)
                 await store.commit(record("b"))
                 await asyncio.sleep(0.3)  # reset meanwhile, while idle
-                scripted.set()
+                scripted.set(stray_after=0.05)
                 await store.commit(record("c"))
+                await asyncio.sleep(0.3)  # a stray reply meanwhile
+                scripted.set()
+                await store.commit(record("d"))
             finally:
                 await store.close()
 
