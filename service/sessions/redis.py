@@ -494,6 +494,12 @@ class _Poll:
         self.rtt_s += (min(seconds, 2 * self.budget_s) - self.rtt_s) / 8
 
 
+_POLL_COMMITS = 8
+"""The most commits a polled pipeline carries: Redis runs the script about 12 us per
+commit, so a multiplexed message's commits would outlast the budget (and, timed, turn
+polling off for the lone steps it is for)."""
+
+
 async def _exchange(
     connection: Any, payload: list[Any], count: int, poll: _Poll | None = None
 ) -> list[Any]:
@@ -1110,9 +1116,10 @@ class RedisSessionStore(SessionStore):
             _Commit(r, bool(release and release[k]), waiter, k) for k, r in enumerate(records)
         ]
         if not self._writing and len(commits) <= self._max_pipeline and not any(release or ()):
-            busy = self.busy()
-            if 0 < busy <= len(commits):  # nothing else in progress: timed, polled for
-                await self._write_now(commits, self._poll if self._poll.budget_s else None)
+            # nothing else in progress, and an answer Redis gives in microseconds (not a
+            # multiplexed message's hundreds of commits): timed, polled for
+            if 0 < self.busy() <= len(commits) <= _POLL_COMMITS and self._poll.budget_s:
+                await self._write_now(commits, self._poll)
                 return await waiter.future  # decided by now: no suspension
             await self._write_now(commits)
             return await waiter.future

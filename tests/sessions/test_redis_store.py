@@ -1084,7 +1084,7 @@ async def test_a_lone_commit_polls_for_its_answer(redis_store, monkeypatch) -> N
     """A commit whose session is the only one with a request in progress (``busy``)
     polls the socket for Redis's answer (``_Poll``) and applies exactly as an awaited
     one does; any other commit is not polled for, nor one from a caller that did not say
-    (``busy`` 0)."""
+    (``busy`` 0), nor a pipeline of more commits than Redis answers in microseconds."""
     spy = _PollSpy(monkeypatch)
     store = redis_store(poll_s=0.05)
     busy = [1, 2, 0]
@@ -1105,6 +1105,10 @@ async def test_a_lone_commit_polls_for_its_answer(redis_store, monkeypatch) -> N
     assert fresh.step_count == 20 and fresh.revision == 20
     np.testing.assert_array_equal(fresh.state, expected)
     assert 0 < store._poll.rtt_s < 0.1
+    _, many = await _created_and_read(store, 9)  # more than a polled pipeline carries
+    store.busy = lambda: 9
+    assert await store.commit_many(many) == [None] * 9
+    assert spy.calls == 7
 
 
 class _Scripted:
