@@ -260,6 +260,7 @@ def _compare_single(
     scale: int,
     only: str,
     say,
+    rounds: int,
 ) -> None:
     """The single-session comparisons, in short windows alternating between the two servers
     (both up, the idle one idle): naive, ours, ours, naive, naive, ours, ...
@@ -278,7 +279,7 @@ def _compare_single(
             r = drive(cfg, procs=1 if conns <= 128 else 2, server_pid=server.pid, log_dir=log_dir)
             return _summary(r, 1)
 
-        for who, r in interleaved(["naive", "ours"], measure, rounds=5).items():
+        for who, r in interleaved(["naive", "ours"], measure, rounds=rounds).items():
             results[who][name] = r
             say(f"{who} {name}", r)
 
@@ -313,9 +314,11 @@ def run(
     verbose: bool = True,
     scale: int = 1,
     only: str = "",
+    rounds: int | None = None,
 ) -> dict[str, Any]:
     """The single-session scenarios alternately on the naive server and ours, then the
-    rest on ours. ``scale`` divides the session counts (the smoke test's seconds-long run)."""
+    rest on ours. ``scale`` divides the session counts and ``rounds`` (if given) sets the
+    windows per compared figure (the smoke test's seconds-long run: 16 and 1)."""
     card = cards[BENCH]
     results: dict[str, Any] = {"ours": {}, "naive": {}, "mux": {}}
 
@@ -345,7 +348,10 @@ def run(
         raise
     try:
         try:
-            _compare_single(naive, ours, card, results, duration, warmup, log_dir, scale, only, say)
+            _compare_single(
+                naive, ours, card, results, duration, warmup, log_dir, scale, only, say,
+                rounds or 5,
+            )  # fmt: skip
         finally:
             naive.stop()
         # The scenarios that the targets compare with each other, in turns (three short
@@ -361,7 +367,7 @@ def run(
                 return _summary(r, 1)
             return _mux_window(ours, card, scenarios[name], duration / 2, warmup / 2, log_dir, scale)
 
-        for name, r in interleaved(compared, measure).items():
+        for name, r in interleaved(compared, measure, rounds=rounds or 3).items():
             results["ours" if name == "ws-256-json" else "mux"][name] = r
             say(name if name in scenarios else f"ours {name}", r)
         for sc in MUX_SCENARIOS:

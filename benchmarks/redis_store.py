@@ -40,7 +40,7 @@ def _load(server: ServerProcess, card: dict, model: str, conns: int, duration: f
 
 def redis_vs_memory(
     repo: Path, model: str, card: dict, *, duration: float, warmup: float, log_dir: Path,
-    streams: int = 256,
+    streams: int = 256, rounds: int = 5,
 ) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {"model": model, "streams": streams}
     redis_server = ThrowawayRedis(log_dir)
@@ -57,7 +57,10 @@ def redis_vs_memory(
         servers["redis"] = ServerProcess(
             repo, env={"RNNSERVE_SESSION_STORE": redis_server.url}, log_dir=log_dir
         ).start()
-        stats0, steps0 = commandstats(), _steps_so_far(servers["redis"].url)
+        # the steps counted before the commands and after them: a scrape of /metrics
+        # counts the live sessions (one script per bucket), which is not a step's work
+        steps0 = _steps_so_far(servers["redis"].url)
+        stats0 = commandstats()
         figures: dict[str, dict[str, Any]] = {"memory": {}, "redis": {}}
         for conns in (streams, 1):
             measured = interleaved(  # five windows each: see multiplex._compare_single
@@ -65,11 +68,12 @@ def redis_vs_memory(
                 lambda store, conns=conns: _load(
                     servers[store], card, model, conns, duration / 2, warmup / 2, log_dir
                 ),
-                rounds=5,
+                rounds=rounds,
             )
             for store, r in measured.items():
                 figures[store][f"ws_{conns}"] = r
-        stats1, steps1 = commandstats(), _steps_so_far(servers["redis"].url)
+        stats1 = commandstats()
+        steps1 = _steps_so_far(servers["redis"].url)
     finally:
         for server in servers.values():
             server.stop()

@@ -803,6 +803,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["multiplex"] = multiplex.run(
                 repo, cards, duration=args.duration, warmup=args.warmup, log_dir=log_dir,
                 inprocess=res.get("inprocess"), verbose=not args.quiet, scale=16 if args.smoke else 1,
+                rounds=1 if args.smoke else None,
             )  # fmt: skip
         if "redis" not in skip and shutil.which("redis-server"):
             say("Redis store vs memory store ...")
@@ -814,6 +815,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 warmup=args.warmup,
                 log_dir=log_dir,
                 streams=sizes[-1],
+                rounds=1 if args.smoke else 5,
             )
     res["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res["meta"]["total_s"] = time.monotonic() - started
