@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     redis_cache_sessions: int = Field(default=10_000, ge=0)
     """Records this replica keeps from its last read or commit (LRU), so a step costs one
     round trip; a stale copy is caught by the commit's compare-and-set."""
-    redis_poll_us: float = Field(default=200.0, ge=0, le=10_000)
+    redis_poll_us: float = Field(default=1000.0, ge=0, le=10_000)
     """A step whose session is the only one with a request in progress (no stateless
     prediction either) waits up to this long for Redis's answer to its commit by polling
     the socket, holding the event loop, rather than sleeping: on a VM a sleeping thread
