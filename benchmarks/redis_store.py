@@ -63,7 +63,8 @@ def redis_vs_memory(
         stats0 = commandstats()
         figures: dict[str, dict[str, Any]] = {"memory": {}, "redis": {}}
         for conns in (streams, 1):
-            measured = interleaved(  # five windows each: see multiplex._compare_single
+            # ``rounds`` windows each (five, one in the smoke run): see multiplex._compare_single
+            measured = interleaved(
                 ["memory", "redis"],
                 lambda store, conns=conns: _load(
                     servers[store], card, model, conns, duration / 2, warmup / 2, log_dir

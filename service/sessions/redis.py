@@ -452,8 +452,9 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
 class _Poll:
     """A lone commit's wait for Redis's answer, by polling its socket for up to
     ``budget_s`` rather than sleeping until the answer arrives: a thread that sleeps
-    takes 40-60 us more to wake on a VM, about as long as Redis takes to answer on
-    loopback (one PING: 58 us with a blocking read, 21 us polling, on the 2-core VM).
+    takes 40-300 us more to wake on a VM, as long as Redis takes to answer on loopback
+    or longer (one PING: 58 us with a blocking read and 21 us polling on one 2-core VM,
+    355 and 30 us on another, where a step's answer came 300-400 us after its write).
     Only for a step whose session is the only one with a request in progress, and no
     stateless prediction either (``busy``: what arrives meanwhile waits at most the
     budget), and only while answers come in time: ``rtt_s``, an average of how long the
