@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     """A step whose session is the only one with a request in progress (no stateless
     prediction either) waits up to this long for Redis's answer to its commit by polling
     the socket, holding the event loop, rather than sleeping: on a VM a sleeping thread
-    takes 40-60 us more to wake. Only while Redis answers within it on average; 0 turns
+    takes 40-300 us more to wake. Only while Redis answers within it on average; 0 turns
     it off."""
     session_ttl_s: float = Field(default=1800.0, gt=0)
     """Idle time after which a session expires (reset by every use)."""

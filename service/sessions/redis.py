@@ -523,10 +523,7 @@ async def _exchange(
         transport = writer.transport
         if (
             poll.worth_it()
-            and not reader._buffer
-            and not reader._eof
-            and reader.exception() is None
-            and not transport.is_closing()
+            and not _dead(connection)
             and transport.get_extra_info("sslcontext") is None
         ):
             buf = poll.read(transport.get_extra_info("socket").fileno(), since) or b""
@@ -1119,11 +1116,9 @@ class RedisSessionStore(SessionStore):
         if not self._writing and len(commits) <= self._max_pipeline and not any(release or ()):
             # nothing else in progress, and an answer Redis gives in microseconds (not a
             # multiplexed message's hundreds of commits): timed, polled for
-            if 0 < self.busy() <= len(commits) <= _POLL_COMMITS and self._poll.budget_s:
-                await self._write_now(commits, self._poll)
-                return await waiter.future  # decided by now: no suspension
-            await self._write_now(commits)
-            return await waiter.future
+            lone = 0 < self.busy() <= len(commits) <= _POLL_COMMITS and self._poll.budget_s
+            await self._write_now(commits, self._poll if lone else None)
+            return await waiter.future  # decided by now: no suspension
         self._pending += commits
         if not self._writing:
             self._start_writer()
