@@ -47,6 +47,10 @@ class StepJob:
     ``submit(..., commit=...)``); its waiter resumes only once that is done."""
     commit_error: BaseException | None = None
     """The hook's verdict for this job, raised to its waiter as it is."""
+    settled: Callable[[asyncio.Future], None] | None = None
+    """Called with ``future`` as soon as the batcher has settled it, in the same loop turn
+    (a future's done-callbacks wait for the next one). Not called for a future that was
+    already done (cancelled): a done-callback must cover that case."""
 
     @property
     def rows(self) -> int:
@@ -567,6 +571,8 @@ class StepBatcher:
                 )
             else:
                 job.future.set_result(job.result)
+            if job.settled is not None:
+                job.settled(job.future)
         if self._observe is not None:
             waits = [started - job.enqueued for job in jobs]
             if any(job.crowd for job in jobs):  # a crowd's steps waited as its single jobs
