@@ -707,8 +707,8 @@ class Engine:
                 continue
             # Settled in the batcher's own turn: a done-callback waits for the next turn,
             # behind a whole cohort's answers at 256 streams (a call_soon waited 0.3-0.6 ms
-            # at p50, 3-4 ms at p90), while the slab rows and outputs are no longer in the
-            # cache. In turns, 256 WS streams on the memory store: mem-lstm binary
+            # at p50, 3-4 ms at p90), probably with the slab rows and outputs out of the
+            # cache by then. In turns, 256 WS streams on the memory store: mem-lstm binary
             # +7.5 %, bench-lstm JSON +15 % steps/s.
             job.settled = part.done
             job.future.add_done_callback(part.done)  # type: ignore[union-attr]
