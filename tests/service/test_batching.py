@@ -769,3 +769,32 @@ async def test_a_cancelled_commit_hook_leaves_no_job_of_its_call_waiting(runners
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(durable, 10)
     await batcher.close()
+
+
+async def test_a_crowd_hears_its_call_in_the_turn_that_settles_it(runners, executor, reference):
+    """``StepJob.settled`` runs as the batcher settles the job, before any done-callback
+    of its future (those wait for the next loop turn), with the result already set; the
+    crowd's exact outputs come through it."""
+    runner, ref = runners["tiny-lstm"], reference("tiny-lstm")
+    x = np.random.default_rng(5).normal(size=(3, 1, 3)).astype(np.float32)
+    order: list[str] = []
+    heard: list[np.ndarray] = []
+
+    def settled(future: asyncio.Future) -> None:
+        assert future.done()
+        order.append("settled")
+        heard.append(future.result()[0])
+
+    batcher = StepBatcher(runner, executor, max_size=8, inline_steps=0)
+    try:
+        job = batcher.submit_crowd(x, np.stack([runner.zero_state()] * 3))
+        job.settled = settled
+        job.future.add_done_callback(lambda _: order.append("callback"))
+        await asyncio.wait_for(asyncio.shield(job.future), 10)
+        await asyncio.sleep(0)
+    finally:
+        await batcher.close()
+    assert order == ["settled", "callback"]
+    for row in range(3):
+        y_ref, _ = ref.run(x[row])
+        np.testing.assert_allclose(heard[0][row], y_ref, atol=TOL)
