@@ -486,6 +486,10 @@ class Engine:
             if start:
                 assert entry is not None
                 return await self._restart(entry, owner, session_id, inputs, end, seq, parse)
+            if not end and self._bulk is not None:
+                # a plain step, exactly as ``step`` takes it: the leased record, its slab
+                # row read in place, steps of many sequences run as one crowd
+                return await self._advance_leased(self._bulk, session_id, owner, inputs, seq, parse)
             return await self._advance(session_id, owner, inputs, seq, parse, release=end)
 
     async def _restart(

@@ -424,7 +424,7 @@ async def _infer_sequence(
     extra: dict[str, Any] = {
         "sequence_id": params.id,
         "session_id": record.session_id,
-        "step_count": record.step_count,
+        "step_count": result.step_count,  # the record may be the store's own: later steps move it
     }
     if params.end:
         extra["sequence_end"] = True

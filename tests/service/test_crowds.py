@@ -1,12 +1,12 @@
 """Crowds: the single steps of many sessions that arrive in one event-loop turn (one
-WebSocket stream or REST request each) run as one block (``Engine._join_crowd``): on the
-memory store gathered from and written back to the state slab in bulk, on Redis committed
-in one pipeline with the rest of their call (``Engine._commit_jobs``). Every session must
-still get exactly what it would get alone, checked against onnxruntime run on each whole
-sequence, retries with ``seq`` included; a step whose caller gives up is never applied; a
-crowd whose call fails runs each step alone, so a bad step fails by itself; a step whose
-session changed meanwhile is redone on the fresh state; batching off (one row per call) and
-``batch_crowds`` off form no crowd."""
+WebSocket stream, REST request or Triton sequence request each) run as one block
+(``Engine._join_crowd``): on the memory store gathered from and written back to the state
+slab in bulk, on Redis committed in one pipeline with the rest of their call
+(``Engine._commit_jobs``). Every session must still get exactly what it would get alone,
+checked against onnxruntime run on each whole sequence, retries with ``seq`` included; a
+step whose caller gives up is never applied; a crowd whose call fails runs each step
+alone, so a bad step fails by itself; a step whose session changed meanwhile is redone on
+the fresh state; batching off (one row per call) and ``batch_crowds`` off form no crowd."""
 
 from __future__ import annotations
 
@@ -253,6 +253,53 @@ async def test_a_session_gone_during_its_crowds_call_is_answered_as_gone(
             if k != 2:
                 assert isinstance(result, StepResult) and result.step_count == 1
                 np.testing.assert_allclose(result.outputs, ref.run(x[k])[0], atol=TOL)
+    finally:
+        await engine.stop()
+
+
+async def test_triton_sequence_steps_form_crowds_and_equal_each_sequence_alone(
+    model_repo, reference, monkeypatch, store
+):
+    """The plain requests of Triton sequences (``Engine.sequence_step``, what HTTP v2 and
+    gRPC streams send) crowd like single-session steps on either store: sequences STARTed,
+    then stepped at once over several turns with ``seq`` (one request sent twice, a
+    client's retry, answered by replay), then ENDed. Each sequence's outputs and step
+    counts are those of its whole sequence run alone, and an ENDed sequence is gone."""
+    engine = await _engine(model_repo, store)
+    ref = reference("tiny-lstm")
+    n, rounds = 10, 3
+    x = np.random.default_rng(7).normal(size=(n, rounds + 2, 1, WIDTH)).astype(np.float32)
+    entry = engine.model("tiny-lstm")
+    ids = [Engine.sequence_session_id(None, "tiny-lstm", 100 + k) for k in range(n)]
+    try:
+        calls = _Calls(monkeypatch, engine, "tiny-lstm")
+
+        def step(k: int, t: int, **flags) -> object:
+            return engine.sequence_step(
+                entry if flags.get("start") else None, None, ids[k], x[k, t],
+                start=flags.get("start", False), end=flags.get("end", False), seq=t + 1,
+            )  # fmt: skip
+
+        got: list[list] = [[] for _ in range(n)]
+        for k in range(n):
+            got[k].append(await step(k, 0, start=True))
+        for t in range(1, rounds + 1):
+            for k, result in enumerate(await asyncio.gather(*(step(k, t) for k in range(n)))):
+                got[k].append(result)
+        again = await step(4, rounds)  # the retry of an applied request: a replay
+        assert again.replayed and again.step_count == rounds + 1
+        np.testing.assert_array_equal(again.outputs, got[4][-1].outputs)
+        for k, result in enumerate(
+            await asyncio.gather(*(step(k, rounds + 1, end=True) for k in range(n)))
+        ):
+            got[k].append(result)
+        for k in range(n):
+            assert [r.step_count for r in got[k]] == list(range(1, rounds + 3))
+            y = np.concatenate([r.outputs for r in got[k]])
+            np.testing.assert_allclose(y, ref.run(x[k, :, 0])[0], atol=TOL)
+            with pytest.raises(SessionNotFound):
+                await engine.sequence_step(None, None, ids[k], x[k, 0], start=False, end=False)
+        assert calls.crowds, "the concurrent sequence steps formed no crowd"
     finally:
         await engine.stop()
 
