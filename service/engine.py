@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -486,11 +486,9 @@ class Engine:
             if start:
                 assert entry is not None
                 return await self._restart(entry, owner, session_id, inputs, end, seq, parse)
-            if not end and self._bulk is not None:
-                # a plain step, exactly as ``step`` takes it: the leased record, its slab
-                # row read in place, steps of many sequences run as one crowd
-                return await self._advance_leased(self._bulk, session_id, owner, inputs, seq, parse)
-            return await self._advance(session_id, owner, inputs, seq, parse, release=end)
+            if not end:
+                return await self._plain_step(session_id, owner, inputs, seq, parse)
+            return await self._advance(session_id, owner, inputs, seq, parse, release=True)
 
     async def _restart(
         self,
@@ -592,11 +590,20 @@ class Engine:
         if future is not None:
             await turns.wait(session_id, future)
         try:
-            if self._bulk is not None:
-                return await self._advance_leased(self._bulk, session_id, owner, inputs, seq, parse)
-            return await self._advance(session_id, owner, inputs, seq, parse, release=False)
+            return await self._plain_step(session_id, owner, inputs, seq, parse)
         finally:
             turns.leave(session_id)
+
+    def _plain_step(
+        self, session_id: str, owner: str | None, inputs: object, seq: int | None, parse
+    ) -> Awaitable[StepResult]:
+        """A step that neither starts nor ends its session, its turn held (``step``, and a
+        Triton sequence's plain request): on the memory store the leased record, its slab
+        row read in place, concurrent steps run as one crowd; else ``_advance``. Returns
+        the coroutine itself, so the hot path awaits no extra frame."""
+        if self._bulk is not None:
+            return self._advance_leased(self._bulk, session_id, owner, inputs, seq, parse)
+        return self._advance(session_id, owner, inputs, seq, parse, release=False)
 
     async def _advance_leased(
         self,
